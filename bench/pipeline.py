@@ -1,0 +1,106 @@
+"""
+Benchmark of the CPU stages of pipeline.py, perception excluded: samples (10 Hz frames) per second of decode, cut
+detection, target selection + sticky tracking, the 2D->3D fit, the checks and clip writing, and each stage's share.
+
+Inputs: the real videos in ../shared/data/videos when present (decode and cuts), and rendered demo videos with
+ground-truth sidecars (all stages; their boxes and 2D joints stand in for the detector and the pose model).
+
+  python bench/pipeline.py                    # 4 rendered videos (+ the shared real ones), default fit
+  python bench/pipeline.py --videos 8 --fit-steps 150 --threads 1
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import fit3d  # noqa: E402
+import pipeline  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=4, help="rendered demo videos")
+    ap.add_argument("--fit-steps", type=int, default=fit3d.FitConfig.steps)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = pipeline.PipelineConfig()
+    fcfg = fit3d.FitConfig(steps=args.fit_steps)
+    times = dict.fromkeys(["decode", "cuts", "tracking", "fit", "checks", "write"], 0.0)
+    samples = dict.fromkeys(times, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        paths = pipeline.render_demo_videos(tmp / "vids", args.videos)
+        print(f"rendered {len(paths)} demo videos in {time.perf_counter() - t0:.1f} s (not counted)")
+        real = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "videos").glob("*.mp4"))
+        for p in real:  # decode + cuts only: no boxes for these
+            t = time.perf_counter()
+            dec = pipeline.decode_video(p, cfg.fps, cfg.max_short_side)
+            times["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            pipeline.detect_cuts(pipeline.gray_histograms(dec.frames), cfg.cut_threshold)
+            times["cuts"] += time.perf_counter() - t
+            samples["decode"] += len(dec.frames)
+            samples["cuts"] += len(dec.frames)
+        for n, p in enumerate(paths):
+            vid = f"v{n}"
+            side = {vid: pipeline.load_ground_truth(p)}
+            det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+            t = time.perf_counter()
+            dec = pipeline.decode_video(p, cfg.fps, cfg.max_short_side)
+            times["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            cuts = pipeline.detect_cuts(pipeline.gray_histograms(dec.frames), cfg.cut_threshold)
+            times["cuts"] += time.perf_counter() - t
+            samples["decode"] += len(dec.frames)
+            samples["cuts"] += len(dec.frames)
+            for s, e in pipeline.split_segments(len(dec.frames), cuts, cfg.min_frames)[0]:
+                keys = [(vid, int(i)) for i in dec.src_frame_index[s:e]]
+                dets = [pipeline._clean_dets(d, cfg.det_conf) for d in det(dec.frames[s:e], keys)]  # not timed
+                t = time.perf_counter()
+                anchor, _ = pipeline.anchor_frame(dets, cfg.pool_frames)
+                cands = dets[anchor][:cfg.max_candidates]
+                runs = [pipeline.sticky_track(dets, anchor, c[:4]) for c in cands]
+                h = pipeline.heuristic_scores(cands, [r[1] for r in runs], dec.width, dec.height, e - s)
+                boxes, (a, b) = runs[int(np.argmax(h))]
+                boxes = pipeline.fill_gaps(boxes[a:b + 1])
+                times["tracking"] += time.perf_counter() - t
+                samples["tracking"] += e - s
+                kp, sc = pose(dec.frames[s + a:s + b + 1], boxes, keys[a:b + 1])  # not timed
+                t = time.perf_counter()
+                p3 = fit3d.fit_clip(kp, sc, dec.width, dec.height, cfg=fcfg)
+                times["fit"] += time.perf_counter() - t
+                t = time.perf_counter()
+                pipeline.run_checks(boxes, sc, p3, dec.width, dec.height, cfg)
+                times["checks"] += time.perf_counter() - t
+                t = time.perf_counter()
+                clip = data.Clip(f"{vid}-{s:05d}", [pipeline._jpeg(f) for f in dec.frames[s + a:s + b + 1]],
+                                 boxes.astype(np.float32), p3.astype(np.float32),
+                                 np.asarray(data.pose3d_to_angles(p3), np.float32),
+                                 dec.src_frame_index[s + a:s + b + 1], dec.src_time[s + a:s + b + 1], dec.src_fps,
+                                 dec.width, dec.height, "bench", "Move.")
+                data.write_clip(tmp / "out", clip)
+                times["write"] += time.perf_counter() - t
+                for k in ("fit", "checks", "write"):
+                    samples[k] += b - a + 1
+    total = sum(times.values())
+    print(f"torch threads {torch.get_num_threads()}, fit steps {args.fit_steps}, {len(fcfg.yaws)} facing hypotheses")
+    print(f"{'stage':10s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s} {'share':>6s}")
+    for k, v in times.items():
+        print(f"{k:10s} {samples[k]:8d} {v:8.2f} {samples[k] / max(v, 1e-9):10.1f} {v / total:6.1%}")
+    per_sample = sum(v / max(samples[k], 1) for k, v in times.items())
+    print(f"all stages: {1 / per_sample:.1f} samples/s per process (a 10 s video = 100 samples: "
+          f"{100 * per_sample:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

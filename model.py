@@ -1,0 +1,624 @@
+"""
+The MIMIC vision-language-action model: an early-exit Qwen3-VL backbone (+ LoRA on its LLM) feeding a DiT
+flow-matching action head that predicts 16 future steps of 22 joint angles (as 44 sin/cos numbers) at 10 Hz.
+
+    4 frames (224x224, target box drawn) + "Task: {class}. Instruction: {text}"
+        -> Qwen3-VL, decoder layers 0..tap only (tap = 17 for the 4B: 18 of 36 layers, no final norm, no lm_head)
+        -> vl tokens = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) outputs (B, S, 5120)
+        -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
+
+Facts: ../shared/reference/mimic.md (sections 2, 3, 7). The released checkpoint is a peft-wrapped transformers
+model; `load_state_dict` maps its names explicitly (see RELEASED KEYS below) and reports every key it cannot place.
+
+    python model.py describe --preset mimic-4b          # parameter breakdown on the meta device (no memory)
+    python model.py convert checkpoint.pth config.yaml OUT/ [--merge-lora] [--allow-pickle] [--qwen DIR]
+    python -c "from model import VLAModel; m = VLAModel.from_pretrained('OUT')"
+
+The model card's snippet works with only its import line changed:
+    from model import VLAModel, VLAConfig
+    model = VLAModel(VLAConfig(**config["model_config"]))
+    ckpt = torch.load("checkpoint.pth", weights_only=False)   # the card's line; prefer load_mimic_checkpoint()
+    state_dict = {k.removeprefix("module."): v for k, v in ckpt["model_state_dict"].items()}
+    model.load_state_dict(state_dict, strict=False)          # maps the released names; warns on anything unplaced
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import qwen3vl
+from data import QwenEncoder, collate, decode_angles, encode_angles
+from dit import ActionHead, DiTConfig
+from lora import apply_lora, lora_modules, merge_lora
+
+# -----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class VLAConfig:
+    """Every field of the released `config.yaml` `model_config` (mimic.md section 7) plus a few of ours (marked).
+    An unknown field is an error naming it (dataclass __init__ raises TypeError with the field name)."""
+
+    qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"  # a local Qwen3-VL folder is loaded; a hub id is NOT downloaded
+    qwen_hidden_size: int = 2560  # Q: text hidden size of the backbone (checked against the backbone config)
+    use_intermediate_hidden: bool = True  # features from layer `tap` (True, released) or the last layer (False)
+    hidden_layer_fraction: float = 0.5  # kept layers = int(num_layers * fraction); tap = kept - 1 (17 for the 4B)
+    hidden_layer_index: int = 18  # accepted for compatibility; the original ignores it in favour of the fraction
+    use_early_exit: bool = True  # accepted; layers after the tap never affect the output, so we always stop there
+    use_deepstack_features: bool = True  # MIMIC's pooled concat(layer tap//2, layer tap) -> deepstack_projection
+    use_flash_attention: bool = False  # accepted, ignored: we always use torch SDPA (it picks flash kernels itself)
+    projection_dim: int = 1024  # P in qwen_projection
+    action_dim: int = 44  # 22 angles as interleaved sin/cos
+    diffusion_hidden_dim: int = 1536  # D
+    num_diffusion_layers: int = 24
+    num_diffusion_heads: int = 24
+    num_future_tokens: int = 4
+    action_horizon: int = 16  # H: 1.6 s at 10 Hz
+    num_frames: int = 4  # frames before the window fed as images
+    use_lora: bool = True
+    lora_rank: int = 128
+    lora_alpha: float = 128.0
+    lora_dropout: float = 0.05
+    freeze_vision_encoder: bool = True
+    freeze_qwen_layers: bool = True  # True: the LLM's base weights are frozen (LoRA trains); False: they train too
+    use_thinking_mode: bool = False  # accepted; the released model uses the plain Instruct template (must be False)
+    diffusion_steps: int = 1  # sampler steps at inference (released: 1 Euler step)
+    init_from_current_pose: bool = False  # accepted; never implemented in the original (anchors.md 4.6): must be False
+    diffusion_dropout: float = 0.1
+    image_size: int = 224
+    use_dynamic_resolution: bool = False  # accepted; must be False: frames are always resized to image_size
+    action_chunking: bool = True  # accepted; the head always predicts the whole horizon
+    lora_target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # --- ours ---
+    qwen_config: dict = None  # the backbone's config.json dict; None -> read from qwen_model_name or a preset
+    time_sampling: str = "uniform"  # flow-matching t distribution in training: "uniform" (released) or "beta"
+    sampler: str = "euler"  # "euler" (released) or "rk4"
+
+    def __post_init__(self):
+        for name in ("use_thinking_mode", "init_from_current_pose", "use_dynamic_resolution"):
+            if getattr(self, name):
+                raise ValueError(f"VLAConfig.{name}=True is not supported: the released model does not use it "
+                                 f"(the original never implemented it); set it to False")
+        if not self.action_chunking:
+            raise ValueError("VLAConfig.action_chunking=False is not supported: the head predicts the whole horizon")
+        if self.action_dim % 2:
+            raise ValueError(f"action_dim must be 2 x the number of angles (sin/cos), got {self.action_dim}")
+        if self.sampler not in ("euler", "rk4"):
+            raise ValueError(f"sampler must be 'euler' or 'rk4', got {self.sampler!r}")
+
+    def kept_layers(self, num_hidden_layers: int) -> int:
+        """Decoder layers to build: int(L * fraction) as the original computes it (18 of 36), or all of them."""
+        if not self.use_intermediate_hidden:
+            return num_hidden_layers
+        k = int(num_hidden_layers * self.hidden_layer_fraction)
+        if not 1 <= k <= num_hidden_layers:
+            raise ValueError(f"hidden_layer_fraction={self.hidden_layer_fraction} keeps {k} of {num_hidden_layers} layers")
+        return k
+
+
+# A tiny backbone for tests and CPU demos: Qwen3-VL's exact structure at toy width, in config.json form, with a
+# byte-level tokenizer (qwen3vl.byte_level_tokenizer) so nothing needs downloading.
+TINY_QWEN = {
+    "model_type": "qwen3_vl",
+    "tie_word_embeddings": True,
+    "image_token_id": 263, "video_token_id": 264, "vision_start_token_id": 260, "vision_end_token_id": 261,
+    "text_config": {
+        "vocab_size": 266, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+        "rope_theta": 5000000.0, "rope_scaling": {"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                  "mrope_interleaved": True},
+        "max_position_embeddings": 4096, "hidden_act": "silu", "attention_bias": False,
+        "bos_token_id": 256, "eos_token_id": 258, "tie_word_embeddings": True,
+    },
+    "vision_config": {
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "in_channels": 3, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 256,
+        "deepstack_visual_indexes": [0, 1], "hidden_act": "gelu_pytorch_tanh",
+    },
+}
+
+PRESETS = {
+    # the released model (mimic.md sections 1-3, 7)
+    "mimic-4b": dict(),
+    # toy sizes for tests and the CPU demo; the backbone trains fully (it is random), no LoRA
+    "tiny": dict(qwen_model_name="tiny", qwen_hidden_size=64, projection_dim=64,
+                 diffusion_hidden_dim=64, num_diffusion_layers=2, num_diffusion_heads=4, use_lora=False,
+                 freeze_vision_encoder=False, freeze_qwen_layers=False, diffusion_dropout=0.0),
+}
+
+
+def backbone_config(config: VLAConfig):
+    """(Qwen3VLConfig, folder or None): from config.qwen_config, else the local folder, else the 4B preset."""
+    folder = Path(config.qwen_model_name) if config.qwen_model_name else None
+    folder = folder if folder is not None and (folder / "config.json").is_file() else None
+    if folder is not None and "text_config" not in json.loads((folder / "config.json").read_text()):
+        folder = None  # a converted MIMIC folder: its config.json is ours (the backbone config is in qwen_config)
+    if config.qwen_config is not None:
+        qcfg = qwen3vl.Qwen3VLConfig.from_hf(config.qwen_config)
+    elif config.qwen_model_name == "tiny":
+        qcfg = qwen3vl.Qwen3VLConfig.from_hf(TINY_QWEN)
+    elif folder is not None:
+        qcfg = qwen3vl.Qwen3VLConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    else:
+        size = re.search(r"Qwen3-VL-(\d+B)", config.qwen_model_name or "")
+        if size is None or size.group(1) not in qwen3vl.PRESETS:
+            raise ValueError(f"qwen_model_name={config.qwen_model_name!r} is neither a local Qwen3-VL folder (with "
+                             f"config.json) nor a known hub name; nothing is ever downloaded: pass a folder")
+        qcfg = qwen3vl.PRESETS[size.group(1)]
+    if qcfg.text.hidden_size != config.qwen_hidden_size:
+        raise ValueError(f"qwen_hidden_size={config.qwen_hidden_size} but the backbone's hidden size is "
+                         f"{qcfg.text.hidden_size}")
+    return qcfg, folder
+
+
+# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL repos, qwen3vl.md sec 3),
+# used by the tiny preset, which has no folder to read them from.
+QWEN3VL_PREPROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                        "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+                        "resample": 3}
+
+
+def build_processor(config: VLAConfig, folder, qcfg):
+    """The Qwen3-VL processor for this model: the folder's tokenizer + preprocessor (a real Qwen3-VL or a converted
+    MIMIC folder), or for the tiny preset the byte-level tokenizer + the released preprocessor settings.
+
+    min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224 (14x14 patches -> 49 tokens each, as
+    mimic.md sec 2 states for the released model); the stock 65536 would upscale them to 256x256 (64 tokens)."""
+    if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+        proc = qwen3vl.Qwen3VLProcessor.from_pretrained(folder)
+    elif config.qwen_model_name == "tiny":
+        proc = qwen3vl.Qwen3VLProcessor(qwen3vl.byte_level_tokenizer(),
+                                        qwen3vl.Qwen3VLPreprocessConfig.from_hf(QWEN3VL_PREPROCESSOR, "image"))
+    else:
+        raise FileNotFoundError(f"no tokenizer for qwen_model_name={config.qwen_model_name!r}: point it (or --qwen) "
+                                f"at a local Qwen3-VL folder with tokenizer.json and preprocessor_config.json")
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if getattr(proc, name) != getattr(qcfg, name):
+            raise ValueError(f"tokenizer's {name} {getattr(proc, name)} != backbone config's {getattr(qcfg, name)}")
+    proc.image_config = replace(proc.image_config, min_pixels=min(proc.image_config.min_pixels, config.image_size ** 2))
+    return proc
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class VLAModel(nn.Module):
+    """Backbone (`qwen_model`, a qwen3vl.Qwen3VL cut after layer `tap`) + `action_head` (dit.ActionHead).
+
+    Build with `VLAModel(config)`: loads the Qwen3-VL weights when `config.qwen_model_name` is a local folder, else the
+    backbone is randomly initialised (tiny preset, or a model whose weights come from a MIMIC checkpoint next).
+    `load_backbone=False` skips reading the folder's weights (its config and tokenizer are still used)."""
+
+    def __init__(self, config: VLAConfig, load_backbone: bool = True, backbone_dtype=None):
+        super().__init__()
+        self.config = config
+        qcfg, folder = backbone_config(config)
+        self.qwen_config = qcfg
+        self.kept = config.kept_layers(qcfg.text.num_hidden_layers)
+        self.tap = self.kept - 1  # the VL tokens: layer 17's own output for the 4B
+        self.deep_tap = self.tap // 2  # MIMIC's "deep" features pair it with layer 8 (4B)
+        if folder is not None and load_backbone:
+            self.qwen_model = qwen3vl.Qwen3VL.from_pretrained(folder, num_layers=self.kept,
+                                                              dtype=backbone_dtype or torch.float32)
+        else:
+            self.qwen_model = qwen3vl.Qwen3VL(qcfg, num_layers=self.kept)
+            if backbone_dtype is not None:
+                self.qwen_model.to(backbone_dtype)
+        # LoRA on the LLM decoder layers only: the vision tower's modules have other names (qkv, proj, linear_fc*)
+        if config.use_lora:
+            apply_lora(self.qwen_model.model.language_model, list(config.lora_target_modules), rank=config.lora_rank,
+                       alpha=config.lora_alpha, dropout=config.lora_dropout)  # freezes the LLM's base weights
+        # What trains: LLM base weights unless frozen (released: frozen), the adapters always, vision unless frozen.
+        self.qwen_model.model.language_model.requires_grad_(not config.freeze_qwen_layers)
+        for m in lora_modules(self.qwen_model).values():
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+        self.qwen_model.model.visual.requires_grad_(not config.freeze_vision_encoder)
+        self.action_head = ActionHead(DiTConfig(
+            hidden_dim=config.diffusion_hidden_dim, num_layers=config.num_diffusion_layers,
+            num_heads=config.num_diffusion_heads, action_dim=config.action_dim, action_horizon=config.action_horizon,
+            num_future_tokens=config.num_future_tokens, qwen_hidden_size=config.qwen_hidden_size,
+            projection_dim=config.projection_dim, dropout=config.diffusion_dropout,
+            deep_features=config.use_deepstack_features))
+        self._processor = None
+        tok_dir = Path(config.qwen_model_name or ".")
+        self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+
+    @property
+    def processor(self):
+        """The Qwen3-VL processor (tokenizer + image patching), built lazily. Frames of image_size stay that size
+        (224 -> 14x14 patches -> 49 tokens, as the released model saw them), so min_pixels is lowered to allow it."""
+        if self._processor is None:
+            self._processor = build_processor(self.config, self._processor_folder, self.qwen_config)
+        return self._processor
+
+    def encoder(self):
+        """A picklable (frames, text) -> processor tensors callable for DataLoader workers (data.QwenEncoder)."""
+        return QwenEncoder(self.processor, image_size=self.config.image_size)
+
+    def encode(self, images, instructions) -> dict:
+        """images: list (B) of lists of PIL frames; instructions: list (B) of str -> batched processor tensors."""
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} image lists but {len(instructions)} instructions")
+        enc = self.encoder()
+        batch = collate([enc(list(frames), text) for frames, text in zip(images, instructions)])
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+
+    def features(self, inputs: dict):
+        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run."""
+        layers = (self.deep_tap, self.tap)
+        out = self.qwen_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                              hidden_layers=layers)
+        vl = out.layer_outputs[self.tap]
+        deep = torch.cat([out.layer_outputs[self.deep_tap], vl], dim=-1) if self.config.use_deepstack_features else None
+        return vl, deep, inputs["attention_mask"].bool()
+
+    # --- training / inference -----------------------------------------------------------------------------------
+
+    def forward(self, images=None, instructions=None, actions=None, timesteps=None, robot_state=None,
+                compute_loss=True, noise=None, inputs=None, steps=None):
+        """The original's signature. images: list of per-sample lists of PIL frames; instructions: list of str;
+        actions: (B, H, 44) sin/cos targets; robot_state: (B, 44); timesteps: (B,) flow times (training);
+        noise: (B, H, 44) initial noise / flow noise for exact reproduction. `inputs`: already-encoded processor
+        tensors (the DataLoader workers make them) instead of images + instructions.
+        Returns {'loss'} when actions are given (and compute_loss), else {'actions': (B, H, 44)}."""
+        if robot_state is None:
+            raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
+        if inputs is None:
+            inputs = self.encode(images, instructions)
+        dev = self.action_head.future_tokens.device
+        inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        vl, deep, mask = self.features(inputs)
+        head_dtype = self.action_head.future_tokens.dtype
+        vl, deep = vl.to(head_dtype), deep.to(head_dtype) if deep is not None else None
+        state = robot_state.to(dev, head_dtype)
+        if actions is not None and compute_loss:
+            loss = self.action_head.loss(vl, deep, mask, state, actions.to(dev, head_dtype), timesteps=timesteps,
+                                         noise=noise, schedule=self.config.time_sampling)
+            return {"loss": loss}
+        acts = self.action_head.sample(vl, deep, mask, state, steps=steps or self.config.diffusion_steps,
+                                       noise=noise, method=self.config.sampler)
+        return {"actions": acts}
+
+    @torch.inference_mode()
+    def predict(self, frames, instruction: str, state_angles, steps=None, noise=None) -> np.ndarray:
+        """One control step: frames (list of PIL, the num_frames before now), instruction text, current angles
+        (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step)."""
+        state = torch.as_tensor(encode_angles(np.asarray(state_angles, np.float32)))[None]
+        noise = None if noise is None else torch.as_tensor(noise)[None] if torch.as_tensor(noise).dim() == 2 else noise
+        out = self(images=[list(frames)], instructions=[instruction], robot_state=state, compute_loss=False,
+                   noise=noise, steps=steps)["actions"]
+        return decode_angles(out[0].float().cpu().numpy())
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load our own keys or the released checkpoint's (peft-wrapped transformers names, mapped explicitly by
+        `map_released_keys`). strict=True raises on any unplaced or missing key, naming each; with strict off (the
+        model card's call) the same lists are printed as a loud warning and everything placeable is loaded.
+        A shape mismatch always raises."""
+        mapped, ignored, unplaced = map_released_keys(state_dict, self)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(mapped))
+        bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+               for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError("shape mismatch for %d tensors:\n  " % len(bad) + "\n  ".join(bad))
+        if unplaced or missing:
+            msg = (f"VLAModel.load_state_dict: {len(unplaced)} checkpoint keys could not be placed, {len(missing)} "
+                   f"model keys are missing" + "".join(f"\n  unplaced: {k}" for k in unplaced)
+                   + "".join(f"\n  missing: {k}" for k in missing))
+            if strict:
+                raise KeyError(msg)
+            warnings.warn(msg, stacklevel=2)
+            print("WARNING " + msg, file=sys.stderr)
+        # Copy (or assign) tensor by tensor: placing is explicit, so nn.Module's own key matching is not needed.
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        with torch.no_grad():
+            for k, v in mapped.items():
+                target = params.get(k, buffers.get(k))
+                if assign or target.is_meta:
+                    _assign(self, k, v.to(target.dtype) if not target.is_meta else v, k in params)
+                else:
+                    target.copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unplaced)
+
+    def trainable_state_dict(self) -> dict:
+        """Only the tensors that train (LoRA + head, + whatever is unfrozen): what a training checkpoint needs."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def save_pretrained(self, out, merge_lora_weights: bool = False, trainable_only: bool = False):
+        """OUT/model.safetensors + OUT/config.json (+ the processor files), written atomically. With
+        merge_lora_weights the adapters are folded into the base weights and the saved config has use_lora=False."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        cfg["qwen_config"] = self.qwen_config.to_hf()
+        sd = self.state_dict()
+        if merge_lora_weights and self.config.use_lora:
+            sd = merged_state_dict(self)
+            cfg["use_lora"] = False
+        if trainable_only:
+            keep = set(self.trainable_state_dict())
+            sd = {k: v for k, v in sd.items() if k in keep}
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(
+            {"mimic_format": 1, "trainable_only": trainable_only, "model_config": cfg}, indent=2)))
+        if self._processor_folder is not None:
+            for name in qwen3vl.PROCESSOR_FILES:
+                src = self._processor_folder / name
+                if src.is_file():
+                    data = src.read_bytes()
+                    atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", backbone_dtype=None, base=None):
+        """Load a folder written by save_pretrained / `python model.py convert`. Strict: every key must match.
+        A trainable-only folder needs `base`, the model (or folder) that provides the frozen weights."""
+        folder = Path(folder)
+        meta = json.loads((folder / "config.json").read_text())
+        cfg = dict(meta["model_config"])
+        if (folder / "tokenizer.json").is_file():
+            cfg["qwen_model_name"] = str(folder)  # tokenizer + preprocessor travel with the converted folder
+        config = VLAConfig(**cfg)
+        if meta.get("trainable_only"):
+            model = base if isinstance(base, VLAModel) else (cls.from_pretrained(base) if base else None)
+            if model is None:
+                raise ValueError(f"{folder} holds only the trainable weights: pass base= (a model or a full folder)")
+            sd = load_safetensors(folder / "model.safetensors")
+            missing = sorted(set(model.trainable_state_dict()) - set(sd))
+            unknown = sorted(set(sd) - set(model.state_dict()))
+            if missing or unknown:
+                raise KeyError(f"{folder}: missing {missing}, unknown {unknown}")
+            model.load_state_dict({**model.state_dict(), **sd}, strict=True)
+            return model.to(device)
+        with torch.device("meta"):
+            model = cls(config, load_backbone=False)
+        model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True, assign=True)
+        model.reinit_buffers()
+        if backbone_dtype is not None:
+            model.qwen_model.to(backbone_dtype)
+        return model.to(device)
+
+    def reinit_buffers(self):
+        """Non-persistent buffers (rotary inverse frequencies) are garbage after a meta-device build: recompute."""
+        self.qwen_model.init_buffers()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Released checkpoint names -> ours (mimic.md section 7)
+#
+#   module.                                                   -> (stripped)
+#   qwen_model.base_model.model.<rest>                        -> qwen_model.<rest>     (peft's PeftModel/LoraModel)
+#   ...{q,k,v,o,gate,up,down}_proj.base_layer.{weight,bias}   -> ...{...}_proj.{weight,bias}
+#   ...{...}_proj.lora_A.default.weight  (r, in)              -> ...{...}_proj.lora_A
+#   ...{...}_proj.lora_B.default.weight  (out, r)             -> ...{...}_proj.lora_B
+#   qwen_model.model.language_model.norm.weight, qwen_model.lm_head.weight, layers >= kept   -> ignored (early exit)
+#   qwen_model.model.visual.*, qwen_model.model.language_model.*, action_head.*               -> unchanged
+
+_PEFT_PREFIX = "qwen_model.base_model.model."
+_LORA_RE = re.compile(r"^(.*)\.(lora_[AB])\.default\.weight$")
+_BASE_RE = re.compile(r"^(.*)\.base_layer\.(weight|bias)$")
+_LAYER_RE = re.compile(r"^qwen_model\.model\.language_model\.layers\.(\d+)\.")
+
+
+def map_released_keys(state_dict, model: VLAModel):
+    """-> (mapped {our key: tensor}, ignored [released keys unused by the early-exit model], unplaced [keys that
+    match nothing we have]). Pure renaming; every rule is listed in the table above."""
+    own = set(model.state_dict())
+    mapped, ignored, unplaced = {}, [], []
+    for key, value in state_dict.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k.startswith(_PEFT_PREFIX):
+            k = "qwen_model." + k[len(_PEFT_PREFIX):]
+        if (m := _LORA_RE.match(k)) is not None:
+            k = f"{m.group(1)}.{m.group(2)}"
+        elif (m := _BASE_RE.match(k)) is not None:
+            k = f"{m.group(1)}.{m.group(2)}"
+        if k in own:
+            mapped[k] = value
+            continue
+        layer = _LAYER_RE.match(k)
+        if k in ("qwen_model.model.language_model.norm.weight", "qwen_model.lm_head.weight") or (
+                layer is not None and int(layer.group(1)) >= model.kept):
+            ignored.append(key)  # exists in the released file, unused by design after the early exit
+        else:
+            unplaced.append(key)
+    return mapped, ignored, unplaced
+
+
+def merged_state_dict(model: VLAModel) -> dict:
+    """State dict with every LoRA update folded into its base weight and no lora_* keys (model left unchanged)."""
+    sd = dict(model.state_dict())
+    for fqn, m in lora_modules(model).items():
+        sd[f"{fqn}.weight"] = (m.weight.detach().float() + m.delta_weight().detach()).to(m.weight.dtype)
+        del sd[f"{fqn}.lora_A"], sd[f"{fqn}.lora_B"]
+    return sd
+
+
+def load_mimic_checkpoint(path, allow_pickle: bool = False) -> dict:
+    """Read the released `checkpoint.pth` -> its `model_state_dict` with `module.` stripped.
+
+    Pickles run arbitrary code when fully unpickled, so this uses torch.load(weights_only=True) unless the caller
+    explicitly passes allow_pickle=True (the CLI's --allow-pickle) for a file they trust."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+    except Exception as e:  # weights_only refuses arbitrary objects (e.g. a pickled config class)
+        if allow_pickle:
+            raise
+        raise RuntimeError(f"{path}: safe loading (weights_only=True) refused this pickle ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}). If you trust the file, pass allow_pickle=True / "
+                           f"--allow-pickle to unpickle it fully.") from e
+    sd = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict with 'model_state_dict', got {type(ckpt).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def read_model_config_yaml(path) -> dict:
+    """The `model_config` mapping of the released config.yaml. A small reader for the YAML subset those files use
+    (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists), so no PyYAML is needed."""
+    root, stack = {}, [(-1, None)]
+    stack[0] = (-1, root)
+    last_key = {}
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack[-1][0] >= indent and len(stack) > 1:
+            stack.pop()
+        parent = stack[-1][1]
+        text = line.strip()
+        if text.startswith("- "):  # block list item under the last key of the enclosing mapping
+            owner, key = last_key[id(parent)] if id(parent) in last_key else (None, None)
+            if owner is None:
+                raise ValueError(f"{path}: list item without a key: {raw!r}")
+            if not isinstance(owner[key], list):
+                owner[key] = []
+            owner[key].append(_yaml_scalar(text[2:].strip()))
+            continue
+        key, _, val = text.partition(":")
+        key, val = key.strip(), val.strip()
+        if val == "":
+            parent[key] = {}
+            last_key[id(parent)] = (parent, key)
+            stack.append((indent, parent[key]))
+            last_key[id(parent[key])] = (parent, key)  # a block list may follow at deeper indent
+        else:
+            parent[key] = _yaml_scalar(val)
+            last_key[id(parent)] = (parent, key)
+    cfg = root.get("model_config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: no model_config mapping found")
+    return {k: ({} if v == {} else v) for k, v in cfg.items()}
+
+
+def _yaml_scalar(v: str):
+    if v.startswith("[") and v.endswith("]"):
+        return [_yaml_scalar(x.strip()) for x in v[1:-1].split(",") if x.strip()]
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("null", "none", "~"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Small utilities
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_safetensors(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor, is_param: bool):
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if is_param:
+        old = getattr(mod, name)
+        setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod._buffers[name] = value
+
+
+def count_parameters(model: VLAModel) -> dict:
+    """Parameter breakdown as the model card states it (numel works on the meta device)."""
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    vision = sum(p.numel() for p in model.qwen_model.model.visual.parameters())
+    llm = sum(p.numel() for n, p in model.qwen_model.model.language_model.named_parameters() if ".lora_" not in n)
+    head = sum(p.numel() for p in model.action_head.parameters())
+    other = sum(p.numel() for p in model.parameters()) - lora - vision - llm - head
+    return {"llm (truncated)": llm, "vision": vision, "dit head": head, "lora": lora, "other": other,
+            "total": lora + vision + llm + head + other}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("describe", help="parameter breakdown of a preset, built on the meta device")
+    d.add_argument("--preset", default="mimic-4b", choices=sorted(PRESETS))
+    c = sub.add_parser("convert", help="released checkpoint.pth + config.yaml -> safetensors folder")
+    c.add_argument("checkpoint")
+    c.add_argument("config_yaml")
+    c.add_argument("out")
+    c.add_argument("--qwen", default=None, help="local Qwen3-VL folder (config, tokenizer); default: the yaml's name")
+    c.add_argument("--merge-lora", action="store_true", help="fold the LoRA updates into the base weights")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="fully unpickle the checkpoint (runs code from the file: only for files you trust)")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "describe":
+        with torch.device("meta"):
+            model = VLAModel(VLAConfig(**PRESETS[args.preset]), load_backbone=False)
+        counts = count_parameters(model)
+        print(f"preset {args.preset}: kept decoder layers {model.kept} (tap {model.tap}, deep tap {model.deep_tap})")
+        for name, n in counts.items():
+            print(f"  {name:16s} {n:>15,d}  ({n / 1e9:.3f}B)")
+        return counts
+
+    cfg = read_model_config_yaml(args.config_yaml)
+    if args.qwen:
+        cfg["qwen_model_name"] = args.qwen
+    config = VLAConfig(**cfg)
+    sd = load_mimic_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
+    with torch.device("meta"):
+        model = VLAModel(config, load_backbone=False)
+    model.load_state_dict(sd, strict=True, assign=True)  # raises naming every unplaced / missing key
+    model.reinit_buffers()
+    out = model.save_pretrained(args.out, merge_lora_weights=args.merge_lora)
+    print(f"wrote {out}/model.safetensors and config.json ({sum(v.numel() for v in sd.values()):,} tensors' elements)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+# Tests of pipeline.py (and fit3d.py): decoding + fuzzed bad inputs, cuts, tracker, picker parsing, checks, the 2D->3D
+# fit on projected mocap, the HTTP VLM client against a local fake server, end to end with stand-in perception,
+# kill-and-resume. CPU only, no network (127.0.0.1 only). PyAV tests skip cleanly without PyAV.
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import fit3d
+import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def _noise_frames(n, h=48, w=64, seed=0, level=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        base = np.full((h, w, 3), (40 + 5 * i) % 200 if level is None else level, np.uint8)
+        out.append(base + rng.integers(0, 30, (h, w, 3), dtype=np.uint8))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. decoding
+
+
+def test_decode_real_videos_sampling():
+    pytest.importorskip("av")
+    vids = SHARED / "videos"
+    if not vids.is_dir():
+        pytest.skip("../shared/data/videos absent")
+    d = pipeline.decode_video(vids / "stgcn_tai_chi.mp4")
+    # 300 frames at 30000/1001 fps, 10.0 s: samples at k/10 s pick the nearest frame, round(k * 2.997)
+    assert len(d.frames) == 100 and (d.width, d.height) == (340, 256) and d.rotation == 0
+    k = np.arange(100)
+    np.testing.assert_array_equal(d.src_frame_index, np.round(k * 30000 / 1001 / 10).astype(int))
+    np.testing.assert_allclose(d.src_time, d.src_frame_index * 1001 / 30000, atol=1e-6)
+    assert np.all(np.abs(d.src_time - k / 10) <= 0.5 * 1001 / 30000 + 1e-9)
+    assert pipeline.detect_cuts(pipeline.gray_histograms(d.frames)) == []
+    # portrait 1080x1920 at 12 fps, 40 frames: downscaled to short side 480, 33 samples (0.0 .. 3.2 s)
+    b = pipeline.decode_video(vids / "mmhuman3d_basketball_single_person_demo.mp4")
+    assert (b.width, b.height) == (480, 854) and b.frames[0].shape == (854, 480, 3)
+    assert len(b.frames) == 33
+    np.testing.assert_array_equal(b.src_frame_index[:6], [0, 1, 2, 4, 5, 6])  # 0.1 s -> 0.0833 s (frame 1) etc.
+
+
+def test_decode_variable_frame_rate_and_rotation(tmp_path):
+    pytest.importorskip("av")
+    times = [0.0, 0.033, 0.066, 0.2, 0.21, 0.4, 0.7, 0.75]
+    frames = _noise_frames(len(times), h=48, w=64)
+    for f in frames:
+        f[:8, :16] = 255  # a white block in the top-left corner of the stored picture
+    p = tmp_path / "vfr.mp4"
+    pipeline.write_video(p, frames, fps=30, times=times, rotation=90)
+    d = pipeline.decode_video(p)
+    # nearest frame to each k/10 s (ties -> the earlier frame); a gap repeats the frame on screen
+    t = np.array(times)
+    expect = [int(np.argmin(np.abs(t - k / 10) + 1e-9 * np.arange(len(t)))) for k in range(8)]
+    np.testing.assert_array_equal(d.src_frame_index, expect)
+    np.testing.assert_allclose(d.src_time, t[expect], atol=1e-3)
+    # display rotation 90 deg counter-clockwise: 64x48 stored -> 48x64 upright, top-left block -> bottom-left
+    assert d.rotation == 90 and (d.width, d.height) == (48, 64)
+    img = d.frames[0].astype(int)
+    assert img[-6:, :6].mean() > 200 and img[:6, :6].mean() < 150
+
+
+def _fuzz_files(tmp):
+    """>= 10 kinds of bad input -> (path, expected status, expected reason or None)."""
+    import av
+    good = tmp / "good.mp4"
+    pipeline.write_video(good, _noise_frames(30), fps=30)
+    raw = good.read_bytes()
+    fast = tmp / "fast.mp4"  # moov atom first: a truncated copy still opens, then the data runs out
+    with av.open(str(fast), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for f in _noise_frames(30):
+            for pk in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    rng = np.random.default_rng(0)
+    cases = []
+
+    def put(name, payload, status, reason):
+        (tmp / name).write_bytes(payload)
+        cases.append((tmp / name, status, reason))
+
+    put("empty.mp4", b"", "SKIPPED", "EMPTY_FILE")
+    put("random.mp4", rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "SKIPPED", "OPEN_FAILED")
+    put("text.mp4", b"not a video\n" * 20, "SKIPPED", "OPEN_FAILED")
+    put("truncated.mp4", raw[:len(raw) // 2], "SKIPPED", "OPEN_FAILED")  # moov at the end is gone
+    put("header_only.mp4", raw[:200], "SKIPPED", "OPEN_FAILED")
+    fb = fast.read_bytes()
+    put("truncated_faststart.mp4", fb[:int(len(fb) * 0.6)], "NO_CLIPS", None)  # decodes a little, then stops
+    bad = bytearray(raw)
+    bad[len(raw) // 3:len(raw) // 2] = rng.integers(0, 256, len(raw) // 2 - len(raw) // 3, dtype=np.uint8).tobytes()
+    put("corrupt_middle.mp4", bytes(bad), "NO_CLIPS", None)
+    put("wrong_extension.avi", raw, "NO_CLIPS", None)  # a fine mp4 named .avi: decodes (no people in it)
+    from PIL import Image
+    Image.fromarray(_noise_frames(1)[0]).save(tmp / "image.mp4", format="JPEG")  # one still image
+    cases.append((tmp / "image.mp4", "NO_CLIPS", None))
+    with av.open(str(tmp / "audio_only.mp4"), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        for i in range(8):
+            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = 16000, i * 1024
+            for pk in s.encode(fr):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    cases.append((tmp / "audio_only.mp4", "SKIPPED", "NO_VIDEO_STREAM"))
+    with av.open(str(tmp / "zero_frames.mkv"), "w") as c:  # a container with a video track and no frame
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        c.start_encoding()
+    cases.append((tmp / "zero_frames.mkv", "SKIPPED", None))
+    (tmp / "folder.mp4").mkdir()
+    cases.append((tmp / "folder.mp4", "SKIPPED", "OPEN_FAILED"))
+    cases.append((tmp / "missing.mp4", "SKIPPED", "UNREADABLE"))
+    return cases
+
+
+def test_fuzz_bad_inputs_are_skipped_with_reasons(tmp_path):
+    pytest.importorskip("av")
+    cases = _fuzz_files(tmp_path)
+    assert len({p.name for p, _, _ in cases}) >= 10
+    cfg = pipeline.PipelineConfig()
+    none = pipeline.GroundTruthDetector({})
+    for path, status, reason in cases:
+        job = {"video": str(path), "video_id": pipeline.safe_id(path.name), "action_class": ""}
+        rec = pipeline.process_video(job, cfg, none, pipeline.GroundTruthPose({}), fit3d.FitLifter())
+        assert rec["status"] == status, (path.name, rec)
+        if reason is not None:
+            assert rec["reason"] == reason, (path.name, rec)
+        json.dumps(rec)  # every record is JSON-able
+    # the corrupt file keeps its decodable frames and says what was wrong
+    rec = pipeline.process_video({"video": str(tmp_path / "corrupt_middle.mp4"), "video_id": "c"}, cfg, none,
+                                 pipeline.GroundTruthPose({}), fit3d.FitLifter())
+    assert rec["decode"]["samples"] > 0 and any(w.startswith("BAD_PACKETS") for w in rec["decode"]["warnings"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. cuts and segments
+
+
+def test_histogram_correlation_and_cuts_on_arrays():
+    rng = np.random.default_rng(0)
+    h1, h2 = rng.random(256), rng.random(256)
+    assert np.isclose(pipeline.hist_correlation(h1, h2), np.corrcoef(h1, h2)[0, 1])
+    frames = _noise_frames(30, level=40) + _noise_frames(25, level=200, seed=1)  # a dark shot, then a bright one
+    hist = pipeline.gray_histograms(frames)
+    assert np.allclose(np.linalg.norm(hist, axis=1), 1)
+    assert pipeline.detect_cuts(hist) == [30]
+    kept, dropped = pipeline.split_segments(55, [30], 20)
+    assert kept == [(0, 30), (30, 55)] and dropped == []
+    kept, dropped = pipeline.split_segments(55, [10, 30], 20)
+    assert kept == [(10, 30), (30, 55)] and dropped == [(0, 10, "SHORT_SEGMENT:10")]
+
+
+def test_cut_on_spliced_real_videos(tmp_path):
+    pytest.importorskip("av")
+    vids = SHARED / "videos"
+    if not vids.is_dir():
+        pytest.skip("../shared/data/videos absent")
+    a = pipeline.decode_video(vids / "stgcn_tai_chi.mp4").frames[:40]
+    b = pipeline.decode_video(vids / "stgcn_clean_and_jerk.mp4").frames[:30]
+    p = tmp_path / "spliced.mp4"
+    pipeline.write_video(p, a + b, fps=10)
+    d = pipeline.decode_video(p)
+    assert len(d.frames) == 70
+    assert pipeline.detect_cuts(pipeline.gray_histograms(d.frames)) == [40]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3-4. tracker, candidates, picker
+
+
+def _det(*boxes):
+    return np.array([list(b) + [0.9] for b in boxes], np.float64).reshape(-1, 5)
+
+
+def test_tracker_keeps_identity_through_a_crossing():
+    # A walks right, B walks left; they cross around t = 20 (boxes overlap heavily there)
+    T = 41
+    dets = []
+    for t in range(T):
+        ax, bx = 20 + 3 * t, 140 - 3 * t
+        d = _det((ax, 50, ax + 40, 150), (bx, 55, bx + 40, 150))
+        dets.append(d[::-1] if t % 2 else d)  # detection order must not matter
+    boxes, (s, e) = pipeline.sticky_track(dets, 0, dets[0][0, :4])
+    assert (s, e) == (0, T - 1)
+    np.testing.assert_allclose(boxes[:, 0], 20 + 3 * np.arange(T))  # still A after the crossing
+    boxes, (s, e) = pipeline.sticky_track(dets, T - 1, _det((140 - 3 * 40, 55, 180 - 3 * 40, 150))[0, :4])
+    np.testing.assert_allclose(boxes[:, 0], 140 - 3 * np.arange(T))  # backwards from the anchor: still B
+
+
+def test_tracker_occlusion_gaps_and_size_jumps():
+    T = 30
+    base = [_det((10 + t, 10, 60 + t, 110)) for t in range(T)]
+    gap3 = [d if not 10 <= t < 13 else _det() for t, d in enumerate(base)]
+    boxes, run = pipeline.sticky_track(gap3, 0, base[0][0, :4])
+    assert run == (0, T - 1) and np.isnan(boxes[10:13]).all()  # 3 misses: continues
+    filled = pipeline.fill_gaps(boxes)
+    np.testing.assert_allclose(filled[:, 0], 10 + np.arange(T))  # interpolated through the gap
+    gap4 = [d if not 10 <= t < 14 else _det() for t, d in enumerate(base)]
+    _, run = pipeline.sticky_track(gap4, 0, base[0][0, :4])
+    assert run == (0, 9)  # more than 3 consecutive misses: stops
+    _, run = pipeline.sticky_track(gap4, 20, base[20][0, :4])
+    assert run == (14, T - 1)  # the other direction from an anchor after the gap
+    grow = [d.copy() for d in base]
+    grow[15] = _det((0, 0, 200, 200))  # a size jump (area ratio > 2.5) is a miss, not a switch
+    boxes, run = pipeline.sticky_track(grow, 0, base[0][0, :4])
+    assert run == (0, T - 1) and np.isnan(boxes[15]).all()
+    far = [d if t < 5 else _det((200 + t, 10, 250 + t, 110)) for t, d in enumerate(base)]
+    _, run = pipeline.sticky_track(far, 0, base[0][0, :4])
+    assert run == (0, 4)  # low IoU: never accepted
+
+
+def test_anchor_candidates_and_heuristic():
+    T = 21
+    dets = [_det((100, 40, 180, 230)) for _ in range(T)]
+    dets[10] = _det((100, 40, 180, 230), (10, 10, 30, 50), (250, 10, 270, 40))  # the middle pool frame has most
+    dets[0] = _det((100, 40, 180, 230), (5, 5, 15, 15), (20, 20, 30, 30))
+    anchor, count = pipeline.anchor_frame(dets, 5)
+    assert (anchor, count) == (10, 3)  # a tie between 0 and 10: nearest the middle wins
+    runs = [pipeline.sticky_track(dets, anchor, c[:4])[1] for c in dets[anchor]]
+    h = pipeline.heuristic_scores(dets[anchor], runs, 320, 240, T)
+    assert int(np.argmax(h)) == 0 and runs[0] == (0, T - 1)
+    # centrality uses normalised coordinates: a same-size box in the corner scores lower
+    h2 = pipeline.heuristic_scores(_det((120, 80, 200, 160), (0, 0, 80, 80)), [(0, 9), (0, 9)], 320, 240, 10)
+    assert h2[0] > h2[1]
+
+
+@pytest.mark.parametrize("reply,n,expect", [
+    ('{"chosen_index": 2, "reason": "largest"}', 3, 1),
+    ('<think>Person 1 is small... {maybe}</think>\n{"chosen_index": 3, "reason": "centre"}', 3, 2),
+    ('Sure! ```json\n{"chosen_index": "1", "reason": "x"}\n```', 2, 0),
+    ('{"chosen_index": 2, "reason": "unterminated', 4, 1),  # broken JSON: regex repair
+    ('{"chosen_index": 7, "reason": "out of range"}', 3, None),
+    ('{"chosen_index": 0}', 3, None),
+    ('{"chosen_index": 1.5}', 3, None),
+    ('{"chosen_index": true}', 3, None),
+    ("", 3, None),
+    ("I cannot tell who it is.", 3, None),
+    ('[1, 2]', 3, None),
+])
+def test_parse_pick(reply, n, expect):
+    assert pipeline.parse_pick(reply, n) == expect
+
+
+def test_parse_verdict_and_caption():
+    v = pipeline.parse_verdict('<think>hmm {"a"}</think>{"tracking_consistent": true, "motion_matches": false, '
+                               '"explanation": "standing still"}')
+    assert v == {"tracking_consistent": True, "motion_matches": False, "explanation": "standing still",
+                 "judged": True}
+    v = pipeline.parse_verdict('tracking_consistent: TRUE, "motion_matches": true (broken')
+    assert v["tracking_consistent"] and v["motion_matches"] and v["judged"]
+    for bad in ["", "no idea", '{"tracking_consistent": "maybe", "motion_matches": true}']:
+        v = pipeline.parse_verdict(bad)
+        assert not v["tracking_consistent"] and not v["judged"]  # strict default: false
+    assert pipeline.parse_caption("Description:\nRaise both arms. Jump. Land softly. Smile.\nassistant") == \
+        "Raise both arms. Jump. Land softly."
+    assert pipeline.parse_caption('"Kick forward with the right leg."') == "Kick forward with the right leg."
+    assert pipeline.parse_caption("<think>long</think>  ") is None and pipeline.parse_caption("") is None
+
+
+def test_coco_to_h36m():
+    coco = np.zeros((1, 17, 2))
+    # nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles of an upright person facing the camera
+    coco[0] = [[50, 20], [47, 18], [53, 18], [44, 19], [56, 19], [40, 35], [60, 35], [38, 55], [62, 55], [37, 72],
+               [63, 72], [44, 80], [56, 80], [44, 110], [56, 110], [44, 140], [56, 140]]
+    sc = np.tile(np.linspace(0.5, 0.9, 17), (1, 1))
+    h, s = pipeline.coco_to_h36m(coco, sc)
+    np.testing.assert_allclose(h[0, 0], [50, 80])  # pelvis = mean of hips
+    np.testing.assert_allclose(h[0, [1, 4, 11, 14, 13, 16]], coco[0, [12, 11, 5, 6, 9, 10]])
+    np.testing.assert_allclose(h[0, 10], [50, 18 + 18 - 20])  # head
+    np.testing.assert_allclose(h[0, 8], [50, 35 + (20 - 35) / 3 - (18 - 20) * 2 / 3])  # thorax
+    np.testing.assert_allclose(h[0, 9], [50, 20 - (20 - 35) / 4])  # nose pulled towards the shoulders
+    np.testing.assert_allclose(h[0, 7], [50, 57.5])  # spine
+    np.testing.assert_allclose(s[0, 0], sc[0, 11:13].mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. deterministic checks: each flags exactly the fault injected
+
+
+def _clean_clip(T=40):
+    t = np.arange(T)
+    boxes = np.stack([100 + t, 40 + 0 * t, 180 + t, 220 + 0 * t], 1).astype(float)
+    rest = np.asarray(data.angles_to_pose3d(np.zeros(22)))  # any fixed skeleton
+    pose = np.repeat(rest[None], T, 0) + np.array([0, 0, 4.0])
+    pose[:, 13, 0] += 0.3 * np.sin(t / 2)  # a waving wrist: enough motion
+    return boxes, np.full((T, 17), 0.9), pose
+
+
+def test_checks_flag_exactly_the_injected_faults():
+    cfg = pipeline.PipelineConfig()
+    boxes, sc, pose = _clean_clip()
+    checks, issues = pipeline.run_checks(boxes, sc, pose, 320, 240, cfg)
+    assert issues == [], checks
+    faults = {}
+    b = boxes.copy()
+    b[[5, 15, 25], :] += [150, 0, 150, 0]  # three centre jumps (six transitions of 39)
+    faults["BBOX_JUMPS"] = dict(boxes=b)
+    b = boxes.copy()
+    b[[10, 20], 2:] += [160, 0]  # two 3x wider boxes: four spikes of 39 > 3%
+    b2 = b.copy()
+    faults["SIZE_SPIKES"] = dict(boxes=b2)
+    p = pose.copy()
+    for t in (8, 9, 20, 21):
+        p[t, 3] += [0, 0.0, 1.5]  # an ankle teleports (and comes back): 4 jumps + 4 returns of 39
+    faults["POSE_JUMPS"] = dict(pose=p)
+    s = sc.copy()
+    s[:20] = 0.1
+    faults["LOW_CONFIDENCE"] = dict(sc=s)
+    still = pose.copy()
+    still[:, 13, 0] = still[0, 13, 0]
+    faults["LOW_MOTION"] = dict(pose=still)
+    faults["SMALL_BBOX"] = dict(boxes=boxes * [1, 1, 0.6, 0.5] + [40, 10, 0, 0])
+    faults["TOO_SHORT"] = dict(boxes=boxes[:15], sc=sc[:15], pose=pose[:15])
+    faults["HARD_CUTS"] = dict(n_cuts=1)
+    faults["LOW_COVERAGE"] = dict(core_ok=np.arange(40) < 10)
+    for name, kw in faults.items():
+        args = dict(boxes=boxes, sc=sc, pose=pose, n_cuts=0, core_ok=None, raw_valid=None)
+        args.update(kw)
+        _, issues = pipeline.run_checks(args["boxes"], args["sc"], args["pose"], 320, 240, cfg, args["n_cuts"],
+                                        args["core_ok"], args["raw_valid"])
+        if name == "SIZE_SPIKES":
+            issues = [i for i in issues if i != "IOU_BREAKS"]
+        assert issues == [name], (name, issues)
+    # IoU breaks: the box swaps to a far, much smaller one and back, 5 times (10 breaks of 39 transitions)
+    b = boxes.copy()
+    for t in (3, 10, 17, 24, 31):
+        b[t] = [250, 0, 300, 20]
+    checks, issues = pipeline.run_checks(b, sc, pose, 320, 240, cfg)
+    assert "IOU_BREAKS" in issues and checks["IOU_BREAKS"]["value"] == pytest.approx(10 / 39, abs=1e-4)
+    # interpolated boxes (not detections) do not count as IoU breaks
+    _, issues = pipeline.run_checks(b, sc, pose, 320, 240, cfg, raw_valid=~np.isin(np.arange(40), [3, 10, 17, 24, 31]))
+    assert "IOU_BREAKS" not in issues
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. 2D -> 3D fit on real mocap projected through random cameras
+
+
+def test_angle_convention_is_singular_at_upright_pose():
+    """Why the fitter's free variables are bone directions: 1 mm of noise on an upright pose moves spine angles by
+    ~pi (the reference +-up is anti-parallel to the spine). This also sets the floor of any angle RMSE."""
+    import torch
+    lengths = torch.tensor(fit3d._REF_LENGTHS, dtype=torch.float64)[fit3d._LENGTH_OF_BONE]
+    upright = fit3d._bone_chain(fit3d._rest_directions(30.0)[None], lengths, torch.tensor([[0.0, 0.0, 4.0]]))
+    gt = upright.numpy().repeat(10, 0)  # (10, 17, 3)  # an upright person seen by a level camera, 10 frames
+    rng = np.random.default_rng(0)
+    a = data.pose3d_to_angles(gt)
+    b = data.pose3d_to_angles(gt + rng.normal(0, 0.001, gt.shape))
+    assert np.abs(fit3d.wrapped_diff(a, b)[:, data.JOINT_GROUPS["arms"]]).max() < 0.1  # well conditioned
+    assert np.abs(fit3d.wrapped_diff(a, b)[:, data.JOINT_GROUPS["spine"]]).max() > 1.0  # not
+
+
+def test_fit_on_projected_mocap():
+    # noise 2 px, 10% of joints dropped (score 0, random positions), the true focal
+    res = fit3d.evaluate(n_clips=3, seed=0, frames=24, noise_px=2.0, drop=0.1,
+                         cfg=fit3d.FitConfig(steps=120, flip_steps=20))
+    print("fit on mocap:", {k: round(v, 1) for k, v in res.items()})
+    assert res["rmse_deg"] < 74.6 and res["rmse_arms_deg"] < 45 and res["bone_dir_err_deg"] < 25
+    pose, info = fit3d.fit_clip(*next(fit3d.mocap_cases(1, 3, 20, 0.0, 0.0))[1:2],
+                                np.full((20, 17), 0.9), 320, 240, return_info=True,
+                                cfg=fit3d.FitConfig(steps=150))
+    assert pose.shape == (20, 17, 3) and np.isfinite(pose).all() and (pose[..., 2] > 0).all()
+    assert info["reproj_px"] < 6.0  # noise-free 2D is matched to a few pixels (focal guessed, not given)
+
+
+def test_fit_input_validation_and_missing_frames():
+    with pytest.raises(ValueError, match="kp2d must be"):
+        fit3d.fit_clip(np.zeros((5, 16, 2)), np.ones((5, 16)), 100, 100)
+    _, kp, sc, gt, focal, W, H = next(fit3d.mocap_cases(1, 1, 12, 1.0, 0.0))
+    sc[4:7] = 0  # whole frames without any joint: filled by smoothness, still finite
+    kp[5] = np.nan
+    pose = fit3d.fit_clip(kp, sc, W, H, focal, fit3d.FitConfig(steps=60, yaws=(0.0, 180.0)))
+    assert np.isfinite(pose).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. VLM client: HTTP backend against a fake OpenAI-compatible server on 127.0.0.1
+
+
+class _FakeVLM(http.server.BaseHTTPRequestHandler):
+    script = []   # per request: (status, body bytes, delay seconds)
+    seen = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append((self.path, json.loads(body), self.headers.get("Authorization")))
+        status, payload, delay = type(self).script.pop(0) if type(self).script else (500, b"", 0)
+        time.sleep(delay)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+def _reply(text):
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+@pytest.fixture
+def fake_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLM)
+    srv.daemon_threads = True
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    _FakeVLM.script, _FakeVLM.seen = [], []
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_vlm_client(fake_server):
+    sleeps = []
+    vlm = pipeline.VLMClient(fake_server, "qwen3-vl-235b", api_key="k", timeout=0.5, retries=2, backoff=0.01,
+                             sleep=sleeps.append)
+    img = np.zeros((700, 1400, 3), np.uint8)
+    _FakeVLM.script = [(200, _reply('{"chosen_index": 1}'), 0)]
+    r = vlm.chat([img, img], "pick", max_tokens=64)
+    assert r["text"] == '{"chosen_index": 1}' and r["error"] is None and r["attempts"] == 1
+    path, body, auth = _FakeVLM.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer k" and body["model"] == "qwen3-vl-235b"
+    content = body["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["image_url", "image_url", "text"] and content[-1]["text"] == "pick"
+    assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    import base64, io
+    from PIL import Image
+    sent = Image.open(io.BytesIO(base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])))
+    assert max(sent.size) == 640  # downscaled to max side 640
+    # 500, then garbage, then a good reply: retried with exponential backoff
+    _FakeVLM.script = [(500, b"oops", 0), (200, b"<html>not json", 0), (200, _reply("ok"), 0)]
+    r = vlm.chat([], "x")
+    assert r["text"] == "ok" and r["attempts"] == 3 and sleeps[-2:] == [0.01, 0.02]
+    # timeouts every time: recorded, not raised
+    _FakeVLM.script = [(200, _reply("late"), 1.0)] * 3
+    r = vlm.chat([], "x")
+    assert r["text"] is None and "timed out" in r["error"].lower() and r["attempts"] == 3
+    # a client error is not retried; an envelope without text is garbage
+    _FakeVLM.script = [(400, b'{"error": "bad"}', 0)]
+    r = vlm.chat([], "x")
+    assert r["error"] == "HTTP 400" and r["attempts"] == 1
+    _FakeVLM.script = [(200, b'{"choices": []}', 0), (200, _reply(None), 0), (200, b"\xff\xfe", 0)]
+    r = vlm.chat([], "x")
+    assert r["text"] is None and r["error"].startswith("BAD_REPLY") and r["attempts"] == 3
+    # nothing listening: a connection error after the retries
+    dead = pipeline.VLMClient("http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.0, sleep=lambda s: None)
+    r = dead.chat([], "x")
+    assert r["text"] is None and r["error"] and r["attempts"] == 2
+
+
+def test_judge_and_caption_records(fake_server):
+    vlm = pipeline.VLMClient(fake_server, "m", timeout=2, retries=0, sleep=lambda s: None)
+    cfg = pipeline.PipelineConfig()
+    frames = _noise_frames(20, h=96, w=128)
+    kp = np.tile(np.linspace(10, 80, 34).reshape(17, 2), (20, 1, 1))
+    sc = np.full((20, 17), 0.9)
+    _FakeVLM.script = [(200, _reply('<think>...</think>{"tracking_consistent": true, "motion_matches": true, '
+                                    '"explanation": "ok"}'), 0)]
+    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    assert j["tracking_consistent"] and j["motion_matches"] and j["judged"] and j["error"] is None
+    assert len(_FakeVLM.seen[-1][1]["messages"][0]["content"]) == cfg.judge_frames + 1
+    _FakeVLM.script = [(200, _reply("garbage"), 0)]
+    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    assert not j["tracking_consistent"] and not j["judged"] and j["raw"] == "garbage"
+    _FakeVLM.script = [(503, b"", 0)]
+    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    assert not j["judged"] and j["error"] == "HTTP 503"
+    boxes = np.tile([10.0, 10, 60, 90], (20, 1))
+    _FakeVLM.script = [(200, _reply("Description: Jump up with both arms raised."), 0)]
+    c = pipeline.caption_clip(vlm, frames, boxes, "jump", cfg)
+    assert c["text"] == "Jump up with both arms raised." and c["error"] is None
+    _FakeVLM.script = [(200, _reply("   "), 0)]
+    assert pipeline.caption_clip(vlm, frames, boxes, "jump", cfg)["error"] == "EMPTY_CAPTION"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. end to end on rendered demo videos with stand-in perception; sharding; kill and resume
+
+
+def test_shards_and_ids():
+    ids = [f"vid{i}" for i in range(200)]
+    parts = [[v for v in ids if pipeline.shard_of(v, 4) == k] for k in range(4)]
+    assert sorted(sum(parts, [])) == sorted(ids) and all(20 < len(p) < 80 for p in parts)
+    assert pipeline.shard_of("abc", 7) == pipeline.shard_of("abc", 7)
+    assert pipeline.parse_shard("3/16") == (3, 16)
+    for bad in ["16/16", "a/b", "-1/4", ""]:
+        with pytest.raises(ValueError):
+            pipeline.parse_shard(bad)
+    assert pipeline.safe_id("jumping jacks/a b?.mp4") == "jumping_jacks__a_b_.mp4"
+    assert pipeline.safe_id(".hidden").startswith("v")
+
+
+@pytest.fixture(scope="module")
+def demo_videos(tmp_path_factory):
+    pytest.importorskip("av")
+    root = tmp_path_factory.mktemp("vids")
+    pipeline.render_demo_videos(root, num_videos=3)
+    return root
+
+
+def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
+    out = tmp_path / "out"
+    rc = pipeline.main(["--manifest", str(demo_videos / "manifest.jsonl"), "--out", str(out), "--fit-steps", "40",
+                        "--fit-flip-steps", "0", "--no-progress"])
+    assert rc == 0
+    records = pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl")
+    assert len(records) == 3 and all(r["status"] == "OK" for r in records)
+    spliced = [r for r in records if r["cuts"]]
+    assert len(spliced) == 1 and len(spliced[0]["clips"]) == 2  # the hard cut splits it into two clips
+    for r in records:
+        for g in r["segments"]:
+            assert g["picker"] == "heuristic" and g["candidates"] == 2 and g["chosen"] == 0  # not the distractor
+    entries = data.list_clips(out)
+    assert len(entries) == 4
+    gt = {}
+    for p in sorted(demo_videos.rglob("*.mp4")):
+        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = pipeline.load_ground_truth(p)
+    for e in entries:
+        clip = data.read_clip(out / e["path"])
+        T = len(clip.frames_jpeg)
+        assert T >= 20 and clip.width == 320 and clip.height == 240 and clip.action_class
+        np.testing.assert_allclose(clip.angles, data.pose3d_to_angles(clip.pose3d), atol=1e-4)
+        assert clip.src_fps == pytest.approx(30.0, rel=1e-3)
+        np.testing.assert_allclose(np.diff(clip.src_time), 0.1, atol=1e-3)  # 10 Hz in source time
+        np.testing.assert_array_equal(np.diff(clip.src_frame_index), 3)       # every 3rd frame of the 30 fps video
+        g = gt[clip.video_id]  # boxes of the source frames they came from
+        np.testing.assert_allclose(clip.boxes, g["boxes"][clip.src_frame_index, 0], atol=1e-3)
+        assert clip.extra["prog_good"] == "True" and clip.description.endswith(".")
+    ds = data.WindowDataset(out, split="train", flip=True)
+    assert len(ds) > 0
+    item = ds[0]
+    assert item["actions"].shape == (16, 44) and len(item["images"]) == 4
+    assert "videos: 3" in pipeline.summarize(records)
+
+
+def test_kill_and_resume(demo_videos, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "pipeline.py"), "--manifest", str(demo_videos / "manifest.jsonl"),
+           "--out", str(out), "--fit-steps", "80", "--fit-flip-steps", "20", "--no-progress"]
+    status = out / "status" / "shard-00000-of-00001.jsonl"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and not (status.is_file() and status.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-way through the second video
+    finally:
+        proc.wait()
+    first = pipeline.read_records(status)
+    assert 1 <= len(first) < 3
+    # a temp file as a killed write would leave it, for a clip of this shard's video
+    vid = first[0]["video_id"]
+    stale = out / "clips" / "00" / f".{vid}-00099.safetensors.abc123.tmp"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
+    with open(status, "a") as fh:
+        fh.write('{"video_id": "torn')  # a torn last line
+    rc = subprocess.run(cmd[:-5] + ["--fit-steps", "40", "--fit-flip-steps", "0", "--no-progress", "--resume"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    records = pipeline.read_records(status)
+    assert sorted(r["video_id"] for r in records) == sorted({r["video_id"] for r in records})  # each once
+    assert len(records) == 3 and records[0] == first[0]  # the finished video was not redone
+    assert not list(out.rglob("*.tmp")) and "videos: 3" in rc.stdout
+    for e in data.list_clips(out):
+        data.read_clip(out / e["path"])  # every clip file is complete
+
+
+class _ScriptedVLM:
+    """A local backend (VLMClient(local=...)) answering by prompt kind; records what it was asked."""
+
+    def __init__(self, pick='{"chosen_index": 2, "reason": "r"}', judge='{"tracking_consistent": true, '
+                 '"motion_matches": true}', caption="Swing both arms and step forward.", fail_first=0):
+        self.replies = {"numbered bounding boxes": pick, "skeleton overlay": judge, "imperative commands": caption}
+        self.calls, self.fail_first = [], fail_first
+
+    def __call__(self, images, prompt, max_tokens, temperature):
+        self.calls.append((len(images), prompt))
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise RuntimeError("CUDA out of memory")
+        return next(v for k, v in self.replies.items() if k in prompt)
+
+
+def test_local_backend_errors_are_recorded():
+    backend = _ScriptedVLM(fail_first=1)
+    vlm = pipeline.VLMClient(local=backend, retries=1, backoff=0.0, sleep=lambda s: None)
+    r = vlm.chat([np.zeros((8, 8, 3), np.uint8)], "skeleton overlay")
+    assert r["attempts"] == 2 and r["error"] is None and "tracking_consistent" in r["text"]
+    backend.fail_first = 5
+    r = vlm.chat([], "skeleton overlay")
+    assert r["text"] is None and r["error"].startswith("RuntimeError") and r["attempts"] == 2
+    with pytest.raises(ValueError, match="url or a local backend"):
+        pipeline.VLMClient()
+
+
+def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
+    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
+    job = next(j for j in jobs if "walk" in j["video_id"] and "stealthy" not in j["video_id"])
+    side = pipeline._SidecarCache(jobs)
+    det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+    cfg = pipeline.PipelineConfig()
+    lifter = fit3d.FitLifter(fit3d.FitConfig(steps=30, flip_steps=0))
+    # the oracle picks person 2 (the static distractor): honoured, tracked, then the judge decides
+    backend = _ScriptedVLM(judge='{"tracking_consistent": false, "motion_matches": true}')
+    rec = pipeline.process_video(job, cfg, det, pose, lifter, pipeline.VLMClient(local=backend), tmp_path / "a",
+                                 keep="strict")
+    seg = rec["segments"][0]
+    assert seg["picker"] == "oracle" and seg["chosen"] == 1 and seg["oracle"]["chosen"] == 1
+    assert seg["judge"]["judged"] and not seg["vlm_good"] and not seg["strict"] and not seg["written"]
+    assert rec["status"] == "NO_CLIPS" and "JUDGE_TRACKING" in rec["reason"]
+    assert [n for n, _ in backend.calls] == [1, cfg.caption_frames, cfg.judge_frames]
+    # an unparseable oracle reply falls back to the heuristic; a passing judge + checks -> strict, written with
+    # the VLM caption as the description
+    backend = _ScriptedVLM(pick="I think the first one")
+    rec = pipeline.process_video(job, cfg, det, pose, lifter, pipeline.VLMClient(local=backend), tmp_path / "b",
+                                 keep="strict")
+    seg = rec["segments"][0]
+    assert seg["picker"] == "heuristic" and seg["chosen"] == 0 and seg["oracle"]["chosen"] is None
+    assert seg["strict"] and seg["written"] and rec["status"] == "OK"
+    clip = data.read_clip(data.clip_path(tmp_path / "b", seg["clip_id"]))
+    assert clip.description == "Swing both arms and step forward." and clip.extra["description_source"] == "vlm"
+    assert clip.extra["strict"] == "True"
+    # keep="vlm_good" ignores the checks; keep="checks" ignores the judge
+    assert pipeline._keep({"prog_good": False, "vlm_good": True, "strict": False}, "vlm_good")
+    assert not pipeline._keep({"prog_good": False, "vlm_good": True, "strict": False}, "checks")
+
+
+def test_fallback_to_next_candidate_when_the_run_is_short():
+    T = 30
+    dets = [_det((100, 40, 180, 230), (5, 5, 60, 100)) if t < 8 else _det((100, 40, 180, 230)) for t in range(T)]
+
+    class Det(pipeline.Detector):
+        def __call__(self, images, keys):
+            return [dets[i] for _, i in keys]
+
+    class Pose(pipeline.PoseEstimator):
+        keypoint_format = "h36m"
+
+        def __call__(self, images, boxes, keys):
+            return np.zeros((len(keys), 17, 2)) + 50, np.full((len(keys), 17), 0.9)
+
+    dec = pipeline.Decoded([np.zeros((240, 320, 3), np.uint8)] * T, np.arange(T), np.arange(T) / 10.0, 10.0, 320, 240)
+    # the oracle picks the person who leaves after 8 samples: the run is too short, the next candidate is tried
+    vlm = pipeline.VLMClient(local=_ScriptedVLM(pick='{"chosen_index": 2}', judge="{}"), retries=0)
+    flat = lambda kp, sc, w, h: np.tile(np.asarray(data.angles_to_pose3d(np.zeros(22)))[None], (len(kp), 1, 1)) + \
+        [0, 0, 3]  # noqa: E731
+    rec, clip = pipeline.process_segment(dec, 0, T, {"video_id": "v"}, pipeline.PipelineConfig(), Det(), Pose(),
+                                         flat, vlm)
+    assert rec["anchor"] == 7 and rec["picker"] == "oracle"  # pool frames 0, 7, 14, 22, 29: 0 and 7 tie -> 7
+    assert rec["chosen"] == 0 and rec["attempt"] == 1 and rec["run"] == [0, T]
+    assert "LOW_MOTION" in rec["issues"] and not rec["judge"]["judged"] and clip["pose3d"].shape == (T, 17, 3)
+    # a lifter that fails is recorded as LIFT_FAIL, not raised
+    def broken(*a):
+        raise RuntimeError("boom")
+    rec, clip = pipeline.process_segment(dec, 0, T, {"video_id": "v"}, pipeline.PipelineConfig(), Det(), Pose(),
+                                         broken, None)
+    assert rec["status"] == "LIFT_FAIL:RuntimeError" and clip is None
+
+
+def test_list_videos_and_shards(demo_videos, tmp_path):
+    jobs = pipeline.list_videos(demo_videos)
+    assert len(jobs) == 3 and all(j["action_class"] for j in jobs)
+    assert [j["video_id"] for j in jobs] == sorted(j["video_id"] for j in jobs)
+    m = tmp_path / "bad.jsonl"
+    m.write_text('{"video": "a.mp4"}\n{"vid": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        pipeline.list_videos(manifest=m)
+    m.write_text('{"video": "a.mp4"}\n{"video": "a.mkv"}\n')
+    with pytest.raises(ValueError, match="duplicate video ids"):
+        pipeline.list_videos(manifest=m)
+    with pytest.raises(FileNotFoundError):
+        pipeline.list_videos(tmp_path / "nope")
+    # two shards: disjoint, together everything
+    out = tmp_path / "out"
+    seen = []
+    for k in range(2):
+        pipeline.main(["--videos", str(demo_videos), "--out", str(out), "--shard", f"{k}/2", "--fit-steps", "20",
+                       "--fit-flip-steps", "0", "--no-progress"])
+        recs = pipeline.read_records(out / "status" / f"shard-{k:05d}-of-00002.jsonl")
+        assert all(pipeline.shard_of(r["video_id"], 2) == k for r in recs)
+        seen += [r["video_id"] for r in recs]
+    assert sorted(seen) == [j["video_id"] for j in jobs]
+    assert len(data.list_clips(out)) == 4
