@@ -20,6 +20,7 @@ Commands:
   python data.py demo --out data/demo [--seed 0] [--num-clips N]   # build the embedded demo dataset (demo.py)
   python data.py info data/demo                                    # dataset summary (or a single .safetensors clip)
   python data.py index data/demo                                   # (re)write data/demo/index.jsonl
+  python data.py import-movenet --parquet DIR --videos DIR --out DIR   # MoveNet-332 -> clips (movenet.py)
 """
 
 import argparse
@@ -811,12 +812,21 @@ def main(argv=None):
     i.add_argument("path")
     x = sub.add_parser("index", help="(re)write PATH/index.jsonl from the clip files' headers")
     x.add_argument("path")
+    mv = sub.add_parser("import-movenet", help="MoveNet-332 Parquet rows + local Kinetics videos -> clips "
+                                               "(movenet.py; needs pyarrow and av)")
+    mv.add_argument("--parquet", required=True, help="a .parquet file or a folder of them (searched recursively)")
+    mv.add_argument("--videos", required=True, help="folder of local Kinetics videos (searched recursively)")
+    mv.add_argument("--out", required=True, help="output dataset folder (resumable)")
+    mv.add_argument("--retry-skipped", action="store_true", help="retry rows skipped in an earlier run")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         build_demo_dataset(args.out, seed=args.seed, num_clips=args.num_clips)
         _info(args.out)
     elif args.cmd == "info":
         _info(args.path)
+    elif args.cmd == "import-movenet":
+        import movenet  # noqa: PLC0415 (optional extra: pyarrow + av)
+        movenet.import_movenet(args.parquet, args.videos, args.out, retry_skipped=args.retry_skipped)
     else:
         print(f"indexed {len(write_index(args.path))} clips in {Path(args.path) / INDEX_FILE}")
 

@@ -157,6 +157,7 @@ def score(gt, calls, offsets, steps, classes):
             gaps[key] = {"all": _gap(mm["rmse"], st["rmse"]),
                          "no_restart": _gap(mm["rmse_no_restart"], st["rmse_no_restart"]),
                          "high": _gap(mm["rmse_high"], st["rmse_high"]),
+                         "high_no_restart": _gap(mm["rmse_high_no_restart"], st["rmse_high_no_restart"]),
                          "per_class": {c: {"count": v["count"], "gap": _gap(v["rmse"], st["per_class"][c]["rmse"])}
                                        for c, v in mm["per_class"].items()}}
     return table, metrics, gaps, per_window, disp, high
@@ -361,7 +362,7 @@ COLORS = {"model": (214, 39, 40), "static": (31, 119, 180), "linear": (44, 160, 
 GRID, INK = (225, 225, 225), (40, 40, 40)
 
 
-def _font(size):
+def load_font(size):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
@@ -382,8 +383,8 @@ def nice_ticks(lo, hi, n=5):
 def line_panel(draw, box, xs, series, title, xlabel="", ylabel=""):
     """Line chart in box (x0, y0, x1, y1): series {name: list of y (None skipped)} coloured by COLORS."""
     x0, y0, x1, y1 = box
-    f = _font(12)
-    draw.text(((x0 + x1) / 2, y0 + 2), title, fill=INK, font=_font(13), anchor="mt")
+    f = load_font(12)
+    draw.text(((x0 + x1) / 2, y0 + 2), title, fill=INK, font=load_font(13), anchor="mt")
     px0, py0, px1, py1 = x0 + 44, y0 + 22, x1 - 8, y1 - 30  # plot area inside the axes labels
     ys = [v for s in series.values() for v in s if v is not None]
     yt = nice_ticks(0.0, max(ys) if ys else 1.0)
@@ -406,14 +407,14 @@ def line_panel(draw, box, xs, series, title, xlabel="", ylabel=""):
 
 
 def _legend(draw, x, y, names):
-    f = _font(13)
+    f = load_font(13)
     for name in names:
         draw.line([(x, y + 7), (x + 22, y + 7)], fill=COLORS.get(name, INK), width=3)
         draw.text((x + 28, y), name, fill=INK, font=f)
         x += 40 + int(draw.textlength(name, font=f))
 
 
-def _save_png(img, path):
+def save_png(img, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -432,13 +433,13 @@ def plot_rmse_vs_step(res, path):
     draw = ImageDraw.Draw(img)
     methods = [m for m in METHODS if m in res["metrics"][str(steps[0])]]
     _legend(draw, 10, 8, methods)
-    draw.text((cols * W - 8, 8), f"{res['num_windows']} windows, RMSE deg", fill=INK, font=_font(13), anchor="ra")
+    draw.text((cols * W - 8, 8), f"{res['num_windows']} windows, RMSE deg", fill=INK, font=load_font(13), anchor="ra")
     for i, S in enumerate(steps):
         x, y = (i % cols) * W, top + (i // cols) * H
         series = {m: res["metrics"][str(S)][m]["per_step"] for m in methods}
         line_panel(draw, (x, y, x + W, y + H), list(range(1, HORIZON)), series, f"re-init every S = {S}",
                    xlabel="prediction step t (0.1 s)")
-    return _save_png(img, path)
+    return save_png(img, path)
 
 
 def plot_class_gaps(res, path, S=None):
@@ -447,12 +448,12 @@ def plot_class_gaps(res, path, S=None):
     S = str(S or res["steps"][-1])
     gaps = sorted(((c, v["count"], v["gap"]) for c, v in res["gaps"][S]["per_class"].items()),
                   key=lambda cv: cv[2])
-    f = _font(12)
+    f = load_font(12)
     label_w, bar_w, row_h = 230, 360, 20
     img = Image.new("RGB", (label_w + bar_w + 70, 50 + row_h * len(gaps) + 30), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), f"model - static RMSE (deg) per action class, S = {S} (< 0: model better)", fill=INK,
-              font=_font(13))
+              font=load_font(13))
     lim = max([abs(g) for _, _, g in gaps if g is not None] + [1e-6])
     ticks = nice_ticks(0.0, lim, 3)
     lim = ticks[-1]
@@ -470,7 +471,7 @@ def plot_class_gaps(res, path, S=None):
             label = f"{g:+.2f}" if abs(g) < 10 else f"{g:+.1f}"
             draw.text((x_of(g) + (4 if g >= 0 else -4), y + row_h / 2), label, fill=INK, font=f,
                       anchor="lm" if g >= 0 else "rm")
-    return _save_png(img, path)
+    return save_png(img, path)
 
 
 # -----------------------------------------------------------------------------------------------------------------

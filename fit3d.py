@@ -10,10 +10,10 @@ Gradient descent (Adam, PyTorch) minimises, over the clip:
   - priors: bone lengths near data.DEFAULT_BONE_LENGTHS (this also fixes the monocular scale, so depth is metric);
     hips and shoulders opposite each other and perpendicular to the spine (a rigid-ish torso); knees bending
     backwards and elbows not bending behind the body (the distal bone's bend relative to the proximal one);
-four hypotheses of the body's facing (yaws) are fitted at once as a batch and the lowest loss wins; then a depth-flip
-search (each limb, the hip/shoulder axis, the spine, the whole body mirrored in depth, all refined together as one
-batch; every flip that lowers the loss is kept) gets out of the mirror minima of a monocular view that gradient
-descent cannot cross. Angles are then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d).
+four hypotheses of the body's facing (yaws) are fitted at once as a batch and the lowest loss wins; optionally
+(flip_steps > 0) a depth-flip search (each limb, the hip/shoulder axis, the spine, the whole body mirrored in depth,
+all refined together as one batch; every flip that lowers the loss is kept) tries the mirror minima of a monocular
+view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Angles are then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d).
 Measured (python fit3d.py, 17 mocap clips x 40 frames, 2 px noise, 10% joints dropped): see tests/test_pipeline.py
 and the issue note; most of the remaining error is depth ambiguity that 2D plus these priors cannot resolve (a
 learned lifter's output can be refined with fit_clip(..., init=pose)).
@@ -69,7 +69,7 @@ class FitConfig:
     w_knee: float = 10.0          # knees bend backwards (with the torso, what tells a profile's facing)
     w_elbow: float = 3.0          # elbows do not bend the forearm behind the body
     min_conf: float = 0.05        # keypoints below this confidence are ignored
-    flip_steps: int = 100         # steps of the depth-flip search and of the final refinement (0: no search)
+    flip_steps: int = 0           # > 0: depth-flip search with this many steps (+0.5 deg on the benchmark, 3x cost)
 
 
 def _bone_chain(dirs, lengths, root):

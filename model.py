@@ -136,8 +136,8 @@ PRESETS = {
     # the released model (mimic.md sections 1-3, 7)
     "mimic-4b": dict(),
     # toy sizes for tests and the CPU demo; the backbone trains fully (it is random), no LoRA
-    "tiny": dict(qwen_model_name="tiny", qwen_hidden_size=64, projection_dim=64,
-                 diffusion_hidden_dim=64, num_diffusion_layers=2, num_diffusion_heads=4, use_lora=False,
+    "tiny": dict(qwen_model_name="tiny", qwen_hidden_size=64, projection_dim=64, image_size=128,
+                 diffusion_hidden_dim=128, num_diffusion_layers=4, num_diffusion_heads=4, use_lora=False,
                  freeze_vision_encoder=False, freeze_qwen_layers=False, diffusion_dropout=0.0),
 }
 

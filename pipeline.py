@@ -23,11 +23,16 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
 Perception is pluggable: Detector / PoseEstimator below define the call signatures; the GroundTruth* stand-ins read
 `<video>.gt.npz` sidecars (written by `--render-demo` from demo.py's mocap renders) so the whole pipeline runs on CPU.
 
+Outputs: OUT/clips/.. (data.py clip files), OUT/index.jsonl, OUT/status/shard-K-of-N.jsonl (one record per video:
+every stage's outcome and reason; see process_video), and an attrition table printed at the end.
+
 Commands:
   python pipeline.py --render-demo /tmp/vids --num-videos 4       # rendered mocap videos + ground-truth sidecars
-  python pipeline.py --videos /tmp/vids --out /tmp/clips           # run (stand-in perception, no VLM)
+  python pipeline.py --manifest /tmp/vids/manifest.jsonl --out /tmp/clips   # stand-in perception, no VLM
   python pipeline.py --videos DIR --out OUT --shard 3/16 --resume --vlm-url http://host:8000/v1 --vlm-model NAME
   python train.py --data /tmp/clips                                # train on the result
+Many machines: run shards K = 0..N-1 under any scheduler into one shared OUT (Slurm array, indexed job, a loop);
+one VLM server serves every shard; `python data.py index OUT` once all have finished.
 """
 
 import argparse
@@ -736,6 +741,8 @@ def draw_skeleton(image, kp2d, scores, thr=0.3):
 
 
 def judge_clip(vlm, frames, kp2d, scores, action, text, cfg):
+    """The v2 judge: judge_frames evenly spaced skeleton overlays + JUDGE_PROMPT, greedy -> verdict record
+    (parse_verdict fields + error, attempts, raw reply kept for audit)."""
     sel = np.linspace(0, len(frames) - 1, cfg.judge_frames).round().astype(int)
     imgs = [draw_skeleton(frames[i], kp2d[i], scores[i]) for i in sel]
     prompt = JUDGE_PROMPT.format(n=len(imgs), action=action or "unknown", text=(text or "")[:300])
@@ -745,6 +752,8 @@ def judge_clip(vlm, frames, kp2d, scores, action, text, cfg):
 
 
 def caption_clip(vlm, frames, boxes, action, cfg):
+    """The 1.9 captioner: caption_frames evenly spaced frames with the green target box + CAPTION_PROMPT. Greedy
+    (the original sampled at temperature 0.7), so a rerun gives the same text. -> {"text" | None, "error", "raw"}."""
     sel = np.linspace(0, len(frames) - 1, cfg.caption_frames).round().astype(int)
     imgs = [data.draw_box(Image.fromarray(frames[i]), boxes[i]) for i in sel]
     reply = vlm.chat(imgs, CAPTION_PROMPT.format(n=len(imgs), action=action or "a motion"), max_tokens=150,
@@ -1151,6 +1160,9 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="skip videos that already have a status record")
     ap.add_argument("--keep", default="", choices=["", "all", "checks", "vlm_good", "strict"],
                     help="which clips to write (default: strict with a VLM, checks without)")
+    ap.add_argument("--detector", default="", help="YOLOS checkpoint folder (e.g. hustvl/yolos-base, downloaded once)")
+    ap.add_argument("--pose", default="", help="ViTPose checkpoint folder (e.g. usyd-community/vitpose-plus-base)")
+    ap.add_argument("--device", default="auto", help="device of the perception models (auto: cuda if available)")
     ap.add_argument("--perception", default="groundtruth", choices=["groundtruth"],
                     help="groundtruth: <video>.gt.npz sidecars (rendered demo videos); models come later")
     ap.add_argument("--vlm-url", default="", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
@@ -1161,7 +1173,7 @@ def main(argv=None):
     ap.add_argument("--vlm-timeout", type=float, default=120.0)
     ap.add_argument("--vlm-retries", type=int, default=3)
     ap.add_argument("--fit-steps", type=int, default=300, help="gradient steps of the 2D->3D fit per clip")
-    ap.add_argument("--fit-flip-steps", type=int, default=100, help="steps of the fit's depth-flip search (0: off)")
+    ap.add_argument("--fit-flip-steps", type=int, default=0, help="steps of the fit's depth-flip search (0: off)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--render-demo", default="", help="write rendered demo videos + sidecars to this folder and exit")
     ap.add_argument("--num-videos", type=int, default=4)
@@ -1174,7 +1186,11 @@ def main(argv=None):
         ap.error("--out and --videos (or --manifest) are required")
     import fit3d
     cfg = PipelineConfig()
-    jobs = list_videos(args.videos or None, args.manifest or None)
+    try:
+        jobs = list_videos(args.videos or None, args.manifest or None)
+        shard = parse_shard(args.shard)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     sidecars = _SidecarCache(jobs)
     vlm = None
     if args.vlm_local:
@@ -1183,8 +1199,18 @@ def main(argv=None):
         vlm = VLMClient(args.vlm_url, args.vlm_model, args.vlm_api_key, args.vlm_timeout, args.vlm_retries)
     keep = args.keep or ("strict" if vlm is not None else "checks")
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=args.fit_steps, flip_steps=args.fit_flip_steps))
-    records = run(jobs, args.out, cfg, GroundTruthDetector(sidecars), GroundTruthPose(sidecars), lifter, vlm,
-                  parse_shard(args.shard), args.resume, keep, not args.no_progress)
+    detector, pose = GroundTruthDetector(sidecars), GroundTruthPose(sidecars)
+    if args.detector or args.pose:  # the real models (vit.py); both are needed together
+        if not (args.detector and args.pose):
+            ap.error("--detector and --pose go together")
+        import torch
+        import vit
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        detector = vit.YolosDetector(args.detector, device=device, dtype=dtype, threshold=cfg.det_conf,
+                                     batch_size=16, workers=min(8, os.cpu_count() or 1))
+        pose = vit.ViTPoseEstimator(args.pose, device=device, dtype=dtype, dataset_index=0)
+    records = run(jobs, args.out, cfg, detector, pose, lifter, vlm, shard, args.resume, keep, not args.no_progress)
     print(summarize(records))
     return 0
 

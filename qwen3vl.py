@@ -1445,6 +1445,26 @@ def describe(args):
     print(f"  {'total':<40s} {total:>15,d}   ({total * 2 / 2**30:.2f} GiB in bf16)")
 
 
+def chat(args):
+    """One user turn (images then text) -> the model's reply, greedy or sampled, with the KV-cache generate."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    proc = Qwen3VLProcessor.from_pretrained(args.model)
+    model = Qwen3VL.from_pretrained(args.model, dtype=dtype, device=args.device)
+    images = [Image.open(f) for f in args.image]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = proc(text=[text], images=images or None, padding_side="left")
+    batch = {k: v.to(args.device) for k, v in batch.items() if k != "mm_token_type_ids"}
+    stop = [i for i in (proc.tokenizer.token_to_id("<|im_end|>"), proc.tokenizer.token_to_id("<|endoftext|>"))
+            if i is not None]
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    with torch.inference_mode():
+        new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=max(args.temperature, 1e-5), top_p=args.top_p, eos_token_id=stop,
+                             pad_token_id=proc.pad_token_id, generator=gen)
+    print(proc.decode(new[0].tolist(), skip_special_tokens=True))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Qwen3-VL in plain PyTorch")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1452,6 +1472,17 @@ def main(argv=None):
     d.add_argument("--preset", choices=sorted(PRESETS), default="4B")
     d.add_argument("--num-layers", type=int, default=None, help="early exit: keep decoder layers < K")
     d.set_defaults(fn=describe)
+    c = sub.add_parser("chat", help="answer a prompt about images with a local checkpoint folder")
+    c.add_argument("--model", required=True, help="local Qwen3-VL folder (config.json, safetensors, tokenizer.json)")
+    c.add_argument("--image", nargs="*", default=[], help="image files, shown before the prompt")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.set_defaults(fn=chat)
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -19,7 +19,6 @@ Videos need PyAV (pip install av); frame folders and clips do not. Writes OUT/pr
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -242,7 +241,7 @@ def thumbnail(im, box, size):
 
 
 def _label(draw, xy, text):
-    draw.text(xy, text, fill=(20, 20, 20), font=ev._font(12))
+    draw.text(xy, text, fill=(20, 20, 20), font=ev.load_font(12))
 
 
 def strip_png(path, inputs, boxes, pred, gt, view, panels=(0, 3, 6, 9, 12, 15), size=200, title="", template=None):
@@ -265,8 +264,8 @@ def strip_png(path, inputs, boxes, pred, gt, view, panels=(0, 3, 6, 9, 12, 15), 
         _label(draw, (x + 4, 22), f"step {k} (+{k / FPS:.1f} s)")
     legend = ("red: predicted" + ("   green: ground truth" if gt is not None else "")
               + f"   view {view[0]:g}/{view[1]:g} deg")
-    _label(draw, (img.width - 8 - int(draw.textlength(legend, font=ev._font(12))), 4), legend)
-    return ev._save_png(img, path)
+    _label(draw, (img.width - 8 - int(draw.textlength(legend, font=ev.load_font(12))), 4), legend)
+    return ev.save_png(img, path)
 
 
 def animation_gif(path, frames, boxes, pred, gt, view, size=240, labels=None, template=None):

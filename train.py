@@ -43,13 +43,15 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--qwen", default=None, help="local Qwen3-VL folder (overrides the preset's qwen_model_name)")
+    ap.add_argument("--model-config", default=None, help='JSON of VLAConfig fields overriding the preset, e.g. '
+                                                         '\'{"image_size": 64, "num_diffusion_layers": 1}\'')
     ap.add_argument("--data", default="data/demo", help="clip dataset folder (data.py format); the demo is built "
                                                         "there if it is the default and missing")
     ap.add_argument("--out", default="runs/tiny", help="checkpoints, metrics.jsonl")
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=16, help="micro-batch per device")
     ap.add_argument("--total-batch", type=int, default=16, help="samples per optimizer step over all devices")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (released recipe: 1e-5)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     ap.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -57,9 +59,9 @@ def get_args(argv=None):
     ap.add_argument("--stride", type=int, default=16, help="window stride in frames (released: 16)")
     ap.add_argument("--no-flip", action="store_true", help="disable the mirror augmentation")
     ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (and at the end)")
+    ap.add_argument("--eval-every", type=int, default=500, help="validation loss every N steps (and at the end)")
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--keep-last", type=int, default=2)
     ap.add_argument("--save-trainable-only", action="store_true", help="checkpoints hold only trainable tensors")
     ap.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -165,9 +167,9 @@ def collate(items):
     return b
 
 
-def loader(dataset, sampler, batch_size, num_workers):
+def loader(dataset, sampler, batch_size, num_workers, drop_last=True):
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator(),
                                        prefetch_factor=4 if num_workers else None)
 
@@ -175,6 +177,9 @@ def loader(dataset, sampler, batch_size, num_workers):
 def batches(dataset, args, rank, world, micro, pos):
     """Endless micro-batches. pos = {"epoch", "sample"}: this rank's samples consumed in the epoch; advanced by the
     caller as batches are USED (workers prefetch ahead, so the sampler can't know)."""
+    if len(dataset) // world < micro:  # otherwise no epoch ever yields a batch and this would loop forever
+        raise SystemExit(f"{len(dataset)} training windows cannot fill a micro-batch of {micro} on each of {world} "
+                         f"processes: lower --batch-size or --stride, or add clips")
     while True:
         order = ShardedOrder(len(dataset), rank, world, args.seed, pos["epoch"], pos["sample"])
         if len(order) >= micro:
@@ -223,6 +228,9 @@ def find_resume(args) -> Path:
 def main(argv=None):
     args = get_args(argv)
     ddp, rank, world, device = setup_distributed()
+    if device.type == "cpu":
+        # DataLoader workers need cores too: oversubscribed OpenMP threads spin and can slow a CPU step 10x
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.num_workers))
     master = rank == 0
     torch.manual_seed(args.seed + rank)  # per-rank seeds (dropout); flow t / noise belong to the samples (FlowSamples)
     np.random.seed(args.seed + rank)
@@ -243,6 +251,8 @@ def main(argv=None):
     cfg = dict(PRESETS[args.preset])
     if args.qwen:
         cfg["qwen_model_name"] = args.qwen
+    if args.model_config:
+        cfg.update(json.loads(args.model_config))  # an unknown field is an error naming it (VLAConfig)
     config = VLAConfig(**cfg)
     resume = find_resume(args) if args.resume else None
     on_gpu = device.type == "cuda"
@@ -254,10 +264,9 @@ def main(argv=None):
     raw_model = model
     encode = data.QwenEncoder(raw_model.processor, image_size=config.image_size)
     H, A = config.action_horizon, config.action_dim
-    train_set = FlowSamples(data.WindowDataset(root, split="train", stride=args.stride, flip=not args.no_flip,
-                                               encode=encode), args.seed, H, A)
-    val_set = FlowSamples(data.WindowDataset(root, split="val", stride=args.stride, flip=False, encode=encode),
-                          args.seed, H, A)
+    windows = dict(stride=args.stride, encode=encode, image_size=config.image_size)
+    train_set = FlowSamples(data.WindowDataset(root, split="train", flip=not args.no_flip, **windows), args.seed, H, A)
+    val_set = FlowSamples(data.WindowDataset(root, split="val", flip=False, **windows), args.seed, H, A)
     if len(train_set) == 0:
         raise SystemExit(f"no training windows in {root}")
 
@@ -306,12 +315,13 @@ def main(argv=None):
         losses = []
         order = [(-1, i) for i in range(min(len(val_set), args.eval_batches * args.batch_size))]
         with torch.no_grad():
-            for b in loader(val_set, order, args.batch_size, args.num_workers):
+            for b in loader(val_set, order, args.batch_size, args.num_workers, drop_last=False):
                 with autocast:
-                    losses.append(raw_model(inputs=model_inputs(b), actions=b["actions"], robot_state=b["state"],
-                                            timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"].item())
+                    loss = raw_model(inputs=model_inputs(b), actions=b["actions"], robot_state=b["state"],
+                                     timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"].item()
+                losses.append((loss * len(b["t"]), len(b["t"])))  # per-window mean: the last batch may be short
         raw_model.train()
-        return float(np.mean(losses)) if losses else float("nan")
+        return sum(l for l, _ in losses) / sum(n for _, n in losses) if losses else float("nan")
 
     # --- loop ---
     stream = batches(train_set, args, rank, world, args.batch_size, pos)
@@ -344,6 +354,9 @@ def main(argv=None):
                              timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"]
                 (loss / accum).backward()
             loss_sum += loss.detach()
+        if ddp:  # log the global batch's loss, not rank 0's shard (equal to what one process would log)
+            dist.all_reduce(loss_sum)
+            loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         scheduler.step()

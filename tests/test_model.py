@@ -110,8 +110,8 @@ def test_given_noise_and_timesteps_reproduce_exactly():
 
 def test_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    m = VLAModel(tiny_config())
-    imgs = [frames(i) for i in range(4)]
+    m = VLAModel(tiny_config(image_size=64))  # 64x64 frames (4 tokens each) keep 150 steps cheap on CPU
+    imgs = [frames(i, size=64) for i in range(4)]
     texts = [f"Task: class {i}. Instruction: move {'fast' * i}." for i in range(4)]
     inputs = m.encode(imgs, texts)
     state = torch.randn(4, 44)
