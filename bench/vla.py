@@ -1,8 +1,8 @@
 """
 Benchmark of the MIMIC VLA (model.py): one control step and one training step, with random weights.
 
-  control step: 4 frames (224x224, box drawn by the caller) + instruction + current angles -> (16, 22) angles, one
-                Euler flow step (the released setting), batch 1. Timed as predict() end to end and split into
+  control step: 4 frames (image_size^2: 224, tiny 128) + instruction + current angles -> (16, 22) angles, one Euler
+                flow step (the released setting), batch 1. Timed as predict() end to end and split into
                 preprocessing (Qwen3-VL processor: chat template, tokenisation, patching), backbone (layers 0..tap)
                 and head (one DiT sampling call).
   training step: batch --batch (8) of already-encoded samples (the DataLoader workers do that part), forward, flow
@@ -62,8 +62,9 @@ def _4b_qwen():
 CONFIGS = {
     "tiny": lambda: dict(PRESETS["tiny"]),
     "mid": lambda: dict(PRESETS["tiny"], qwen_config=_mid_qwen(), qwen_hidden_size=512, projection_dim=256,
-                        diffusion_hidden_dim=512, num_diffusion_layers=4, num_diffusion_heads=8, use_lora=True,
-                        lora_rank=16, lora_alpha=16.0, freeze_vision_encoder=True, freeze_qwen_layers=True),
+                        image_size=224, diffusion_hidden_dim=512, num_diffusion_layers=4, num_diffusion_heads=8,
+                        use_lora=True, lora_rank=16, lora_alpha=16.0, freeze_vision_encoder=True,
+                        freeze_qwen_layers=True),
     "mimic-4b": lambda: dict(PRESETS["mimic-4b"], qwen_model_name="tiny", qwen_config=_4b_qwen()),
 }
 
@@ -133,7 +134,7 @@ def peak_mib(device):
 
 
 def inputs_for(model, rng, batch):
-    """A batch of encoded samples: 4 random 224x224 frames + an instruction each, random angle targets."""
+    """A batch of encoded samples: 4 random image_size^2 frames + an instruction each, random angle targets."""
     size = model.config.image_size
     frames = [[Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4)]
               for _ in range(batch)]
@@ -147,7 +148,7 @@ def bench_config(name, args, device, dtype):
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     reset_peak(device)
-    model = build_model(name, device, dtype)
+    model = build_model(name, device, dtype, meta=True if args.meta else None)
     build_s = time.perf_counter() - t0
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -234,6 +235,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     ap.add_argument("--flow-steps", type=int, default=1, help="sampler steps of the control step (released: 1)")
     ap.add_argument("--no-train", action="store_true", help="control step only")
+    ap.add_argument("--meta", action="store_true", help="build every config on meta + random init (mimic-4b always)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -74,7 +74,7 @@ def test_describe_reproduces_the_model_card():
 
 def test_tiny_forward_backward_and_predict_shapes():
     torch.manual_seed(0)
-    m = VLAModel(tiny_lora_config())
+    m = VLAModel(tiny_lora_config(image_size=224))  # the released frame size
     imgs = [frames(0), frames(1)]
     texts = ["Task: walk. Instruction: Walk forward.", "Task: jump. Instruction: Jump up twice."]
     state = torch.randn(2, 44)
