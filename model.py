@@ -230,6 +230,12 @@ class VLAModel(nn.Module):
             m.lora_A.requires_grad_(True)
             m.lora_B.requires_grad_(True)
         self.qwen_model.model.visual.requires_grad_(not config.freeze_vision_encoder)
+        # DeepStack level j is added AFTER decoder layer j, and we read layer `tap`'s own output (before its add):
+        # levels j >= tap never reach the features (only in toy configs; the 4B's tap is 17), so they must not
+        # train (DDP would otherwise fail on parameters that never receive a gradient).
+        for j, merger in enumerate(self.qwen_model.model.visual.deepstack_merger_list):
+            if j >= self.tap:
+                merger.requires_grad_(False)
         self.action_head = ActionHead(DiTConfig(
             hidden_dim=config.diffusion_hidden_dim, num_layers=config.num_diffusion_layers,
             num_heads=config.num_diffusion_heads, action_dim=config.action_dim, action_horizon=config.action_horizon,

@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
-from data import collate, encode_angles  # noqa: E402
+from data import encode_angles  # noqa: E402
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
 
 # The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.

@@ -1,6 +1,6 @@
-# Tests of pipeline.py (and fit3d.py): decoding + fuzzed bad inputs, cuts, tracker, picker parsing, checks, the 2D->3D
-# fit on projected mocap, the HTTP VLM client against a local fake server, end to end with stand-in perception,
-# kill-and-resume. CPU only, no network (127.0.0.1 only). PyAV tests skip cleanly without PyAV.
+# Tests of pipeline.py (and fit3d.py, vlm.py): decoding + fuzzed bad inputs, cuts, tracker, picker parsing, checks,
+# the 2D->3D fit on projected mocap, the HTTP VLM client against a local fake server, end to end with stand-in
+# perception, kill-and-resume. CPU only, no network (127.0.0.1 only). PyAV tests skip cleanly without PyAV.
 import http.server
 import json
 import os
@@ -18,6 +18,7 @@ from PIL import Image
 import data
 import fit3d
 import pipeline
+from vlm import LocalQwen3VL, VLMClient, caption_clip, judge_clip, parse_caption, parse_pick, parse_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -258,23 +259,23 @@ def test_anchor_candidates_and_heuristic():
     ('[1, 2]', 3, None),
 ])
 def test_parse_pick(reply, n, expect):
-    assert pipeline.parse_pick(reply, n) == expect
+    assert parse_pick(reply, n) == expect
 
 
 def test_parse_verdict_and_caption():
-    v = pipeline.parse_verdict('<think>hmm {"a"}</think>{"tracking_consistent": true, "motion_matches": false, '
-                               '"explanation": "standing still"}')
+    v = parse_verdict('<think>hmm {"a"}</think>{"tracking_consistent": true, "motion_matches": false, '
+                      '"explanation": "standing still"}')
     assert v == {"tracking_consistent": True, "motion_matches": False, "explanation": "standing still",
                  "judged": True}
-    v = pipeline.parse_verdict('tracking_consistent: TRUE, "motion_matches": true (broken')
+    v = parse_verdict('tracking_consistent: TRUE, "motion_matches": true (broken')
     assert v["tracking_consistent"] and v["motion_matches"] and v["judged"]
     for bad in ["", "no idea", '{"tracking_consistent": "maybe", "motion_matches": true}']:
-        v = pipeline.parse_verdict(bad)
+        v = parse_verdict(bad)
         assert not v["tracking_consistent"] and not v["judged"]  # strict default: false
-    assert pipeline.parse_caption("Description:\nRaise both arms. Jump. Land softly. Smile.\nassistant") == \
+    assert parse_caption("Description:\nRaise both arms. Jump. Land softly. Smile.\nassistant") == \
         "Raise both arms. Jump. Land softly."
-    assert pipeline.parse_caption('"Kick forward with the right leg."') == "Kick forward with the right leg."
-    assert pipeline.parse_caption("<think>long</think>  ") is None and pipeline.parse_caption("") is None
+    assert parse_caption('"Kick forward with the right leg."') == "Kick forward with the right leg."
+    assert parse_caption("<think>long</think>  ") is None and parse_caption("") is None
 
 
 def test_coco_to_h36m():
@@ -437,8 +438,8 @@ def fake_server():
 
 def test_http_vlm_client(fake_server):
     sleeps = []
-    vlm = pipeline.VLMClient(fake_server, "qwen3-vl-235b", api_key="k", timeout=0.5, retries=2, backoff=0.01,
-                             sleep=sleeps.append)
+    vlm = VLMClient(fake_server, "qwen3-vl-235b", api_key="k", timeout=0.5, retries=2, backoff=0.01,
+                    sleep=sleeps.append)
     img = np.zeros((700, 1400, 3), np.uint8)
     _FakeVLM.script = [(200, _reply('{"chosen_index": 1}'), 0)]
     r = vlm.chat([img, img], "pick", max_tokens=64)
@@ -468,34 +469,34 @@ def test_http_vlm_client(fake_server):
     r = vlm.chat([], "x")
     assert r["text"] is None and r["error"].startswith("BAD_REPLY") and r["attempts"] == 3
     # nothing listening: a connection error after the retries
-    dead = pipeline.VLMClient("http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.0, sleep=lambda s: None)
+    dead = VLMClient("http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.0, sleep=lambda s: None)
     r = dead.chat([], "x")
     assert r["text"] is None and r["error"] and r["attempts"] == 2
 
 
 def test_judge_and_caption_records(fake_server):
-    vlm = pipeline.VLMClient(fake_server, "m", timeout=2, retries=0, sleep=lambda s: None)
+    vlm = VLMClient(fake_server, "m", timeout=2, retries=0, sleep=lambda s: None)
     cfg = pipeline.PipelineConfig()
     frames = _noise_frames(20, h=96, w=128)
     kp = np.tile(np.linspace(10, 80, 34).reshape(17, 2), (20, 1, 1))
     sc = np.full((20, 17), 0.9)
     _FakeVLM.script = [(200, _reply('<think>...</think>{"tracking_consistent": true, "motion_matches": true, '
                                     '"explanation": "ok"}'), 0)]
-    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    j = judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
     assert j["tracking_consistent"] and j["motion_matches"] and j["judged"] and j["error"] is None
     assert len(_FakeVLM.seen[-1][1]["messages"][0]["content"]) == cfg.judge_frames + 1
     _FakeVLM.script = [(200, _reply("garbage"), 0)]
-    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    j = judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
     assert not j["tracking_consistent"] and not j["judged"] and j["raw"] == "garbage"
     _FakeVLM.script = [(503, b"", 0)]
-    j = pipeline.judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
+    j = judge_clip(vlm, frames, kp, sc, "jump", "Jump.", cfg)
     assert not j["judged"] and j["error"] == "HTTP 503"
     boxes = np.tile([10.0, 10, 60, 90], (20, 1))
     _FakeVLM.script = [(200, _reply("Description: Jump up with both arms raised."), 0)]
-    c = pipeline.caption_clip(vlm, frames, boxes, "jump", cfg)
+    c = caption_clip(vlm, frames, boxes, "jump", cfg)
     assert c["text"] == "Jump up with both arms raised." and c["error"] is None
     _FakeVLM.script = [(200, _reply("   "), 0)]
-    assert pipeline.caption_clip(vlm, frames, boxes, "jump", cfg)["error"] == "EMPTY_CAPTION"
+    assert caption_clip(vlm, frames, boxes, "jump", cfg)["error"] == "EMPTY_CAPTION"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -609,14 +610,14 @@ class _ScriptedVLM:
 
 def test_local_backend_errors_are_recorded():
     backend = _ScriptedVLM(fail_first=1)
-    vlm = pipeline.VLMClient(local=backend, retries=1, backoff=0.0, sleep=lambda s: None)
+    vlm = VLMClient(local=backend, retries=1, backoff=0.0, sleep=lambda s: None)
     r = vlm.chat([np.zeros((8, 8, 3), np.uint8)], "skeleton overlay")
     assert r["attempts"] == 2 and r["error"] is None and "tracking_consistent" in r["text"]
     backend.fail_first = 5
     r = vlm.chat([], "skeleton overlay")
     assert r["text"] is None and r["error"].startswith("RuntimeError") and r["attempts"] == 2
     with pytest.raises(ValueError, match="url or a local backend"):
-        pipeline.VLMClient()
+        VLMClient()
 
 
 def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
@@ -628,7 +629,7 @@ def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=30, flip_steps=0))
     # the oracle picks person 2 (the static distractor): honoured, tracked, then the judge decides
     backend = _ScriptedVLM(judge='{"tracking_consistent": false, "motion_matches": true}')
-    rec = pipeline.process_video(job, cfg, det, pose, lifter, pipeline.VLMClient(local=backend), tmp_path / "a",
+    rec = pipeline.process_video(job, cfg, det, pose, lifter, VLMClient(local=backend), tmp_path / "a",
                                  keep="strict")
     seg = rec["segments"][0]
     assert seg["picker"] == "oracle" and seg["chosen"] == 1 and seg["oracle"]["chosen"] == 1
@@ -638,7 +639,7 @@ def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
     # an unparseable oracle reply falls back to the heuristic; a passing judge + checks -> strict, written with
     # the VLM caption as the description
     backend = _ScriptedVLM(pick="I think the first one")
-    rec = pipeline.process_video(job, cfg, det, pose, lifter, pipeline.VLMClient(local=backend), tmp_path / "b",
+    rec = pipeline.process_video(job, cfg, det, pose, lifter, VLMClient(local=backend), tmp_path / "b",
                                  keep="strict")
     seg = rec["segments"][0]
     assert seg["picker"] == "heuristic" and seg["chosen"] == 0 and seg["oracle"]["chosen"] is None
@@ -667,7 +668,7 @@ def test_fallback_to_next_candidate_when_the_run_is_short():
 
     dec = pipeline.Decoded([np.zeros((240, 320, 3), np.uint8)] * T, np.arange(T), np.arange(T) / 10.0, 10.0, 320, 240)
     # the oracle picks the person who leaves after 8 samples: the run is too short, the next candidate is tried
-    vlm = pipeline.VLMClient(local=_ScriptedVLM(pick='{"chosen_index": 2}', judge="{}"), retries=0)
+    vlm = VLMClient(local=_ScriptedVLM(pick='{"chosen_index": 2}', judge="{}"), retries=0)
     flat = lambda kp, sc, w, h: np.tile(np.asarray(data.angles_to_pose3d(np.zeros(22)))[None], (len(kp), 1, 1)) + \
         [0, 0, 3]  # noqa: E731
     rec, clip = pipeline.process_segment(dec, 0, T, {"video_id": "v"}, pipeline.PipelineConfig(), Det(), Pose(),
@@ -755,9 +756,9 @@ def _tiny_qwen3vl_folder(path):
 def test_local_qwen3vl_backend_matches_transformers_greedy(tmp_path):
     import torch
     ref = _tiny_qwen3vl_folder(tmp_path)
-    backend = pipeline.LocalQwen3VL(str(tmp_path), dtype=torch.float32)
+    backend = LocalQwen3VL(str(tmp_path), dtype=torch.float32)
     img = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    vlm = pipeline.VLMClient(local=backend, retries=0)
+    vlm = VLMClient(local=backend, retries=0)
     r = vlm.chat([img], "Reply with ONLY this JSON", max_tokens=6)
     assert r["error"] is None and isinstance(r["text"], str)
     # the same prompt through the reference model's greedy generate gives the same text

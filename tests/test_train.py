@@ -102,8 +102,8 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
     """2 gloo ranks x micro-batch 4 == 1 process x micro-batch 8 (same global batch of 8): same losses, gradient
     norms and parameters after 3 steps. A small lr keeps AdamW's sign-like first steps from amplifying float
     rounding in gradients that are mathematically zero (attention key biases) past the 1e-6 tolerance; a sharding
-    or synchronisation bug still moves parameters by ~lr = 2e-5."""
-    flags = dict(steps=3, save_every=3, lr=2e-5, num_workers=0)
+    or synchronisation bug still moves parameters by ~lr = 1e-5 per step."""
+    flags = dict(steps=3, save_every=3, lr=1e-5, num_workers=0)
     port = free_port()
     procs = []
     for rank in range(2):
@@ -115,7 +115,7 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
     assert "world 2 x batch 4 x accum 1 = 8" in logs[0]
-    train.main(argv(dataset, tmp_path / "one", batch_size=8, **flags))
+    train.main(argv(dataset, tmp_path / "one", batch_size=8, **{**flags, "num_workers": 1}))  # 1 thread, as a rank
 
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert [s for s, _, _ in a] == [1, 2, 3] and [s for s, _, _ in b] == [1, 2, 3]
@@ -127,7 +127,7 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
     # the comparison has teeth: training moved the parameters by much more than the tolerance
     torch.manual_seed(0)  # train.main seeds seed + rank before building the model
     init = VLAModel(VLAConfig(**{**PRESETS["tiny"], **SMALL})).state_dict()
-    assert max((pb[k] - init[k]).abs().max().item() for k in pb) > 20 * 1e-6
+    assert max((pb[k] - init[k]).abs().max().item() for k in pb) > 10 * 1e-6
 
 
 def test_resume_is_exact_full_and_trainable_only(dataset, tmp_path):
