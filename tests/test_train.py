@@ -2,7 +2,6 @@
 # DDP (2 gloo processes) == 1 process with the same global batch, exact resume (full and trainable-only
 # checkpoints), atomic checkpoints and --keep-last pruning, and the main job end to end (val loss, rolling eval,
 # final_eval.json). Runs of the single-process job call train.main in-process (saves the import time).
-import copy
 import io
 import json
 import os
@@ -18,16 +17,14 @@ from PIL import Image
 
 import data
 import train
-from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel, load_safetensors
+from model import PRESETS, VLAConfig, VLAModel, load_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The tiny preset at 64x64 frames (4 visual tokens per frame) with one DiT block. One DeepStack level only: with
-# the tiny backbone's 2 kept layers, TINY_QWEN's second level would be injected after the tap layer, so its merger
-# gets no gradient and DDP refuses to run (reported to the lead as a model.py fix).
-_QWEN = copy.deepcopy(TINY_QWEN)
-_QWEN["vision_config"]["deepstack_visual_indexes"] = [0]
-SMALL = {"image_size": 64, "num_diffusion_layers": 1, "qwen_config": _QWEN}
+# The tiny preset at 64x64 frames (4 visual tokens per frame) with one DiT block. Its second DeepStack level is
+# injected after the tap layer, so VLAModel freezes that merger (else DDP refuses parameters without gradients):
+# the DDP test below runs through exactly that case.
+SMALL = {"image_size": 64, "num_diffusion_layers": 1}
 FROZEN_VISION = {**SMALL, "freeze_vision_encoder": True}  # so that a trainable-only checkpoint leaves keys out
 
 
