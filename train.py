@@ -274,7 +274,7 @@ def main(argv=None):
     accum = args.total_batch // (args.batch_size * world)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, embeddings-as-vectors: no weight decay
+    no_decay = [p for p in params if p.dim() < 2]  # norm weights and biases: no weight decay (as nanoGPT)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=on_gpu)
