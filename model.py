@@ -8,18 +8,15 @@ flow-matching action head that predicts 16 future steps of 22 joint angles (as 4
         -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
 
 Facts: ../shared/reference/mimic.md (sections 2, 3, 7). The released checkpoint is a peft-wrapped transformers
-model; `load_state_dict` maps its names explicitly (see RELEASED KEYS below) and reports every key it cannot place.
+model; `load_state_dict` maps its names explicitly (the table above map_released_keys) and reports every key it cannot place.
 
     python model.py describe --preset mimic-4b          # parameter breakdown on the meta device (no memory)
     python model.py convert checkpoint.pth config.yaml OUT/ [--merge-lora] [--allow-pickle] [--qwen DIR]
     python -c "from model import VLAModel; m = VLAModel.from_pretrained('OUT')"
 
-The model card's snippet works with only its import line changed:
-    from model import VLAModel, VLAConfig
-    model = VLAModel(VLAConfig(**config["model_config"]))
-    ckpt = torch.load("checkpoint.pth", weights_only=False)   # the card's line; prefer load_mimic_checkpoint()
-    state_dict = {k.removeprefix("module."): v for k, v in ckpt["model_state_dict"].items()}
-    model.load_state_dict(state_dict, strict=False)          # maps the released names; warns on anything unplaced
+The model card's snippet (quoted in the README: VLAConfig(**config["model_config"]), torch.load of the released
+checkpoint.pth, `module.` stripped, load_state_dict with strict off) works with only its import line changed to
+`from model import VLAModel, VLAConfig`; prefer load_mimic_checkpoint(), which never unpickles code unasked.
 """
 
 import argparse
@@ -486,41 +483,35 @@ def load_mimic_checkpoint(path, allow_pickle: bool = False) -> dict:
 
 def read_model_config_yaml(path) -> dict:
     """The `model_config` mapping of the released config.yaml. A small reader for the YAML subset those files use
-    (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists), so no PyYAML is needed."""
-    root, stack = {}, [(-1, None)]
-    stack[0] = (-1, root)
-    last_key = {}
+    (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists, # comments), so no PyYAML."""
+    root = {}
+    stack = [(-1, root)]  # (indent, mapping) of the mappings enclosing the current line
+    last = None  # (mapping, key) of the last key read: a block list belongs to it
     for raw in Path(path).read_text().splitlines():
-        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        line = "" if raw.lstrip().startswith("#") else raw.split(" #")[0].rstrip()
         if not line.strip():
             continue
-        indent = len(line) - len(line.lstrip())
-        while stack[-1][0] >= indent and len(stack) > 1:
-            stack.pop()
-        parent = stack[-1][1]
-        text = line.strip()
-        if text.startswith("- "):  # block list item under the last key of the enclosing mapping
-            owner, key = last_key[id(parent)] if id(parent) in last_key else (None, None)
-            if owner is None:
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        if text.startswith("- "):
+            if last is None:
                 raise ValueError(f"{path}: list item without a key: {raw!r}")
+            owner, key = last
             if not isinstance(owner[key], list):
                 owner[key] = []
             owner[key].append(_yaml_scalar(text[2:].strip()))
             continue
-        key, _, val = text.partition(":")
-        key, val = key.strip(), val.strip()
-        if val == "":
-            parent[key] = {}
-            last_key[id(parent)] = (parent, key)
+        while stack[-1][0] >= indent:  # leave the mappings this line is not inside
+            stack.pop()
+        parent = stack[-1][1]
+        key, _, val = (x.strip() for x in text.partition(":"))
+        parent[key] = _yaml_scalar(val) if val else {}
+        if not val:
             stack.append((indent, parent[key]))
-            last_key[id(parent[key])] = (parent, key)  # a block list may follow at deeper indent
-        else:
-            parent[key] = _yaml_scalar(val)
-            last_key[id(parent)] = (parent, key)
+        last = (parent, key)
     cfg = root.get("model_config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: no model_config mapping found")
-    return {k: ({} if v == {} else v) for k, v in cfg.items()}
+    return cfg
 
 
 def _yaml_scalar(v: str):
