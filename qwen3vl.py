@@ -237,10 +237,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, seg_lens):
         N, V = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, nh, hd)
-        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, hd)
-        q, k = apply_rope(q.float(), c, s).to(x.dtype), apply_rope(k.float(), c, s).to(x.dtype)
+        qkv = self.qkv(x).view(N, 3, self.num_heads, -1)  # (N, 3, nh, hd)
+        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision); q and k share cos/sin, so one
+        # apply_rope over both halves the elementwise kernel launches (same values as rotating each alone)
+        c, s = cos[:, None, None], sin[:, None, None]  # (N, 1, 1, hd)
+        q, k = apply_rope(qkv[:, :2].float(), c, s).to(x.dtype).unbind(1)  # each (N, nh, hd)
+        v = qkv[:, 2]
         # attention never crosses an image / temporal patch (segment); bidirectional inside one
         if len(set(seg_lens)) == 1:
             # equal segments (MIMIC: 4 frames of 224x224): one batched SDPA over (num_segments, nh, L, hd)
@@ -628,6 +630,8 @@ class Qwen3VL(nn.Module):
         visual_mask, deepstack = None, []
         if masks:
             visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+            # flat (B*S) row of every visual token, row-major like the boolean mask; found once, used per level
+            visual_rows = visual_mask.flatten().nonzero().squeeze(1)
             for level in zip(*feats):
                 if len(masks) == 1:
                     deepstack.append(level[0].to(h.dtype))
@@ -670,8 +674,10 @@ class Qwen3VL(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(h)
             if i < len(deepstack):  # DeepStack level i goes in right after layer i
-                h = h.clone()  # out of place: the recorded layer output stays pre-DeepStack
-                h[visual_mask] = h[visual_mask] + deepstack[i]
+                if i in hidden_layers or hidden_states is not None:
+                    h = h.clone()  # out of place: the recorded layer output stays pre-DeepStack
+                # one in-place pass over the visual rows; each row is hit once, so this is exactly h + level
+                h.view(-1, h.shape[-1]).index_add_(0, visual_rows, deepstack[i])
         if cache is not None:
             cache.pos += S
 
