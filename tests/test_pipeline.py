@@ -376,7 +376,9 @@ def test_fit_on_projected_mocap():
     res = fit3d.evaluate(n_clips=3, seed=0, frames=24, noise_px=2.0, drop=0.1,
                          cfg=fit3d.FitConfig(steps=120, flip_steps=20))
     print("fit on mocap:", {k: round(v, 1) for k, v in res.items()})
-    assert res["rmse_deg"] < 74.6 and res["rmse_arms_deg"] < 45 and res["bone_dir_err_deg"] < 25
+    # measured 60.6 / 21.0 / 16.9 (the original pipeline: 74.6 on NTU): margins for BLAS-order differences, as
+    # the upright-singular spine angles swing by ~pi on tiny changes
+    assert res["rmse_deg"] < 68 and res["rmse_arms_deg"] < 30 and res["bone_dir_err_deg"] < 20
     pose, info = fit3d.fit_clip(*next(fit3d.mocap_cases(1, 3, 20, 0.0, 0.0))[1:2],
                                 np.full((20, 17), 0.9), 320, 240, return_info=True,
                                 cfg=fit3d.FitConfig(steps=150))
