@@ -375,10 +375,38 @@ def main(argv=None):
     if master:
         metrics.close()
         wandb.finish()
+        png = plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if png is not None:
+            print0(f"loss curves: {png}")
         if args.final_eval_windows and args.stop_after is None:
             final_evaluation(raw_model, root, args, device, out)
     if ddp:
         dist.destroy_process_group()
+
+
+def plot_losses(metrics_path, png_path, bins=15):
+    """metrics.jsonl -> a PNG of the training loss (mean per bin of steps) and the validation loss, drawn with
+    eval.py's PIL line chart. After a resume the file holds repeated steps: the last record of a step wins."""
+    import eval as evaluation
+
+    train, val = {}, {}
+    for line in Path(metrics_path).read_text().splitlines():
+        r = json.loads(line)
+        (train if "loss" in r else val)[r["step"]] = r.get("loss", r.get("val_loss"))
+    if not train:
+        return None
+    steps = sorted(train)
+    edges = np.linspace(0, len(steps), min(bins, len(steps)) + 1).astype(int)
+    xs = [steps[hi - 1] for lo, hi in zip(edges[:-1], edges[1:])]  # each bin is labelled by its last step
+    series = {"train loss": [float(np.mean([train[s] for s in steps[lo:hi]])) for lo, hi in zip(edges[:-1], edges[1:])],
+              "val loss": [None] * len(xs)}
+    for step, v in val.items():  # a validation point goes to the bin whose last step is nearest
+        series["val loss"][int(np.argmin([abs(x - step) for x in xs]))] = v
+    img = evaluation.Image.new("RGB", (720, 300), "white")
+    draw = evaluation.ImageDraw.Draw(img)
+    evaluation._legend(draw, 10, 8, list(series))
+    evaluation.line_panel(draw, (0, 30, 700, 300), xs, series, "flow-matching loss", xlabel="optimizer step")
+    return evaluation.save_png(img, png_path)
 
 
 def final_evaluation(model, root, args, device, out):

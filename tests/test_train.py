@@ -216,6 +216,9 @@ def test_main_job_end_to_end(dataset, tmp_path):
     assert res["num_windows"] == 4
     assert all(np.isfinite(res["table"]["16"][m]) for m in ("model", "static", "linear"))
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000003"]
+    assert f"loss curves: {out / 'loss.png'}" in text
+    with Image.open(out / "loss.png") as im:  # the loss curves as a picture
+        assert im.size == (720, 300)
 
 
 def test_too_few_windows_is_an_error_not_a_hang(dataset, tmp_path):
