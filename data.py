@@ -448,7 +448,7 @@ def clip_path(root, clip_id):
     return Path(root) / "clips" / hashlib.md5(clip_id.encode("utf-8")).hexdigest()[:2] / f"{clip_id}.safetensors"
 
 
-def _atomic_write_bytes(path, payload):
+def atomic_write_bytes(path, payload):
     """Write to a temp file in the same folder, fsync, then os.replace: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,7 +497,7 @@ def write_clip(root, clip):
             "src_fps": repr(float(clip.src_fps)), "width": str(int(clip.width)), "height": str(int(clip.height)),
             "num_frames": str(T), "extra": json.dumps(clip.extra, sort_keys=True)}
     path = clip_path(root, clip.clip_id)
-    _atomic_write_bytes(path, _st_save(arrays, metadata=meta))
+    atomic_write_bytes(path, _st_save(arrays, metadata=meta))
     return path
 
 
@@ -611,7 +611,7 @@ def write_index(root):
                         "num_frames": header["jpeg_offsets"]["shape"][0] - 1, "action_class": meta["action_class"],
                         "split": meta["split"], "video_id": meta.get("video_id", "")})
     payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8")
-    _atomic_write_bytes(root / INDEX_FILE, payload)
+    atomic_write_bytes(root / INDEX_FILE, payload)
     return entries
 
 

@@ -36,7 +36,6 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -281,9 +280,7 @@ def convert_amp_npy(src, dst):
         raise ValueError(f"{src}: expected local joint rotations (is_local=True)")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = Path(str(dst) + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, dst)
+    data.atomic_write_bytes(dst, buf.getvalue())
 
 
 def find_loop(rot, times, min_dur, max_err_deg=12.0):
@@ -747,9 +744,7 @@ def build_demo(out_dir, seed=0, num_clips=None, workers=2):
     else:
         paths = [_write_one(j) for j in jobs]
     _finish_index(out, paths)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(want, sort_keys=True))
-    os.replace(tmp, marker)
+    data.atomic_write_bytes(marker, json.dumps(want, sort_keys=True).encode("utf-8"))  # written last: complete
     return out
 
 

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -420,12 +419,10 @@ def _legend(draw, x, y, names):
 
 
 def save_png(img, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data.atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def plot_rmse_vs_step(res, path):
@@ -498,12 +495,8 @@ def resolve_checkpoint(path):
 
 
 def write_json(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
+    data.atomic_write_bytes(path, json.dumps(obj, indent=1).encode("utf-8"))
+    return Path(path)
 
 
 def main(argv=None):

@@ -456,7 +456,7 @@ def _read_log(path):
 
 
 def _atomic_text(path, text):
-    data._atomic_write_bytes(path, text.encode("utf-8"))
+    data.atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_size=64, progress=True):

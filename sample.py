@@ -19,8 +19,8 @@ Videos need PyAV (pip install av); frame folders and clips do not. Writes OUT/pr
 """
 
 import argparse
+import io
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -283,11 +283,10 @@ def animation_gif(path, frames, boxes, pred, gt, view, size=240, labels=None, te
         panel.draw(draw, (size, 20), poses[0][k], PRED_COLOR)
         _label(draw, (4, 3), labels[k] if labels else f"+{k / FPS:.1f} s")
         out.append(img.convert("P", palette=Image.ADAPTIVE))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    out[0].save(tmp, format="GIF", save_all=True, append_images=out[1:], duration=int(1000 / FPS), loop=0)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    out[0].save(buf, format="GIF", save_all=True, append_images=out[1:], duration=int(1000 / FPS), loop=0)
+    data.atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 # -----------------------------------------------------------------------------------------------------------------
