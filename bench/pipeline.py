@@ -1,6 +1,7 @@
 """
-Benchmark of the CPU stages of pipeline.py, perception excluded: samples (10 Hz frames) per second of decode, cut
-detection, target selection + sticky tracking, the 2D->3D fit, the checks and clip writing, and each stage's share.
+Benchmark of the CPU stages of pipeline.py (decode and cuts from video.py, tracking and checks from track.py),
+perception excluded: samples (10 Hz frames) per second of decode, cut detection, target selection + sticky tracking,
+the 2D->3D fit, the checks and clip writing, and each stage's share.
 
 Inputs: the real videos in ../shared/data/videos when present (decode and cuts), and rendered demo videos with
 ground-truth sidecars (all stages; their boxes and 2D joints stand in for the detector and the pose model).
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fit3d  # noqa: E402
 import pipeline  # noqa: E402
+import track  # noqa: E402
+import video  # noqa: E402
 
 
 def main():
@@ -39,15 +42,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        paths = pipeline.render_demo_videos(tmp / "vids", args.videos)
+        paths = video.render_demo_videos(tmp / "vids", args.videos)
         print(f"rendered {len(paths)} demo videos in {time.perf_counter() - t0:.1f} s (not counted)")
         real = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "videos").glob("*.mp4"))
         for p in real:  # decode + cuts only: no boxes for these
             t = time.perf_counter()
-            dec = pipeline.decode_video(p, cfg.fps, cfg.max_short_side)
+            dec = video.decode_video(p, cfg.fps, cfg.max_short_side)
             times["decode"] += time.perf_counter() - t
             t = time.perf_counter()
-            pipeline.detect_cuts(pipeline.gray_histograms(dec.frames), cfg.cut_threshold)
+            video.detect_cuts(video.gray_histograms(dec.frames), cfg.cut_threshold)
             times["cuts"] += time.perf_counter() - t
             samples["decode"] += len(dec.frames)
             samples["cuts"] += len(dec.frames)
@@ -56,23 +59,23 @@ def main():
             side = {vid: pipeline.load_ground_truth(p)}
             det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
             t = time.perf_counter()
-            dec = pipeline.decode_video(p, cfg.fps, cfg.max_short_side)
+            dec = video.decode_video(p, cfg.fps, cfg.max_short_side)
             times["decode"] += time.perf_counter() - t
             t = time.perf_counter()
-            cuts = pipeline.detect_cuts(pipeline.gray_histograms(dec.frames), cfg.cut_threshold)
+            cuts = video.detect_cuts(video.gray_histograms(dec.frames), cfg.cut_threshold)
             times["cuts"] += time.perf_counter() - t
             samples["decode"] += len(dec.frames)
             samples["cuts"] += len(dec.frames)
-            for s, e in pipeline.split_segments(len(dec.frames), cuts, cfg.min_frames)[0]:
+            for s, e in video.split_segments(len(dec.frames), cuts, cfg.min_frames)[0]:
                 keys = [(vid, int(i)) for i in dec.src_frame_index[s:e]]
                 dets = [pipeline._clean_dets(d, cfg.det_conf) for d in det(dec.frames[s:e], keys)]  # not timed
                 t = time.perf_counter()
-                anchor, _ = pipeline.anchor_frame(dets, cfg.pool_frames)
+                anchor, _ = track.anchor_frame(dets, cfg.pool_frames)
                 cands = dets[anchor][:cfg.max_candidates]
-                runs = [pipeline.sticky_track(dets, anchor, c[:4]) for c in cands]
-                h = pipeline.heuristic_scores(cands, [r[1] for r in runs], dec.width, dec.height, e - s)
+                runs = [track.sticky_track(dets, anchor, c[:4]) for c in cands]
+                h = track.heuristic_scores(cands, [r[1] for r in runs], dec.width, dec.height, e - s)
                 boxes, (a, b) = runs[int(np.argmax(h))]
-                boxes = pipeline.fill_gaps(boxes[a:b + 1])
+                boxes = track.fill_gaps(boxes[a:b + 1])
                 times["tracking"] += time.perf_counter() - t
                 samples["tracking"] += e - s
                 kp, sc = pose(dec.frames[s + a:s + b + 1], boxes, keys[a:b + 1])  # not timed
@@ -80,7 +83,7 @@ def main():
                 p3 = fit3d.fit_clip(kp, sc, dec.width, dec.height, cfg=fcfg)
                 times["fit"] += time.perf_counter() - t
                 t = time.perf_counter()
-                pipeline.run_checks(boxes, sc, p3, dec.width, dec.height, cfg)
+                track.run_checks(boxes, sc, p3, dec.width, dec.height, cfg)
                 times["checks"] += time.perf_counter() - t
                 t = time.perf_counter()
                 clip = data.Clip(f"{vid}-{s:05d}", [pipeline._jpeg(f) for f in dec.frames[s + a:s + b + 1]],

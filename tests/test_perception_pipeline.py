@@ -19,6 +19,7 @@ import data
 import fit3d
 import pipeline
 import qwen3vl
+import video
 import vit
 import vlm
 from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
@@ -91,7 +92,7 @@ def videos(tmp_path_factory):
     """Two rendered demo videos (30 fps, 10 Hz samples): one clip (44 samples) and two clips spliced (a hard cut)."""
     pytest.importorskip("av")
     root = tmp_path_factory.mktemp("vids")
-    pipeline.render_demo_videos(root, num_videos=2)
+    video.render_demo_videos(root, num_videos=2)
     return root
 
 
@@ -147,6 +148,11 @@ def _check_record_structure(r):
             assert not j["tracking_consistent"] and not j["motion_matches"]
             assert not g["vlm_good"] and not g["strict"]
     assert r["reason"] == ("" if r["status"] == "OK" else ";".join(pipeline._segment_reasons(r)))
+    # clips: exactly the written clips; every other tracked segment's clip is in rejected, with a reason
+    assert r["clips"] == [g["clip_id"] for g in segs if g.get("written")] and len(r["clips"]) == r["written"]
+    assert sorted(r["clips"] + [x["clip_id"] for x in r["rejected"]]) == \
+        sorted(g["clip_id"] for g in segs if g["status"] == "TRACKED")
+    assert all(x["reason"] for x in r["rejected"])
 
 
 def test_random_perception_and_vlm_run_to_the_end(videos, qwen_dir, tmp_path, capsys, vlm_calls):
@@ -212,7 +218,7 @@ def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp
     clip = data.read_clip(data.clip_path(out, g["clip_id"]))
     boxes = np.tile(np.array([x1, y1, x2, y2], np.float32), (T, 1))
     np.testing.assert_allclose(clip.boxes, boxes, atol=1e-3)
-    dec = pipeline.decode_video(vid)
+    dec = video.decode_video(vid)
     kp, sc = vit.ViTPoseEstimator(pose)(dec.frames, clip.boxes.astype(np.float64))  # the detector's float32 boxes
     kp_h, sc_h = pipeline.coco_to_h36m(kp, sc)
     np.testing.assert_allclose(json.loads(clip.extra["kp2d_h36m"]), kp_h, atol=0.051)
@@ -239,4 +245,5 @@ def test_tracked_segment_failing_a_check_is_recorded_and_not_kept(videos, qwen_d
     assert "SMALL_BBOX" in g["issues"] and not g["prog_good"] and not g["written"] and len(vlm_calls) == 3
     assert r["status"] == "NO_CLIPS" and r["written"] == 0
     assert r["reason"] == ";".join(g["issues"] + ["JUDGE_UNPARSED"])
+    assert r["clips"] == [] and r["rejected"] == [{"clip_id": g["clip_id"], "reason": r["reason"]}]
     assert not (out / "clips").exists() and "SMALL_BBOX" in printed and "JUDGE_UNPARSED" in printed

@@ -1,0 +1,344 @@
+"""
+A learned 2D -> 3D lifter: a small temporal MLP from a window of Human3.6M 2D keypoints to the centre frame's 16 bone
+directions in the camera frame (mimic.md sec 4: x right, y down, z forward), trained on motion capture seen through
+random cameras, then refined by the kinematic fit of fit3d.py (which keeps the learned depths and fixes the rest).
+
+Why a learned part at all: a monocular view fixes each bone's in-image direction but not its lean towards or away
+from the camera. fit3d.py's hand-written priors (bone lengths, a rigid-ish torso, knee and elbow sides, gravity)
+cannot say how far a near-vertical spine, thigh or neck leans in depth, and the 22-angle convention measures exactly
+that lean (its 3-DoF angles are singular at an upright pose, so the sign of a few degrees of lean flips pitch and yaw
+by 180 deg). Motion capture says which leans are likely given the 2D motion of the whole body over +-0.4 s; this is
+the "learned lifter behind the existing interface" of pipeline.md, small enough to train on a laptop CPU.
+
+Honest numbers need held-out motions: `python lifter.py cv` trains one model per fold without that fold's motions and
+scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases). The shipped
+mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / CMU .bvh files) for real videos.
+
+Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
+(centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
+(Martinez et al. 2017, "A simple yet effective baseline for 3d human pose estimation"); unit bone directions out.
+Training data: demo.py's mocap loaders and random cameras, 2D noise 0-4 px and 0-20% dropped joints (random
+positions, score 0), mirrored copies (x -> -x, left <-> right).
+
+Commands:
+  python lifter.py train --out runs/lifter.safetensors    # all shipped mocap, ~1 min on 2 CPU cores
+  python lifter.py cv                                      # leave-motions-out: lifter / lifter + fit / fit alone
+  python pipeline.py --videos DIR --out DIR --lifter runs/lifter.safetensors
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import data
+import fit3d
+
+FEATURES = 17 * 3 + 3  # per frame: (x, y, visible) of 17 joints + (centre x, centre y, size) / focal
+
+
+@dataclass
+class LifterConfig:
+    window: int = 9               # frames in (centre +- 4 at 10 Hz)
+    hidden: int = 512             # MLP width
+    blocks: int = 2               # residual blocks
+    dropout: float = 0.1
+    # training
+    clips: int = 1000             # random 40-frame clips (each with its own camera) from the training motions
+    frames: int = 40
+    steps: int = 1500
+    batch: int = 512
+    lr: float = 1e-3              # 5% warm-up, cosine down
+    weight_decay: float = 1e-4
+    noise_px: float = 4.0         # 2D noise sigma drawn from U(0, noise_px) per clip (320 x 240 views)
+    drop: float = 0.2             # dropped-joint rate drawn from U(0, drop) per clip
+    length_jitter: float = 0.0    # bone lengths scaled by U(1 - j, 1 + j) per clip, for bodies unlike the mocap's
+    #                               (cv at 0.15: bone directions 18.1 vs 18.7 deg, angles 52.1 vs 51.0: off here)
+    seed: int = 0
+
+
+def frame_features(kp2d, scores, width, height, focal, min_conf=0.05):
+    """(T, 17, 2) H36M pixels, (T, 17) scores -> (T, FEATURES) float32. Joints are relative to the pelvis (else the
+    mean confident joint) in units of the clip's median 2D size, so the scale of the video does not matter; missing
+    joints are zeros with visible = 0."""
+    kp, conf = fit3d.clean_keypoints(kp2d, scores, min_conf)
+    kp, valid = kp.numpy(), (conf > 0).numpy()
+    lo = np.where(valid[..., None], kp, np.inf).min(1)
+    hi = np.where(valid[..., None], kp, -np.inf).max(1)
+    ok = valid.sum(1) >= 2
+    size = float(np.median(np.linalg.norm(hi - lo, axis=-1)[ok])) if ok.any() else 0.25 * max(width, height)
+    size = max(size, 1.0)
+    mean = (kp * valid[..., None]).sum(1) / np.maximum(valid.sum(1, keepdims=True), 1)
+    centre = np.where(valid[:, :1], kp[:, 0], mean)  # (T, 2)
+    x = (kp - centre[:, None]) / size * valid[..., None]  # (T, 17, 2)
+    view = np.concatenate([(centre - [width / 2.0, height / 2.0]) / focal, np.full((len(kp), 1), size / focal)], 1)
+    return np.concatenate([x.reshape(len(kp), -1), valid, view], 1).astype(np.float32)
+
+
+def frame_windows(feat, window):
+    """(T, F) -> (T, window * F): each frame with its neighbours, edges repeated."""
+    T = len(feat)
+    idx = np.clip(np.arange(T)[:, None] + np.arange(window) - window // 2, 0, T - 1)  # (T, window)
+    return feat[idx].reshape(T, -1)
+
+
+def bone_directions(pose3d):
+    """(..., 17, 3) -> (..., 16, 3) unit vectors parent -> child."""
+    b = pose3d[..., 1:, :] - pose3d[..., list(data.H36M_PARENTS[1:]), :]
+    return b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-9)
+
+
+class LifterNet(nn.Module):
+    """(B, window * FEATURES) -> (B, 16, 3) unit bone directions of the window's centre frame."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.inp = nn.Linear(cfg.window * FEATURES, cfg.hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                          nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden)) for _ in range(cfg.blocks))
+        self.out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, 16 * 3))
+
+    def forward(self, x):
+        h = self.inp(x)  # (B, hidden)
+        for block in self.blocks:
+            h = h + block(h)
+        d = self.out(h).view(*x.shape[:-1], 16, 3)
+        return d / d.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training data: motion capture through random cameras
+
+
+def mocap_clips(motions, n_clips, seed, frames=40, noise_px=4.0, drop=0.2, length_jitter=0.0):
+    """Yields (kp2d (T, 17, 2), scores (T, 17), pose3d (T, 17, 3) camera frame, focal, width, height) for n_clips
+    random windows of the given demo.Motion objects, each seen by its own demo.random_camera."""
+    import demo  # the mocap loaders and cameras (PIL for its renderer; only needed for training)
+    rng = np.random.default_rng(seed)
+    for _ in range(n_clips):
+        m = motions[int(rng.integers(len(motions)))]
+        t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
+        pts, _, _ = demo.sample_motion(m, t)
+        pts[..., 1] -= pts[..., 1].min() - 0.03
+        cam = demo.random_camera(rng, pts)
+        pc = demo.world_to_camera(cam, pts)[:, :17]
+        if length_jitter:  # other body proportions: each (left/right shared) bone length scaled by U(1 -+ jitter)
+            scale = rng.uniform(1 - length_jitter, 1 + length_jitter, 10)[fit3d._LENGTH_OF_BONE]
+            bones = (pc[:, 1:] - pc[:, list(data.H36M_PARENTS[1:])]) * scale[:, None]
+            for j in range(1, 17):  # parents come first in the Human3.6M order
+                pc[:, j] = pc[:, data.H36M_PARENTS[j]] + bones[:, j - 1]
+        uv = demo.project(cam, pc)
+        kp = uv + rng.normal(0, rng.uniform(0, noise_px), uv.shape)
+        sc = np.full(uv.shape[:2], 0.9)
+        dropped = rng.random(sc.shape) < rng.uniform(0, drop)
+        sc[dropped] = 0.0
+        kp[dropped] = rng.uniform(0, cam.width, (int(dropped.sum()), 2))
+        yield kp, sc, pc, cam.focal, cam.width, cam.height
+
+
+def training_set(clips, window):
+    """Clips (as mocap_clips yields) plus their mirror images -> X (N, window * FEATURES), Y (N, 16, 3) tensors."""
+    X, Y = [], []
+    flip = list(data.H36M_FLIP_PERM)
+    for kp, sc, pc, f, W, H in clips:
+        kp_m = kp[:, flip].copy()
+        kp_m[..., 0] = W - kp_m[..., 0]
+        pc_m = pc[:, flip].copy()
+        pc_m[..., 0] *= -1
+        for k, s, p in ((kp, sc, pc), (kp_m, sc[:, flip], pc_m)):
+            X.append(frame_windows(frame_features(k, s, W, H, f), window))
+            Y.append(bone_directions(p).astype(np.float32))
+    return torch.from_numpy(np.concatenate(X)), torch.from_numpy(np.concatenate(Y))
+
+
+def train_lifter(motions, cfg=None, progress=True):
+    """Train a LifterNet on random camera views of `motions` (demo.Motion objects) -> the model in eval mode."""
+    cfg = cfg or LifterConfig()
+    X, Y = training_set(mocap_clips(motions, cfg.clips, cfg.seed, cfg.frames, cfg.noise_px, cfg.drop,
+                                    cfg.length_jitter), cfg.window)
+    torch.manual_seed(cfg.seed)
+    net = LifterNet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # 5% linear warm-up, cosine down to 0
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    from tqdm import tqdm
+    bar = tqdm(range(cfg.steps), desc="lifter", disable=not progress)
+    for step in bar:
+        i = torch.randint(0, len(X), (cfg.batch,), generator=gen)
+        loss = (net(X[i]) - Y[i]).pow(2).sum(-1).mean()  # = 2 - 2 cos per bone
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return net.eval()
+
+
+def save_lifter(net, cfg, path):
+    """safetensors with the LifterConfig as JSON metadata; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"lifter_config": json.dumps(asdict(cfg))})
+    tmp.replace(path)
+
+
+def load_lifter(path):
+    """-> (LifterNet in eval mode, LifterConfig). Missing or unexpected tensors are named in the error."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "lifter_config" not in meta:
+        raise ValueError(f"{path}: not a lifter file (no lifter_config metadata; write it with save_lifter)")
+    cfg = LifterConfig(**json.loads(meta["lifter_config"]))
+    net = LifterNet(cfg)
+    state = load_file(str(path))
+    want = net.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    bad = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or extra or bad:
+        raise ValueError(f"{path}: missing {missing}, unexpected {extra}, mis-shaped {bad}")
+    net.load_state_dict(state)
+    return net.eval(), cfg
+
+
+# the refinement: fewer steps than a fit from scratch (it starts close); w_init 0.1 keeps the learned directions
+# within a few degrees while the 2D is matched (measured in `cv`: w_init 0.01 lets the depths drift back to the
+# hand-written priors' choice and loses most of the gain)
+REFINE = fit3d.FitConfig(w_init=0.1)
+
+
+class LearnedLifter:
+    """The pipeline's lifter interface, `lifter(kp2d, scores, width, height) -> pose3d (T, 17, 3)` camera frame,
+    metres: LifterNet's bone directions on fit3d's root guess and reference bone lengths, then fit3d.fit_clip with
+    init= and a FitConfig whose w_init keeps the learned directions while the fit sets bone lengths and the root and
+    matches the 2D (refine=None: no fit, the reference bone lengths)."""
+
+    def __init__(self, net, cfg, focal=None, refine=REFINE):
+        self.net, self.cfg, self.focal, self.refine = net, cfg, focal, refine
+
+    @classmethod
+    def from_file(cls, path, focal=None, refine=REFINE):
+        net, cfg = load_lifter(path)
+        lifter = cls(net, cfg, focal, refine)
+        lifter.source = str(path)
+        return lifter
+
+    def __repr__(self):  # recorded in the pipeline's status records
+        steps = None if self.refine is None else self.refine.steps
+        return f"LearnedLifter({getattr(self, 'source', 'in memory')}, refine_steps={steps}, focal={self.focal})"
+
+    def directions(self, kp2d, scores, width, height):
+        """(T, 16, 3) unit bone directions: the mean of the net on the view and on its mirror image (mirrored back),
+        which removes a left/right bias of the net at no training cost."""
+        f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
+        kp2d, scores = np.asarray(kp2d, np.float64), np.asarray(scores, np.float64)
+        flip = list(data.H36M_FLIP_PERM)
+        kp_m = kp2d[:, flip].copy()
+        kp_m[..., 0] = width - kp_m[..., 0]
+        x = np.stack([frame_windows(frame_features(k, s, width, height, f), self.cfg.window)
+                      for k, s in ((kp2d, scores), (kp_m, scores[:, flip]))])  # (2, T, window * FEATURES)
+        with torch.no_grad():
+            d = self.net(torch.from_numpy(x)).double().numpy()  # (2, T, 16, 3)
+        bone_flip = [j - 1 for j in flip[1:]]  # bone b ends at joint b + 1
+        back = d[1][:, bone_flip] * np.array([-1.0, 1.0, 1.0])
+        mean = d[0] + back
+        return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-9)
+
+    def initial_pose(self, kp2d, scores, width, height):
+        f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
+        d = self.directions(kp2d, scores, width, height)
+        lengths = np.asarray(fit3d._REF_LENGTHS)[fit3d._LENGTH_OF_BONE]
+        pose = np.zeros((len(d), 17, 3))
+        pose[:, 0] = fit3d.root_guess(kp2d, scores, width, height, f)
+        for j in range(1, 17):
+            pose[:, j] = pose[:, data.H36M_PARENTS[j]] + d[:, j - 1] * lengths[j - 1]
+        return pose
+
+    def __call__(self, kp2d, scores, width, height):
+        pose = self.initial_pose(kp2d, scores, width, height)
+        if self.refine is None:
+            return pose
+        f = self.focal or self.refine.focal_scale * max(width, height)
+        return fit3d.fit_clip(kp2d, scores, width, height, f, self.refine, init=pose)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# leave-motions-out evaluation on fit3d's benchmark
+
+
+def load_motions(mocap_dir=None):
+    """-> [(key, demo.Motion)]: demo.MOTIONS (the shipped mocap), or every .txt/.npz/.bvh file of mocap_dir."""
+    import demo
+    if mocap_dir is None:
+        return [(key, demo.load_motion(file)) for key, file, _, _ in demo.MOTIONS]
+    loaders = {".txt": demo.load_deepmimic, ".npz": demo.load_amp, ".bvh": demo.load_bvh}
+    files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in loaders)
+    if not files:
+        raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh (CMU) mocap files")
+    return [(p.stem, loaders[p.suffix](p)) for p in files]
+
+
+def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0, drop=0.1,
+                   progress=True):
+    """fit3d's benchmark (mocap_cases) scored three ways, each clip by a lifter trained WITHOUT its motion (motion i of
+    demo.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
+    -> {method: fit3d.pose_errors dict}."""
+    import demo
+    cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
+    keys = [m[0] for m in demo.MOTIONS]
+    cases = list(fit3d.mocap_cases(n_clips, seed, frames, noise_px, drop))
+    motions = load_motions()
+    pairs = {"lifter": [], "lifter+fit": [], "fit": []}
+    for k in range(folds):
+        held = [c for c in cases if keys.index(c[0]) % folds == k]
+        if not held:
+            continue
+        net = train_lifter([m for i, (_, m) in enumerate(motions) if i % folds != k], cfg, progress)
+        lift = LearnedLifter(net, cfg, refine=refine)
+        for _, kp, sc, gt, focal, W, H in held:
+            lift.focal = focal
+            pairs["lifter"].append((lift.initial_pose(kp, sc, W, H), gt))
+            pairs["lifter+fit"].append((lift(kp, sc, W, H), gt))
+            pairs["fit"].append((fit3d.fit_clip(kp, sc, W, H, focal, fit_cfg), gt))
+    return {name: fit3d.pose_errors(p) for name, p in pairs.items()}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Train or cross-validate the learned 2D -> 3D lifter on motion capture.")
+    ap.add_argument("command", choices=["train", "cv"])
+    ap.add_argument("--out", default="runs/lifter.safetensors", help="train: where to write the model")
+    ap.add_argument("--mocap-dir", default=None, help="train: a folder of DeepMimic .txt / AMP .npz / CMU .bvh "
+                    "files instead of the shipped mocap")
+    ap.add_argument("--folds", type=int, default=4, help="cv: motion i is held out in fold i %% folds")
+    ap.add_argument("--clips", type=int, default=LifterConfig.clips)
+    ap.add_argument("--steps", type=int, default=LifterConfig.steps)
+    ap.add_argument("--hidden", type=int, default=LifterConfig.hidden)
+    ap.add_argument("--window", type=int, default=LifterConfig.window)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    lcfg = LifterConfig(clips=args.clips, steps=args.steps, hidden=args.hidden, window=args.window, seed=args.seed)
+    t0 = time.time()
+    if args.command == "train":
+        named = load_motions(args.mocap_dir)
+        net = train_lifter([m for _, m in named], lcfg, not args.no_progress)
+        save_lifter(net, lcfg, args.out)
+        print(f"lifter trained on {len(named)} motions in {time.time() - t0:.0f} s -> {args.out}")
+    else:
+        res = cross_validate(args.folds, lcfg, progress=not args.no_progress)
+        for name, r in res.items():
+            print(f"{name:11s}", "  ".join(f"{k[:-4]} {v:5.1f}" for k, v in r.items()))
+        print(f"{time.time() - t0:.0f} s")
