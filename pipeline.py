@@ -9,8 +9,9 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
   3. target person (the v2 "retrack" design): detections on every sample of the segment, a candidate pool from the
      anchor frame (the one of 5 evenly spaced frames with most people); a picker (a VLM oracle on numbered boxes, or
      the heuristic size x centrality x run length) chooses; up to 3 candidates are tried (track.py);
-  4. sticky IoU tracker both ways from the anchor (IoU >= 0.5, area ratio <= 2.5, <= 3 consecutive misses, runs of
-     >= 20 samples), gaps inside the run interpolated (track.py);
+  4. sticky IoU tracker both ways from the anchor (IoU >= 0.5, or >= 0.2 for the only detection overlapping the last
+     box, so flips are kept; area ratio <= 2.5, <= 3 consecutive misses, runs of >= 20 samples), gaps inside the run
+     interpolated (track.py);
   5. 2D pose through a PoseEstimator (COCO-17 -> Human3.6M-17 conversion when it outputs COCO);
   6. 3D + 22 angles through a Lifter; the default is fit3d.FitLifter (gradient descent on a kinematic body, no weights);
   7. deterministic checks (original thresholds, our definitions where the original's are unpublished; track.py);
@@ -76,6 +77,7 @@ class PipelineConfig:
     iou_track: float = 0.5         # sticky tracker: accept best IoU >= this ...
     size_ratio_max: float = 2.5    # ... and area ratio max(a/b, b/a) <= this
     max_misses: int = 3            # stop after more than this many consecutive misses
+    track_sole_iou: float = 0.2    # ours: the only detection overlapping the last box needs just this IoU (flips)
     max_attempts: int = 3          # candidates tried in picker order
     # deterministic checks (2.2 thresholds; definitions in track.run_checks)
     max_box_jump_ratio: float = 0.05
@@ -225,7 +227,8 @@ def process_segment(dec, s, e, job, cfg, detector, pose_estimator, lifter, vlm):
     if count == 0:  # the pool frames are empty: fall back to the frame with most people
         anchor = int(np.argmax([len(d) for d in dets]))
     cands = dets[anchor][:cfg.max_candidates]
-    runs = [track.sticky_track(dets, anchor, c[:4], cfg.iou_track, cfg.size_ratio_max, cfg.max_misses) for c in cands]
+    runs = [track.sticky_track(dets, anchor, c[:4], cfg.iou_track, cfg.size_ratio_max, cfg.max_misses,
+                               cfg.track_sole_iou) for c in cands]
     heur = track.heuristic_scores(cands, [r[1] for r in runs], W, H, T)
     order = [int(i) for i in np.argsort(-heur, kind="stable")]
     rec.update(anchor=s + anchor, candidates=len(cands), heuristic=[round(float(h), 4) for h in heur],

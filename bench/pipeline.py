@@ -72,7 +72,8 @@ def main():
                 t = time.perf_counter()
                 anchor, _ = track.anchor_frame(dets, cfg.pool_frames)
                 cands = dets[anchor][:cfg.max_candidates]
-                runs = [track.sticky_track(dets, anchor, c[:4]) for c in cands]
+                runs = [track.sticky_track(dets, anchor, c[:4], cfg.iou_track, cfg.size_ratio_max, cfg.max_misses,
+                                           cfg.track_sole_iou) for c in cands]
                 h = track.heuristic_scores(cands, [r[1] for r in runs], dec.width, dec.height, e - s)
                 boxes, (a, b) = runs[int(np.argmax(h))]
                 boxes = track.fill_gaps(boxes[a:b + 1])

@@ -20,18 +20,10 @@ import data
 import fit3d
 import pipeline
 import video
+from test_video import _noise_frames  # the same synthetic frames (tests/ is on sys.path under pytest)
 from vlm import LocalQwen3VL, VLMClient, caption_clip, judge_clip, parse_caption, parse_pick, parse_verdict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _noise_frames(n, h=48, w=64, seed=0, level=None):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        base = np.full((h, w, 3), (40 + 5 * i) % 200 if level is None else level, np.uint8)
-        out.append(base + rng.integers(0, 30, (h, w, 3), dtype=np.uint8))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,3 +169,33 @@ def test_checks_flag_exactly_the_injected_faults():
     # interpolated boxes (not detections) do not count as IoU breaks
     _, issues = track.run_checks(b, sc, pose, 320, 240, cfg, raw_valid=~np.isin(np.arange(40), [3, 10, 17, 24, 31]))
     assert "IOU_BREAKS" not in issues
+
+
+def test_sole_overlap_rule_follows_a_flip_but_not_into_a_crowd():
+    # a backflip at 10 Hz: the box goes tall <-> wide while travelling 8 px a sample; consecutive IoU 0.25 < 0.5,
+    # and the same shape two samples later is already too far (IoU 0.43), so skipping frames does not help
+    T = 21
+    flip = []
+    for t in range(T):
+        w, h = (40, 100) if t % 2 == 0 else (100, 40)
+        cx = 60 + 8 * t
+        flip.append(_det((cx - w / 2, 120 - h / 2, cx + w / 2, 120 + h / 2)))
+    ious = [track.box_iou(flip[t][:, :4], flip[t + 1][:, :4])[0, 0] for t in range(T - 1)]
+    assert max(ious) < 0.5 and min(ious) > 0.2
+    _, run = track.sticky_track(flip, 10, flip[10][0, :4])
+    assert run == (10, 10)  # the upstream rule (sole_iou = 0) loses it at once
+    boxes, run = track.sticky_track(flip, 10, flip[10][0, :4], sole_iou=0.2)
+    assert run == (0, T - 1)
+    # with a companion overlapping the last box the rule is off: exactly the upstream result
+    crowd = [np.concatenate([d, _det((45 + 8 * t, 70, 85 + 8 * t, 170))]) for t, d in enumerate(flip)]  # a companion
+    with_rule = track.sticky_track(crowd, 10, crowd[10][0, :4], sole_iou=0.2)
+    upstream = track.sticky_track(crowd, 10, crowd[10][0, :4])
+    assert with_rule[1] == upstream[1]
+    np.testing.assert_array_equal(with_rule[0], upstream[0])
+    # and the crossing people stay apart (two overlapping detections at the crossing)
+    dets = []
+    for t in range(41):
+        ax, bx = 20 + 3 * t, 140 - 3 * t
+        dets.append(_det((ax, 50, ax + 40, 150), (bx, 55, bx + 40, 150)))
+    boxes, _ = track.sticky_track(dets, 0, dets[0][0, :4], sole_iou=0.2)
+    np.testing.assert_allclose(boxes[:, 0], 20 + 3 * np.arange(41))
