@@ -591,6 +591,11 @@ def main(argv=None):
     else:
         lifter = fit3d.FitLifter(fit3d.FitConfig(steps=args.fit_steps, flip_steps=args.fit_flip_steps))
     detector, pose = GroundTruthDetector(sidecars), GroundTruthPose(sidecars)
+    if not (args.detector or args.pose):  # say up front why real videos would all end as NO_DETECTIONS
+        bare = sum(not Path(str(j["video"]) + ".gt.npz").is_file() for j in jobs)
+        if bare:
+            print(f"note: {bare} of {len(jobs)} videos have no <video>.gt.npz sidecar; the stand-in perception finds "
+                  "nobody in them (use --detector and --pose for real videos)", file=sys.stderr)
     if args.detector or args.pose:  # the real models (vit.py); both are needed together
         if not (args.detector and args.pose):
             ap.error("--detector and --pose go together")
