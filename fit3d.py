@@ -25,7 +25,7 @@ search among mirror-ambiguous minima (tried without gain: more yaws, random limb
 reference lengths as the start, lr/steps/smoothness/torso weights, a feet-below-pelvis prior; gravity on the thighs
 or neck, a small-hip-abduction prior, spine/neck collinearity, the true camera elevation: none lowers it by more than
 1.4 deg). Those mirror minima and the depth lean of near-vertical bones are what a learned prior knows: lifter.py's
-temporal MLP, refined here with init= and w_init (which keeps its depths), reaches 51-52 deg / 19 deg bone
+temporal MLP, refined here with init= and w_init (which keeps its depths), reaches 51.0 deg / 18.7 deg bone
 direction error on the same benchmark with leave-motions-out training (`python lifter.py cv`).
 
 Why bone directions and not the 22 angles as the free variables: the angle convention (mimic.md sec 4) measures
@@ -34,8 +34,8 @@ rotation is undefined and a 1 mm change of a joint flips the Euler angles by ~pi
 gradient descent on the angles themselves would stall exactly on the most common pose. data.angles_to_pose3d (FK)
 remains the way to turn angles back into joints; the fitted pose satisfies FK(IK(pose), template=pose) == pose.
 
-Lifter interface (a learned lifter can replace FitLifter): `lifter(kp2d (T, 17, 2) H36M pixels, scores (T, 17),
-width, height) -> pose3d (T, 17, 3)` camera frame, metres.
+Lifter interface (FitLifter here, lifter.LearnedLifter, or your own): `lifter(kp2d (T, 17, 2) H36M pixels,
+scores (T, 17), width, height) -> pose3d (T, 17, 3)` camera frame, metres.
 
 Command: python fit3d.py   # fit mocap projected through random cameras (noise, dropped joints), print the errors
 """
