@@ -228,8 +228,9 @@ def fit_clip(kp2d, scores, width, height, focal=None, cfg=None, return_info=Fals
         # a learned lifter's directions (init=): their depths are what the fit cannot see, so stay near them
         to_init = ((1 - (u * anchor).sum(-1)).mean((-1, -2)) if anchor is not None and cfg.w_init
                    else torch.zeros_like(reproj))
-        total = (reproj + cfg.w_init * to_init + cfg.w_smooth * smooth + cfg.w_root_smooth * rsmooth + cfg.w_length * length
-                 + cfg.w_torso * torso + cfg.w_knee * knee + cfg.w_elbow * elbow + cfg.w_up * up)
+        total = (reproj + cfg.w_init * to_init + cfg.w_smooth * smooth + cfg.w_root_smooth * rsmooth
+                 + cfg.w_length * length + cfg.w_torso * torso + cfg.w_knee * knee + cfg.w_elbow * elbow
+                 + cfg.w_up * up)
         return total, P, {"reproj": reproj, "smooth": smooth, "length": length, "torso": torso, "knee": knee,
                           "elbow": elbow, "up": up, "init": to_init}
 

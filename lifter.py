@@ -293,29 +293,66 @@ def load_motions(mocap_dir=None):
     return [(p.stem, loaders[p.suffix](p)) for p in files]
 
 
-def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0, drop=0.1,
-                   progress=True):
+def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0,
+                   drop=0.1, progress=True, return_poses=False):
     """fit3d's benchmark (mocap_cases) scored three ways, each clip by a lifter trained WITHOUT its motion (motion i of
     demo.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
-    -> {method: fit3d.pose_errors dict}."""
+    -> {method: fit3d.pose_errors dict}, and with return_poses the poses [(motion, {method: pose}, truth)]."""
     import demo
     cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
     keys = [m[0] for m in demo.MOTIONS]
     cases = list(fit3d.mocap_cases(n_clips, seed, frames, noise_px, drop))
     motions = load_motions()
     pairs = {"lifter": [], "lifter+fit": [], "fit": []}
+    names = []
     for k in range(folds):
         held = [c for c in cases if keys.index(c[0]) % folds == k]
         if not held:
             continue
         net = train_lifter([m for i, (_, m) in enumerate(motions) if i % folds != k], cfg, progress)
         lift = LearnedLifter(net, cfg, refine=refine)
-        for _, kp, sc, gt, focal, W, H in held:
+        for name, kp, sc, gt, focal, W, H in held:
+            names.append(name)
             lift.focal = focal
             pairs["lifter"].append((lift.initial_pose(kp, sc, W, H), gt))
             pairs["lifter+fit"].append((lift(kp, sc, W, H), gt))
             pairs["fit"].append((fit3d.fit_clip(kp, sc, W, H, focal, fit_cfg), gt))
-    return {name: fit3d.pose_errors(p) for name, p in pairs.items()}
+    scores = {method: fit3d.pose_errors(p) for method, p in pairs.items()}
+    if not return_poses:
+        return scores
+    return scores, [(n, {m: pairs[m][i][0] for m in pairs}, pairs["fit"][i][1]) for i, n in enumerate(names)]
+
+
+def plot_poses(path, cases, frames=(0, 13, 26, 39), size=150):
+    """cases [(name, {method: pose (T, 17, 3)}, truth (T, 17, 3))] -> PNG: a row per clip, for each frame the camera's
+    view and a view from its side; truth green, the fit alone blue, the lifter + fit red."""
+    from PIL import Image, ImageDraw
+
+    import eval as ev
+    import sample
+    colors = {"fit": (40, 90, 200), "lifter+fit": sample.PRED_COLOR}
+    views = [(0.0, 0.0), (90.0, 0.0)]
+    head, label_w = 34, 110
+    img = Image.new("RGB", (label_w + size * len(frames) * len(views), head + size * len(cases)), "white")
+    draw = ImageDraw.Draw(img)
+    font = ev.load_font(12)
+    draw.text((6, 4), "green: truth   blue: fit3d alone   red: lifter + fit   (held-out motions; per frame: the "
+              "camera's view | from its side)", fill=(20, 20, 20), font=font)
+    for r, (name, poses, gt) in enumerate(cases):
+        draw.text((6, head + r * size + size // 2), name[:16], fill=(20, 20, 20), font=font, anchor="lm")
+        for c, t in enumerate([t for t in frames if t < len(gt)]):
+            for v, view in enumerate(views):
+                x, y = label_w + (c * len(views) + v) * size, head + r * size
+                rel = [p[t:t + 1] - p[t:t + 1, :1] for p in (gt, *[poses[m] for m in colors])]  # root-centred
+                panel = sample.SkeletonPanel(rel, view, size)
+                draw.rectangle([x, y, x + size - 1, y + size - 1], outline=(215, 215, 215))
+                panel.draw(draw, (x, y), rel[0][0], sample.GT_COLOR)
+                for k, m in enumerate(colors):
+                    panel.draw(draw, (x, y), rel[1 + k][0], colors[m], width=2)
+                if r == 0:
+                    draw.text((x + 4, head - 14), f"t={t / 10:.1f} s" + (" side" if v else ""), fill=(20, 20, 20),
+                              font=font)
+    return ev.save_png(img, path)
 
 
 if __name__ == "__main__":
@@ -330,6 +367,8 @@ if __name__ == "__main__":
     ap.add_argument("--hidden", type=int, default=LifterConfig.hidden)
     ap.add_argument("--window", type=int, default=LifterConfig.window)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default="out/lifter_cv.png", help="cv: a picture of held-out clips' poses")
+    ap.add_argument("--plot-motions", default="walk,backflip,punch", help="cv: which clips the picture shows")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     lcfg = LifterConfig(clips=args.clips, steps=args.steps, hidden=args.hidden, window=args.window, seed=args.seed)
@@ -340,7 +379,9 @@ if __name__ == "__main__":
         save_lifter(net, lcfg, args.out)
         print(f"lifter trained on {len(named)} motions in {time.time() - t0:.0f} s -> {args.out}")
     else:
-        res = cross_validate(args.folds, lcfg, progress=not args.no_progress)
+        res, cases = cross_validate(args.folds, lcfg, progress=not args.no_progress, return_poses=True)
         for name, r in res.items():
             print(f"{name:11s}", "  ".join(f"{k[:-4]} {v:5.1f}" for k, v in r.items()))
+        show = [c for c in cases if c[0] in args.plot_motions.split(",")] or cases[:3]
+        print("poses:", plot_poses(args.plot, show))
         print(f"{time.time() - t0:.0f} s")

@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +406,20 @@ def test_write_clip_is_atomic_and_validates(tmp_path, monkeypatch):
         data.write_clip(tmp_path, bad)
     with pytest.raises(ValueError, match="clip_id"):
         data.write_clip(tmp_path, make_clip(cid="../evil"))
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    # a plain open() gives 0666 minus the umask; mkstemp's private 0600 would hide a shared dataset from other users
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "a" / "f.bin"
+        data.atomic_write_bytes(p, b"x")
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o644
+        os.umask(0o077)
+        data.atomic_write_bytes(tmp_path / "g.bin", b"y")
+        assert stat.S_IMODE(os.stat(tmp_path / "g.bin").st_mode) == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_index(tmp_path):

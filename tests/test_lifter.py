@@ -114,7 +114,7 @@ def test_refine_matches_the_2d_and_keeps_the_learned_directions(trained):
     assert cos.min() > 0.999
 
 
-def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch):
+def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_path):
     trained_on = []
     real = lifter.train_lifter
 
@@ -124,9 +124,14 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch):
 
     monkeypatch.setattr(lifter, "train_lifter", spy)
     fast = fit3d.FitConfig(steps=5, yaws=(0.0,))
-    res = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast, refine=dataclasses.replace(fast, w_init=0.1),
-                                n_clips=4, frames=6, progress=False)
+    res, cases = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast, refine=dataclasses.replace(fast, w_init=0.1),
+                                       n_clips=4, frames=6, progress=False, return_poses=True)
     assert set(res) == {"lifter", "lifter+fit", "fit"} and all(np.isfinite(r["rmse_deg"]) for r in res.values())
+    assert len(cases) == 4 and all(p.shape == gt.shape == (6, 17, 3) for _, poses, gt in cases for p in poses.values())
+    from PIL import Image
+    png = lifter.plot_poses(tmp_path / "cv.png", cases[:2], frames=(0, 5), size=60)
+    with Image.open(png) as im:
+        assert im.size == (110 + 60 * 2 * 2, 34 + 60 * 2)
     keys = [m[0] for m in demo.MOTIONS]
     tested = [c[0] for c in fit3d.mocap_cases(4, 0, 6)]
     folds = sorted({keys.index(k) % 3 for k in tested})
