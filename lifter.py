@@ -206,7 +206,11 @@ def load_lifter(path):
         meta = f.metadata() or {}
     if "lifter_config" not in meta:
         raise ValueError(f"{path}: not a lifter file (no lifter_config metadata; write it with save_lifter)")
-    cfg = LifterConfig(**json.loads(meta["lifter_config"]))
+    fields = json.loads(meta["lifter_config"])
+    unknown = sorted(set(fields) - set(LifterConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: lifter_config has fields this lifter.py does not know: {unknown}")
+    cfg = LifterConfig(**fields)
     net = LifterNet(cfg)
     state = load_file(str(path))
     want = net.state_dict()

@@ -40,6 +40,7 @@ one VLM server serves every shard; `python data.py index OUT` once all have fini
 """
 
 import argparse
+import collections
 import hashlib
 import io
 import json
@@ -78,6 +79,7 @@ class PipelineConfig:
     size_ratio_max: float = 2.5    # ... and area ratio max(a/b, b/a) <= this
     max_misses: int = 3            # stop after more than this many consecutive misses
     track_sole_iou: float = 0.2    # ours: the only detection overlapping the last box needs just this IoU (flips)
+    vlm_down_videos: int = 5       # stop the shard after this many videos in a row with VLM transport errors
     max_attempts: int = 3          # candidates tried in picker order
     # deterministic checks (2.2 thresholds; definitions in track.run_checks)
     max_box_jump_ratio: float = 0.05
@@ -270,6 +272,8 @@ def process_segment(dec, s, e, job, cfg, detector, pose_estimator, lifter, vlm):
             raise ValueError(f"lifter output shape {pose3d.shape} or non-finite values")
     except Exception as ex:
         return {**rec, "status": f"LIFT_FAIL:{type(ex).__name__}", "detail": str(ex)[:200]}, None
+    # 0 when called from process_video (segments are cut at the same threshold), so HARD_CUTS passes by
+    # construction there; recomputed on the clip's own frames so a caller passing its own (s, e) is still checked
     n_cuts = len(video.detect_cuts(video.gray_histograms(cf), cfg.cut_threshold))
     checks, issues = track.run_checks(boxes, sc_h, pose3d, W, H, cfg, n_cuts, core_ok, raw_valid)
     rec.update(status="TRACKED", checks=checks, issues=issues, prog_good=not issues)
@@ -350,7 +354,10 @@ def process_video(job, cfg, detector, pose_estimator, lifter, vlm=None, clips_ro
                           angles=np.asarray(data.pose3d_to_angles(pose3d), np.float32),
                           src_frame_index=dec.src_frame_index[i0:i1], src_time=dec.src_time[i0:i1],
                           src_fps=float(dec.src_fps), width=dec.width, height=dec.height,
-                          action_class=job.get("action_class", ""), description=desc, video_id=vid, extra=extra)
+                          action_class=job.get("action_class", ""), description=desc, video_id=vid, extra=extra,
+                          # by video, not by clip id: a video's several clips (one per segment) must not straddle
+                          # train and val (the original had one clip per video, pipeline.md 1.10)
+                          split=data.split_of(vid))
             data.write_clip(clips_root, c)
             record["clips"].append(clip_id)
         else:
@@ -358,7 +365,25 @@ def process_video(job, cfg, detector, pose_estimator, lifter, vlm=None, clips_ro
             record["rejected"].append({"clip_id": clip_id, "reason": why})
     n_written = sum(1 for g in record["segments"] if g.get("written"))
     status, reason = ("OK", "") if n_written else ("NO_CLIPS", ";".join(_segment_reasons(record)) or "NO_SEGMENTS")
-    return {**record, "status": status, "reason": reason, "written": n_written, "seconds": round(time.time() - t0, 3)}
+    return {**record, "status": status, "reason": reason, "written": n_written, "vlm_errors": vlm_errors(record),
+            "seconds": round(time.time() - t0, 3)}
+
+
+def _last_vlm_error(record):
+    errs = [(g.get(k) or {}).get("error") for g in record.get("segments", []) for k in ("oracle", "judge", "caption")]
+    errs = [e for e in errs if e not in (None, "EMPTY_CAPTION")]
+    return errs[-1][:200] if errs else "?"
+
+
+def vlm_errors(record):
+    """How many VLM calls of a record failed in transport (every retry timed out / was refused / got HTTP errors):
+    not a verdict on the video, so --resume does the video again."""
+    n = 0
+    for g in record.get("segments", []):
+        for key in ("oracle", "judge", "caption"):
+            err = (g.get(key) or {}).get("error")
+            n += err is not None and err != "EMPTY_CAPTION"
+    return n
 
 
 def _segment_reasons(record):
@@ -412,8 +437,7 @@ def list_videos(videos_dir=None, manifest=None):
                 rel = p.relative_to(root)
                 jobs.append({"video": str(p), "video_id": safe_id(rel.with_suffix("").as_posix()),
                              "action_class": rel.parent.name if len(rel.parts) > 1 else "", "description": ""})
-    ids = [j["video_id"] for j in jobs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, n in collections.Counter(j["video_id"] for j in jobs).items() if n > 1)
     if dup:
         raise ValueError(f"duplicate video ids: {dup[:5]}")
     return sorted(jobs, key=lambda j: j["video_id"])
@@ -433,17 +457,20 @@ def parse_shard(text):
 
 
 def read_records(path):
-    """The complete records of a status file (a torn last line from a killed run is ignored)."""
-    out = []
+    """The complete records of a status file, one per video: a video done again (--resume after a VLM outage,
+    --retry-failed) keeps its latest record; a torn last line from a killed run is ignored."""
+    out = {}
     if Path(path).is_file():
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if line.endswith("\n"):
                     try:
-                        out.append(json.loads(line))
+                        rec = json.loads(line)
                     except ValueError:
-                        pass
-    return out
+                        continue
+                    out.pop(rec.get("video_id"), None)  # re-inserted: ordered by latest write
+                    out[rec.get("video_id")] = rec
+    return list(out.values())
 
 
 def _open_status(path, resume):
@@ -483,7 +510,7 @@ def summarize(records):
 
 
 def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1), resume=False, keep="checks",
-        progress=True):
+        progress=True, retry_failed=False):
     """Process this shard's jobs into out/ (clips via data.write_clip, status/shard-K-of-N.jsonl); returns the
     shard's records (old ones too when resuming)."""
     from tqdm import tqdm
@@ -491,11 +518,19 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
     k, n = shard
     mine = [j for j in jobs if shard_of(j["video_id"], n) == k]
     status = out / "status" / f"shard-{k:05d}-of-{n:05d}.jsonl"
-    done = {r["video_id"]: r for r in read_records(status)} if resume else {}
+    done = {}
+    if resume:  # every status file, so a changed N still skips finished videos; this shard's own file wins
+        mine_ids = {j["video_id"] for j in mine}
+        for f in sorted(set((out / "status").glob("shard-*.jsonl")) - {status}) + [status]:
+            done.update({r["video_id"]: r for r in read_records(f) if r["video_id"] in mine_ids})
     _remove_stale_tmp(out, k, n)
+    vlm_down = 0  # consecutive videos whose VLM calls failed in transport
     with _open_status(status, resume) as fh:
         for job in tqdm(mine, desc=f"shard {k}/{n}", disable=not progress, unit="video"):
-            if job["video_id"] in done:
+            old = done.get(job["video_id"])
+            # finished, unless its VLM calls failed in transport (a server outage is not a verdict) or, with
+            # retry_failed, it ended in an exception; a redone video's newer record supersedes the old line
+            if old is not None and not old.get("vlm_errors") and not (retry_failed and old["status"] == "ERROR"):
                 continue
             try:
                 rec = process_video(job, cfg, detector, pose_estimator, lifter, vlm, out, keep)
@@ -507,6 +542,11 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())  # a record on disk means the video is finished (its clips were written first)
+            vlm_down = vlm_down + 1 if rec.get("vlm_errors") else 0
+            if vlm is not None and cfg.vlm_down_videos and vlm_down >= cfg.vlm_down_videos:
+                raise RuntimeError(f"the VLM failed on {vlm_down} videos in a row (last: "
+                                   f"{_last_vlm_error(rec)}); fix the server and rerun with --resume, which redoes "
+                                   "those videos")
     if any(r.get("written") for r in done.values()):
         data.write_index(out)
     return list(done.values())
@@ -537,7 +577,9 @@ def main(argv=None):
     ap.add_argument("--manifest", default="", help="JSONL manifest instead of / in addition to --videos")
     ap.add_argument("--out", default="", help="output dataset folder (clips + status/)")
     ap.add_argument("--shard", default="0/1", help="K/N: process the videos with md5(video_id) %% N == K")
-    ap.add_argument("--resume", action="store_true", help="skip videos that already have a status record")
+    ap.add_argument("--resume", action="store_true", help="skip videos that already have a status record (except "
+                    "those whose VLM calls failed in transport: they are done again)")
+    ap.add_argument("--retry-failed", action="store_true", help="with --resume: also redo videos that ended in ERROR")
     ap.add_argument("--keep", default="", choices=["", "all", "checks", "vlm_good", "strict"],
                     help="which clips to write (default: strict with a VLM, checks without)")
     ap.add_argument("--detector", default="", help="YOLOS checkpoint folder (e.g. hustvl/yolos-base, downloaded once)")
@@ -606,7 +648,12 @@ def main(argv=None):
         detector = vit.YolosDetector(args.detector, device=device, dtype=dtype, threshold=cfg.det_conf,
                                      batch_size=16, workers=min(8, os.cpu_count() or 1))
         pose = vit.ViTPoseEstimator(args.pose, device=device, dtype=dtype, dataset_index=0)
-    records = run(jobs, args.out, cfg, detector, pose, lifter, vlm, shard, args.resume, keep, not args.no_progress)
+    try:
+        records = run(jobs, args.out, cfg, detector, pose, lifter, vlm, shard, args.resume, keep,
+                      not args.no_progress, args.retry_failed)
+    except RuntimeError as e:  # the VLM server is down: stop instead of rejecting every video
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
     print(summarize(records))
     return 0
 

@@ -269,6 +269,9 @@ def main(argv=None):
     val_set = FlowSamples(data.WindowDataset(root, split="val", flip=False, **windows), args.seed, H, A)
     if len(train_set) == 0:
         raise SystemExit(f"no training windows in {root}")
+    # Every rank reads the same index, so all take the same decision; validation and the final evaluation run on
+    # rank 0 only, with no collective inside, so skipping them cannot leave another rank waiting.
+    has_val = len(val_set) > 0
 
     assert args.total_batch % (args.batch_size * world) == 0, "--total-batch must divide by batch-size x world"
     accum = args.total_batch // (args.batch_size * world)
@@ -307,6 +310,9 @@ def main(argv=None):
     n_trainable = sum(p.numel() for p in params)
     print0(f"{len(train_set)} train / {len(val_set)} val windows; {n_trainable:,} trainable parameters; "
            f"world {world} x batch {args.batch_size} x accum {accum} = {args.total_batch}")
+    if not has_val:  # a NaN validation loss, then a crash in the final evaluation, would say it less clearly
+        print0(f"note: no val windows in {root} (the split is a hash of the clip/video id, ~2% val, so a small "
+               f"dataset may have none): skipping the validation loss and the final rolling evaluation")
 
     def val_loss():
         """Mean flow loss on the first eval-batches of the validation windows, with each window's fixed t / noise
@@ -321,7 +327,7 @@ def main(argv=None):
                                      timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"].item()
                 losses.append((loss * len(b["t"]), len(b["t"])))  # per-window mean: the last batch may be short
         raw_model.train()
-        return sum(l for l, _ in losses) / sum(n for _, n in losses) if losses else float("nan")
+        return sum(l for l, _ in losses) / sum(n for _, n in losses)
 
     # --- loop ---
     stream = batches(train_set, args, rank, world, args.batch_size, pos)
@@ -331,7 +337,7 @@ def main(argv=None):
     t0 = time.time()
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
-        if master and (last_step or (step > 0 and step % args.eval_every == 0)):
+        if master and has_val and (last_step or (step > 0 and step % args.eval_every == 0)):
             vl = val_loss()
             log = {"step": step, "val_loss": vl}
             metrics.write(json.dumps(log) + "\n")
@@ -378,7 +384,7 @@ def main(argv=None):
         png = plot_losses(out / "metrics.jsonl", out / "loss.png")
         if png is not None:
             print0(f"loss curves: {png}")
-        if args.final_eval_windows and args.stop_after is None:
+        if args.final_eval_windows and args.stop_after is None and has_val:
             final_evaluation(raw_model, root, args, device, out)
     if ddp:
         dist.destroy_process_group()
@@ -386,7 +392,8 @@ def main(argv=None):
 
 def plot_losses(metrics_path, png_path, bins=15):
     """metrics.jsonl -> a PNG of the training loss (mean per bin of steps) and the validation loss, drawn with
-    eval.py's PIL line chart. After a resume the file holds repeated steps: the last record of a step wins."""
+    eval.py's PIL line chart (no val curve when there was no validation). After a resume the file holds repeated
+    steps: the last record of a step wins."""
     import eval as evaluation
 
     train, val = {}, {}
@@ -398,8 +405,10 @@ def plot_losses(metrics_path, png_path, bins=15):
     steps = sorted(train)
     edges = np.linspace(0, len(steps), min(bins, len(steps)) + 1).astype(int)
     xs = [steps[hi - 1] for lo, hi in zip(edges[:-1], edges[1:])]  # each bin is labelled by its last step
-    series = {"train loss": [float(np.mean([train[s] for s in steps[lo:hi]])) for lo, hi in zip(edges[:-1], edges[1:])],
-              "val loss": [None] * len(xs)}
+    series = {"train loss": [float(np.mean([train[s] for s in steps[lo:hi]])) for lo, hi in zip(edges[:-1], edges[1:])]}
+    val = {step: v for step, v in val.items() if v is not None and math.isfinite(v)}  # older runs logged NaN
+    if val:
+        series["val loss"] = [None] * len(xs)
     for step, v in val.items():  # a validation point goes to the bin whose last step is nearest
         series["val loss"][int(np.argmin([abs(x - step) for x in xs]))] = v
     img = evaluation.Image.new("RGB", (720, 300), "white")

@@ -67,6 +67,9 @@ def _import_av():
         import av
     except ImportError as e:
         raise ImportError("decoding needs PyAV: pip install av (the 'pipeline' extra)") from e
+    if not hasattr(av.VideoFrame, "rotation"):  # without it every frame would fail and every video be skipped
+        raise ImportError(f"PyAV {av.__version__} is too old: VideoFrame.rotation needs PyAV >= 14 "
+                          "(pip install -U 'av>=14')")
     return av
 
 
@@ -230,6 +233,9 @@ def write_video(path, frames, fps=30.0, codec="libx264", times=None, rotation=0)
         s.pix_fmt = "yuv420p"
         s.codec_context.time_base = tb
         if rotation:
+            if not hasattr(s, "set_display_rotation"):
+                raise RuntimeError(f"writing a display rotation needs a newer PyAV than {av.__version__} "
+                                   "(Stream.set_display_rotation)")
             s.set_display_rotation(rotation)
         for i, f in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")

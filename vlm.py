@@ -138,9 +138,18 @@ class VLMClient:
 # Replies: the JSON slice of a reply, and a regex repair of one boolean field
 
 
+def strip_thinking(text):
+    """A reply without its reasoning: everything up to the last </think> (Qwen3 Thinking chat templates open the
+    <think> block in the prompt, so the reply has only the closing tag), then any <think>... left open."""
+    text = text or ""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return re.sub(r"<think>.*", "", text, flags=re.S)
+
+
 def _json_object(text):
     """The JSON object of a VLM reply: thinking stripped, the slice from the first '{' to the last '}'."""
-    text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S)
+    text = strip_thinking(text)
     i, j = text.find("{"), text.rfind("}")
     if i < 0 or j <= i:
         return None, text
@@ -277,7 +286,7 @@ CAPTION_PROMPT = (
 def parse_caption(text):
     """Captioner reply -> the imperative description (thinking, 'Description:' headers, a stray 'assistant' line and
     quotes removed; at most 3 sentences), or None when nothing usable remains."""
-    text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S).strip()
+    text = strip_thinking(text).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip().lower() != "assistant"]
     for i, ln in enumerate(lines):
         if ln.lower().startswith("description"):

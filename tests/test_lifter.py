@@ -173,3 +173,12 @@ def test_directions_are_mirror_equivariant(trained):
     # the mirrored view's left thigh (bone 4) is the original's right thigh (bone 1) with x negated, etc.
     bone_flip = [j - 1 for j in flip[1:]]
     np.testing.assert_allclose(d_m[:, bone_flip] * np.array([-1.0, 1.0, 1.0]), d, atol=1e-5)
+
+
+def test_lifter_file_from_another_version_is_a_clear_error(trained, tmp_path):
+    _, path = trained
+    state = load_file(str(path))
+    bad = tmp_path / "future.safetensors"
+    save_file(state, str(bad), metadata={"lifter_config": json.dumps({**dataclasses.asdict(TINY), "heads": 4})})
+    with pytest.raises(ValueError, match="heads"):
+        lifter.load_lifter(bad)

@@ -60,6 +60,8 @@ def _det(*boxes):
     ('<think>Person 1 is small... {maybe}</think>\n{"chosen_index": 3, "reason": "centre"}', 3, 2),
     ('Sure! ```json\n{"chosen_index": "1", "reason": "x"}\n```', 2, 0),
     ('{"chosen_index": 2, "reason": "unterminated', 4, 1),  # broken JSON: regex repair
+    # a Thinking model: the template opened <think> in the prompt, so the reply has only the closing tag
+    ('Box 1 is {"chosen_index": 1} maybe... no, box 3 is central.</think>\n{"chosen_index": 3, "reason": "c"}', 3, 2),
     ('{"chosen_index": 7, "reason": "out of range"}', 3, None),
     ('{"chosen_index": 0}', 3, None),
     ('{"chosen_index": 1.5}', 3, None),
@@ -77,6 +79,10 @@ def test_parse_verdict_and_caption():
                       '"explanation": "standing still"}')
     assert v == {"tracking_consistent": True, "motion_matches": False, "explanation": "standing still",
                  "judged": True}
+    v = parse_verdict('They jump, so "motion_matches": true? No: {"motion_matches": true} is wrong here.</think>'
+                      '{"tracking_consistent": true, "motion_matches": false}')
+    assert v["tracking_consistent"] and not v["motion_matches"] and v["judged"]
+    assert parse_caption("Thinking about the skeleton...</think>\nSquat down. Stand up.") == "Squat down. Stand up."
     v = parse_verdict('tracking_consistent: TRUE, "motion_matches": true (broken')
     assert v["tracking_consistent"] and v["motion_matches"] and v["judged"]
     for bad in ["", "no idea", '{"tracking_consistent": "maybe", "motion_matches": true}']:
@@ -102,6 +108,29 @@ def test_coco_to_h36m():
     np.testing.assert_allclose(h[0, 9], [50, 20 - (20 - 35) / 4])  # nose pulled towards the shoulders
     np.testing.assert_allclose(h[0, 7], [50, 57.5])  # spine
     np.testing.assert_allclose(s[0, 0], sc[0, 11:13].mean())
+
+
+def test_coco_to_h36m_asymmetric_pose_follows_the_spec():
+    # a leaning, asymmetric pose, so the x terms of the spine push and the head matter; each joint written out
+    # from pipeline.md 1.5 one scalar at a time
+    rng = np.random.default_rng(3)
+    c = rng.uniform(0, 200, (17, 2))
+    sc = rng.uniform(0.1, 1.0, 17)
+    h, s = pipeline.coco_to_h36m(c[None], sc[None])
+    sh_x, sh_y = (c[5, 0] + c[6, 0]) / 2, (c[5, 1] + c[6, 1]) / 2
+    hip_x, hip_y = (c[11, 0] + c[12, 0]) / 2, (c[11, 1] + c[12, 1]) / 2
+    nose_x, nose_y = c[0]
+    head = [(c[1, 0] + c[2, 0] + c[3, 0] + c[4, 0]) / 4, c[1, 1] + c[2, 1] - nose_y]
+    thorax = [sh_x + (nose_x - sh_x) / 3, sh_y + (nose_y - sh_y) / 3 - ((c[1, 1] + c[2, 1]) / 2 - nose_y) * 2 / 3]
+    spine_x = (sh_x + hip_x) / 2
+    spine = [spine_x + 2 * (spine_x - (hip_x + thorax[0]) / 2), (sh_y + hip_y) / 2]
+    neck = [nose_x - (nose_x - sh_x) / 4, nose_y - (nose_y - sh_y) / 4]
+    np.testing.assert_allclose(h[0, [0, 7, 8, 9, 10]], [[hip_x, hip_y], spine, thorax, neck, head], atol=1e-9)
+    for hj, cj in {11: 5, 14: 6, 12: 7, 15: 8, 13: 9, 16: 10, 4: 11, 1: 12, 5: 13, 2: 14, 6: 15, 3: 16}.items():
+        np.testing.assert_array_equal(h[0, hj], c[cj])
+        assert s[0, hj] == sc[cj]
+    s0, s8 = (sc[11] + sc[12]) / 2, (sc[5] + sc[6]) / 2
+    np.testing.assert_allclose(s[0, [0, 8, 7, 10, 9]], [s0, s8, (s0 + s8) / 2, sc[1:5].mean(), sc[0]])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,3 +567,38 @@ def test_local_qwen3vl_backend_matches_transformers_greedy(tmp_path):
                            eos_token_id=backend.eos, pad_token_id=backend.processor.pad_token_id)
     new = out[0, enc["input_ids"].shape[1]:]
     assert r["text"] == backend.processor.decode(new, skip_special_tokens=True)
+
+
+def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, tmp_path):
+    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
+    side = pipeline._SidecarCache(jobs)
+    det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+    lifter = fit3d.FitLifter(fit3d.FitConfig(steps=20, flip_steps=0))
+    cfg = pipeline.PipelineConfig(vlm_down_videos=2)
+    out = tmp_path / "out"
+    down = VLMClient(local=_ScriptedVLM(fail_first=10 ** 6), retries=0, sleep=lambda s: None)
+    with pytest.raises(RuntimeError, match="2 videos in a row"):  # a dead server is not a verdict on the videos
+        pipeline.run(jobs, out, cfg, det, pose, lifter, down, resume=False, keep="strict", progress=False)
+    status = out / "status" / "shard-00000-of-00001.jsonl"
+    first = pipeline.read_records(status)
+    assert len(first) == 2 and all(r["vlm_errors"] > 0 and r["written"] == 0 for r in first)
+    # the server is back: --resume does those two again (their new records supersede the old lines) and the rest
+    up = VLMClient(local=_ScriptedVLM(pick="no idea"), retries=0, sleep=lambda s: None)
+    records = pipeline.run(jobs, out, cfg, det, pose, lifter, up, resume=True, keep="strict", progress=False)
+    assert len(records) == len(jobs) and all(r["vlm_errors"] == 0 for r in records)
+    assert sorted(r["video_id"] for r in pipeline.read_records(status)) == sorted(j["video_id"] for j in jobs)
+    assert sum(r["written"] for r in records) == len(data.list_clips(out)) > 0
+    # a video's clips all land on one side of the train/val split (hashed from the video id, not the clip id)
+    for e in data.list_clips(out):
+        assert e["split"] == data.split_of(e["video_id"])
+    # resuming with another shard count skips the finished videos (their records are in the old file)
+    calls = []
+    spy = lambda *a, **k: calls.append(a) or pipeline.process_video(*a, **k)  # noqa: E731
+    orig, pipeline.process_video = pipeline.process_video, spy
+    try:
+        for k in range(2):
+            pipeline.run(jobs, out, cfg, det, pose, lifter, up, shard=(k, 2), resume=True, keep="strict",
+                         progress=False)
+    finally:
+        pipeline.process_video = orig
+    assert calls == []

@@ -224,3 +224,29 @@ def test_main_job_end_to_end(dataset, tmp_path):
 def test_too_few_windows_is_an_error_not_a_hang(dataset, tmp_path):
     with pytest.raises(SystemExit, match="cannot fill a micro-batch of 64"):
         train.main(argv(dataset, tmp_path / "x", batch_size=64, total_batch=64, steps=1, num_workers=0))
+
+
+def test_no_val_windows_trains_and_skips_validation(tmp_path, capsys):
+    """A dataset whose clips all fall in train (a small one often does: ~2% of clip ids hash to val) trains to the
+    end: a one-line note up front, no NaN validation points in metrics.jsonl, the train curve in loss.png, and the
+    final rolling evaluation skipped instead of failing with 'no val windows'."""
+    root = make_dataset(tmp_path / "clips", n_train=2, n_val=0)
+    assert not data.list_clips(root, "val")
+    out = tmp_path / "run"
+    train.main(argv(root, out, steps=2, eval_every=1, save_every=2, num_workers=0, final_eval_windows=4))
+    text = capsys.readouterr()
+    text = text.out + text.err
+    assert "0 val windows" in text
+    notes = [line for line in text.splitlines() if line.startswith("note: no val windows")]
+    assert len(notes) == 1 and "skipping the validation loss and the final rolling evaluation" in notes[0], text
+    assert ": val loss" not in text and "rolling eval S=16" not in text
+    raw = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in raw
+    rows = [json.loads(line) for line in raw.splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and not any("val_loss" in r for r in rows)
+    assert all(np.isfinite(v) for r in rows for v in r.values())
+    assert not (out / "final_eval.json").exists()
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002"]
+    assert f"loss curves: {out / 'loss.png'}" in text
+    with Image.open(out / "loss.png") as im:
+        assert im.size == (720, 300)
