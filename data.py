@@ -413,6 +413,8 @@ def flip_text(text):
 
 FORMAT = "mimic-clip-v1"
 INDEX_FILE = "index.jsonl"
+# pipeline.py's verdicts, stored in a clip's extra as "True"/"False" and listed in its index entry
+QUALITY_FLAGS = ("prog_good", "vlm_good", "strict")
 _ARRAYS = {"boxes": (np.float32, (4,)), "pose3d": (np.float32, (17, 3)), "angles": (np.float32, (22,)),
            "src_frame_index": (np.int64, ()), "src_time": (np.float64, ())}
 _CLIP_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
@@ -612,18 +614,24 @@ def write_index(root):
     entries = []
     for p in sorted(root.rglob("*.safetensors")):
         meta, header = _read_header(p)
-        entries.append({"clip_id": meta["clip_id"], "path": p.relative_to(root).as_posix(),
-                        "num_frames": header["jpeg_offsets"]["shape"][0] - 1, "action_class": meta["action_class"],
-                        "split": meta["split"], "video_id": meta.get("video_id", "")})
+        entry = {"clip_id": meta["clip_id"], "path": p.relative_to(root).as_posix(),
+                 "num_frames": header["jpeg_offsets"]["shape"][0] - 1, "action_class": meta["action_class"],
+                 "split": meta["split"], "video_id": meta.get("video_id", "")}
+        extra = json.loads(meta.get("extra") or "{}")
+        if any(k in extra for k in QUALITY_FLAGS):  # pipeline clips: which of the original's datasets they are in
+            entry["quality"] = [k for k in QUALITY_FLAGS if extra.get(k) == "True"]
+        entries.append(entry)
     payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8")
     atomic_write_bytes(root / INDEX_FILE, payload)
     return entries
 
 
-def list_clips(root, split=None):
-    """Index entries (dicts: clip_id, path relative to root, num_frames, action_class, split, video_id) of the
-    dataset in root, from root/index.jsonl (written by write_index when missing; after adding clips to an indexed
-    folder, run write_index / `python data.py index ROOT` again). split: None | "train" | "val"."""
+def list_clips(root, split=None, require=None):
+    """Index entries (dicts: clip_id, path relative to root, num_frames, action_class, split, video_id, and for
+    pipeline clips quality) of the dataset in root, from root/index.jsonl (written by write_index when missing; after
+    adding clips to an indexed folder, run write_index / `python data.py index ROOT` again).
+    split: None | "train" | "val". require: None | one of QUALITY_FLAGS: only the clips that passed it (the
+    original's datasets: "strict" = checks AND judge, "vlm_good" = judge only; "prog_good" = checks only)."""
     root = Path(root)
     if not (root / INDEX_FILE).is_file():
         if not root.is_dir():
@@ -632,6 +640,13 @@ def list_clips(root, split=None):
     else:
         with open(root / INDEX_FILE, encoding="utf-8") as fh:
             entries = [json.loads(line) for line in fh if line.strip()]
+    if require is not None:
+        if require not in QUALITY_FLAGS:
+            raise ValueError(f"require must be one of {QUALITY_FLAGS}, got {require!r}")
+        if not any("quality" in e for e in entries):
+            raise ValueError(f"{root}: no clip carries pipeline quality flags (require={require!r} needs clips "
+                             "written by pipeline.py; rebuild an older index with `python data.py index ROOT`)")
+        entries = [e for e in entries if require in e.get("quality", ())]
     return [e for e in entries if split is None or e["split"] == split]
 
 
@@ -667,10 +682,10 @@ class WindowDataset(torch.utils.data.Dataset):
     start, flipped; with `encode` (images, text) -> dict of tensors, its fields replace the images."""
 
     def __init__(self, root, split="train", stride=16, flip=True, encode=None, image_size=224, horizon=16,
-                 context=4):
+                 context=4, require=None):
         self.root, self.flip, self.encode, self.image_size = Path(root), flip, encode, image_size
         self.horizon, self.context = horizon, context
-        entries = list_clips(self.root, split)
+        entries = list_clips(self.root, split, require)
         self.paths = [e["path"] for e in entries]
         T = np.array([e["num_frames"] for e in entries], dtype=np.int64)
         # vectorised window_starts for every clip (10^6 clips -> no Python loop): count, then offsets within a clip

@@ -58,6 +58,9 @@ def get_args(argv=None):
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--stride", type=int, default=16, help="window stride in frames (released: 16)")
     ap.add_argument("--no-flip", action="store_true", help="disable the mirror augmentation")
+    ap.add_argument("--require", default=None, choices=list(data.QUALITY_FLAGS),
+                    help="train on the pipeline clips that passed this verdict only (strict: checks AND judge, "
+                    "vlm_good: judge only), e.g. from one `pipeline.py --keep all` run")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=500, help="validation loss every N steps (and at the end)")
     ap.add_argument("--eval-batches", type=int, default=8)
@@ -264,7 +267,7 @@ def main(argv=None):
     raw_model = model
     encode = data.QwenEncoder(raw_model.processor, image_size=config.image_size)
     H, A = config.action_horizon, config.action_dim
-    windows = dict(stride=args.stride, encode=encode, image_size=config.image_size)
+    windows = dict(stride=args.stride, encode=encode, image_size=config.image_size, require=args.require)
     train_set = FlowSamples(data.WindowDataset(root, split="train", flip=not args.no_flip, **windows), args.seed, H, A)
     val_set = FlowSamples(data.WindowDataset(root, split="val", flip=False, **windows), args.seed, H, A)
     if len(train_set) == 0:

@@ -602,3 +602,29 @@ def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, 
     finally:
         pipeline.process_video = orig
     assert calls == []
+
+
+def test_keep_all_then_choose_the_dataset_at_training_time(demo_videos, tmp_path):
+    # one run writes every tracked clip with its verdicts; the index lists them, so training can take the
+    # original's "strict" or "vlm_good" dataset (or the checks alone) without a second VLM pass
+    out = tmp_path / "out"
+    assert pipeline.main(["--manifest", str(demo_videos / "manifest.jsonl"), "--out", str(out), "--keep", "all",
+                          "--fit-steps", "20", "--no-progress"]) == 0
+    entries = data.list_clips(out)
+    assert entries and all("quality" in e for e in entries)
+    for e in entries:
+        extra = data.read_clip(out / e["path"]).extra
+        assert e["quality"] == [k for k in data.QUALITY_FLAGS if extra[k] == "True"]
+    good = data.list_clips(out, require="prog_good")
+    assert 0 < len(good) <= len(entries)
+    assert data.list_clips(out, require="strict") == []  # no VLM ran: nothing has a passing judge
+    ds = data.WindowDataset(out, split=None, flip=False, require="prog_good")
+    assert len(ds) > 0 and set(ds.paths) == {e["path"] for e in good}
+    with pytest.raises(ValueError, match="require"):
+        data.list_clips(out, require="great")
+    plain = tmp_path / "plain"
+    clip = data.read_clip(out / entries[0]["path"])
+    clip.extra = {}
+    data.write_clip(plain, clip)
+    with pytest.raises(ValueError, match="no clip carries pipeline quality flags"):
+        data.list_clips(plain, require="strict")
