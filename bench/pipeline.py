@@ -8,6 +8,7 @@ ground-truth sidecars (all stages; their boxes and 2D joints stand in for the de
 
   python bench/pipeline.py                    # 4 rendered videos (+ the shared real ones), default fit
   python bench/pipeline.py --videos 8 --fit-steps 150 --threads 1
+  python bench/pipeline.py --lifter runs/lifter.safetensors   # the learned lifter + refine instead of the fit
 """
 
 import argparse
@@ -32,11 +33,20 @@ def main():
     ap.add_argument("--videos", type=int, default=4, help="rendered demo videos")
     ap.add_argument("--fit-steps", type=int, default=fit3d.FitConfig.steps)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--lifter", default="", help="time lifter.py's learned lifter + refine (a file from "
+                    "`python lifter.py train`) instead of the fit alone")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = pipeline.PipelineConfig()
     fcfg = fit3d.FitConfig(steps=args.fit_steps)
+    lift = lambda kp, sc, W, H: fit3d.fit_clip(kp, sc, W, H, cfg=fcfg)  # noqa: E731
+    if args.lifter:
+        import dataclasses
+
+        import lifter
+        lift = lifter.LearnedLifter.from_file(args.lifter, refine=dataclasses.replace(lifter.REFINE,
+                                                                                      steps=args.fit_steps))
     times = dict.fromkeys(["decode", "cuts", "tracking", "fit", "checks", "write"], 0.0)
     samples = dict.fromkeys(times, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +91,7 @@ def main():
                 samples["tracking"] += e - s
                 kp, sc = pose(dec.frames[s + a:s + b + 1], boxes, keys[a:b + 1])  # not timed
                 t = time.perf_counter()
-                p3 = fit3d.fit_clip(kp, sc, dec.width, dec.height, cfg=fcfg)
+                p3 = lift(kp, sc, dec.width, dec.height)
                 times["fit"] += time.perf_counter() - t
                 t = time.perf_counter()
                 track.run_checks(boxes, sc, p3, dec.width, dec.height, cfg)
@@ -97,7 +107,8 @@ def main():
                 for k in ("fit", "checks", "write"):
                     samples[k] += b - a + 1
     total = sum(times.values())
-    print(f"torch threads {torch.get_num_threads()}, fit steps {args.fit_steps}, {len(fcfg.yaws)} facing hypotheses")
+    how = f"lifter {args.lifter} + refine" if args.lifter else f"{len(fcfg.yaws)} facing hypotheses"
+    print(f"torch threads {torch.get_num_threads()}, fit steps {args.fit_steps}, {how}")
     print(f"{'stage':10s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s} {'share':>6s}")
     for k, v in times.items():
         print(f"{k:10s} {samples[k]:8d} {v:8.2f} {samples[k] / max(v, 1e-9):10.1f} {v / total:6.1%}")
