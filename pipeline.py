@@ -22,9 +22,9 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
      the video id; --resume; an attrition summary.
 `strict` = checks AND judge, `vlm_good` = judge only (the original's two datasets); --keep picks what is written.
 
-Perception is pluggable: Detector / PoseEstimator below define the call signatures; the GroundTruth* stand-ins read
-`<video>.gt.npz` sidecars (written by `--render-demo`: video.render_demo_videos on demo.py's mocap renders) so the
-whole pipeline runs on CPU.
+Perception is pluggable: Detector / PoseEstimator below define the call signatures; video.py's GroundTruth* stand-ins
+read `<video>.gt.npz` sidecars (written by `--render-demo`: video.render_demo_videos on demo.py's mocap renders) so
+the whole pipeline runs on CPU.
 
 Outputs: OUT/clips/.. (data.py clip files), OUT/index.jsonl, OUT/status/shard-K-of-N.jsonl (one record per video:
 every stage's outcome and reason, the clips written and those `--keep` rejected, with why; see process_video), and an
@@ -101,7 +101,7 @@ def config_hash(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3-5. Perception interfaces, stand-ins, keypoint conversion
+# 3-5. Perception interfaces (the stand-ins reading rendered videos' ground truth are in video.py), keypoints
 
 
 class Detector:
@@ -123,52 +123,6 @@ class PoseEstimator:
 
     def __call__(self, images, boxes, keys):
         raise NotImplementedError
-
-
-def load_ground_truth(video_path):
-    """The `<video>.gt.npz` sidecar of a rendered video: boxes (F, P, 4) per source frame and person (NaN: absent),
-    kp2d (F, 17, 2) Human3.6M pixels of person 0, or None when there is none."""
-    p = Path(str(video_path) + ".gt.npz")
-    if not p.is_file():
-        return None
-    with np.load(p, allow_pickle=False) as z:
-        return {"boxes": z["boxes"].astype(np.float64), "kp2d": z["kp2d"].astype(np.float64)}
-
-
-class GroundTruthDetector(Detector):
-    """Stand-in detector: the sidecar boxes of each source frame (score 0.9), nothing for videos without one."""
-
-    def __init__(self, sidecars):
-        self.sidecars = sidecars  # video_id -> load_ground_truth(...) dict or None
-
-    def __call__(self, images, keys):
-        out = []
-        for vid, i in keys:
-            gt = self.sidecars.get(vid)
-            if gt is None or i >= len(gt["boxes"]):
-                out.append(np.zeros((0, 5)))
-                continue
-            b = gt["boxes"][i]
-            b = b[np.isfinite(b).all(1)]
-            out.append(np.concatenate([b, np.full((len(b), 1), 0.9)], 1))
-        return out
-
-
-class GroundTruthPose(PoseEstimator):
-    """Stand-in 2D pose: the sidecar's projected Human3.6M joints (score 0.95) when the box overlaps person 0."""
-
-    keypoint_format = "h36m"
-
-    def __init__(self, sidecars):
-        self.sidecars = sidecars
-
-    def __call__(self, images, boxes, keys):
-        kp, sc = np.zeros((len(keys), 17, 2)), np.zeros((len(keys), 17))
-        for n, (vid, i) in enumerate(keys):
-            gt = self.sidecars.get(vid)
-            if gt is not None and i < len(gt["kp2d"]) and track.box_iou(boxes[n:n + 1], gt["boxes"][i, :1])[0, 0] > 0.3:
-                kp[n], sc[n] = gt["kp2d"][i], 0.95
-        return kp, sc
 
 
 def coco_to_h36m(kp, sc):
@@ -553,22 +507,8 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CLI; --render-demo writes video.render_demo_videos' videos with ground-truth sidecars (the stand-ins' input)
-
-
-class _SidecarCache(dict):
-    """video_id -> ground-truth sidecar, loaded on first use (the stand-in perception's data)."""
-
-    def __init__(self, jobs):
-        super().__init__()
-        self.paths = {j["video_id"]: j["video"] for j in jobs}
-
-    def get(self, vid, default=None):
-        if vid not in self:
-            if len(self) > 8:
-                self.clear()
-            self[vid] = load_ground_truth(self.paths[vid]) if vid in self.paths else None
-        return dict.get(self, vid, default)
+# The CLI; --render-demo writes video.render_demo_videos' videos with ground-truth sidecars (the stand-ins'
+# input: video.GroundTruthDetector / GroundTruthPose)
 
 
 def main(argv=None):
@@ -615,7 +555,7 @@ def main(argv=None):
         shard = parse_shard(args.shard)
     except (OSError, ValueError) as e:
         ap.error(str(e))
-    sidecars = _SidecarCache(jobs)
+    sidecars = video.SidecarCache(jobs)
     vlm = None
     if args.vlm_local:
         vlm = VLMClient(local=LocalQwen3VL(args.vlm_local, args.vlm_device), retries=args.vlm_retries)
@@ -632,7 +572,7 @@ def main(argv=None):
             ap.error(f"--lifter: {e}")
     else:
         lifter = fit3d.FitLifter(fit3d.FitConfig(steps=args.fit_steps, flip_steps=args.fit_flip_steps))
-    detector, pose = GroundTruthDetector(sidecars), GroundTruthPose(sidecars)
+    detector, pose = video.GroundTruthDetector(sidecars), video.GroundTruthPose(sidecars)
     if not (args.detector or args.pose):  # say up front why real videos would all end as NO_DETECTIONS
         bare = sum(not Path(str(j["video"]) + ".gt.npz").is_file() for j in jobs)
         if bare:

@@ -20,7 +20,8 @@ shorter than 20 samples are dropped with a reason.
 
 Writing (write_video, render_demo_videos): H.264 through PyAV, with optional variable frame rate and display
 rotation (the tests build their inputs with it); demo.py's mocap renders as mp4 files plus `<video>.gt.npz` ground
-truth sidecars (read back by pipeline.load_ground_truth) and a manifest.
+truth sidecars and a manifest; load_ground_truth reads them back, and GroundTruthDetector / GroundTruthPose serve them
+as stand-in perception, so the whole pipeline runs without models.
 
 Commands (through pipeline.py, which owns the CLI):
   python pipeline.py --render-demo /tmp/vids --num-videos 4       # rendered demo videos + sidecars + manifest
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import track
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,3 +300,70 @@ def render_demo_videos(out_dir, num_videos=4, seed=0, repeat=3):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / "manifest.jsonl")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rendered videos' ground truth, read back as stand-in perception (pipeline.py without --detector / --pose)
+
+
+def load_ground_truth(video_path):
+    """The `<video>.gt.npz` sidecar of a rendered video: boxes (F, P, 4) per source frame and person (NaN: absent),
+    kp2d (F, 17, 2) Human3.6M pixels of person 0, or None when there is none."""
+    p = Path(str(video_path) + ".gt.npz")
+    if not p.is_file():
+        return None
+    with np.load(p, allow_pickle=False) as z:
+        return {"boxes": z["boxes"].astype(np.float64), "kp2d": z["kp2d"].astype(np.float64)}
+
+
+class GroundTruthDetector:
+    """Stand-in detector (pipeline.Detector's call): the sidecar boxes of each source frame (score 0.9), nothing for videos without one."""
+
+    def __init__(self, sidecars):
+        self.sidecars = sidecars  # video_id -> load_ground_truth(...) dict or None
+
+    def __call__(self, images, keys):
+        out = []
+        for vid, i in keys:
+            gt = self.sidecars.get(vid)
+            if gt is None or i >= len(gt["boxes"]):
+                out.append(np.zeros((0, 5)))
+                continue
+            b = gt["boxes"][i]
+            b = b[np.isfinite(b).all(1)]
+            out.append(np.concatenate([b, np.full((len(b), 1), 0.9)], 1))
+        return out
+
+
+class GroundTruthPose:
+    """Stand-in 2D pose (pipeline.PoseEstimator's call): the sidecar's projected Human3.6M joints (score 0.95) when the box overlaps person 0."""
+
+    keypoint_format = "h36m"
+
+    def __init__(self, sidecars):
+        self.sidecars = sidecars
+
+    def __call__(self, images, boxes, keys):
+        kp, sc = np.zeros((len(keys), 17, 2)), np.zeros((len(keys), 17))
+        for n, (vid, i) in enumerate(keys):
+            gt = self.sidecars.get(vid)
+            if gt is None or i >= len(gt["kp2d"]):
+                continue
+            if track.box_iou(boxes[n:n + 1], gt["boxes"][i, :1])[0, 0] > 0.3:  # the box is on person 0
+                kp[n], sc[n] = gt["kp2d"][i], 0.95
+        return kp, sc
+
+
+class SidecarCache(dict):
+    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as pipeline.list_videos."""
+
+    def __init__(self, jobs):
+        super().__init__()
+        self.paths = {j["video_id"]: j["video"] for j in jobs}
+
+    def get(self, vid, default=None):
+        if vid not in self:
+            if len(self) > 8:
+                self.clear()
+            self[vid] = load_ground_truth(self.paths[vid]) if vid in self.paths else None
+        return dict.get(self, vid, default)

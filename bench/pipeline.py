@@ -66,8 +66,8 @@ def main():
             samples["cuts"] += len(dec.frames)
         for n, p in enumerate(paths):
             vid = f"v{n}"
-            side = {vid: pipeline.load_ground_truth(p)}
-            det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+            side = {vid: video.load_ground_truth(p)}
+            det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
             t = time.perf_counter()
             dec = video.decode_video(p, cfg.fps, cfg.max_short_side)
             times["decode"] += time.perf_counter() - t

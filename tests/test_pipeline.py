@@ -36,11 +36,11 @@ def test_unusable_videos_become_skipped_records(tmp_path):
     (tmp_path / "text.mp4").write_bytes(b"not a video\n" * 20)
     video.write_video(tmp_path / "noise.mp4", _noise_frames(30, level=100), fps=10)  # 30 samples, one shot, nobody
     cfg = pipeline.PipelineConfig()
-    none = pipeline.GroundTruthDetector({})
+    none = video.GroundTruthDetector({})
     for name, status, reason in [("empty.mp4", "SKIPPED", "EMPTY_FILE"), ("text.mp4", "SKIPPED", "OPEN_FAILED"),
                                  ("missing.mp4", "SKIPPED", "UNREADABLE"), ("noise.mp4", "NO_CLIPS", "NO_DETECTIONS")]:
         job = {"video": str(tmp_path / name), "video_id": pipeline.safe_id(name), "action_class": ""}
-        rec = pipeline.process_video(job, cfg, none, pipeline.GroundTruthPose({}), fit3d.FitLifter())
+        rec = pipeline.process_video(job, cfg, none, video.GroundTruthPose({}), fit3d.FitLifter())
         assert (rec["status"], rec["reason"]) == (status, reason), rec
         assert rec["clips"] == [] and rec["rejected"] == [] and ("decode" in rec) == (status == "NO_CLIPS")
         json.dumps(rec)  # every record is JSON-able
@@ -323,7 +323,7 @@ def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
     assert len(entries) == 4
     gt = {}
     for p in sorted(demo_videos.rglob("*.mp4")):
-        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = pipeline.load_ground_truth(p)
+        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = video.load_ground_truth(p)
     for e in entries:
         clip = data.read_clip(out / e["path"])
         T = len(clip.frames_jpeg)
@@ -406,8 +406,8 @@ def test_local_backend_errors_are_recorded():
 def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
     jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
     job = next(j for j in jobs if "walk" in j["video_id"] and "stealthy" not in j["video_id"])
-    side = pipeline._SidecarCache(jobs)
-    det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+    side = video.SidecarCache(jobs)
+    det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
     cfg = pipeline.PipelineConfig()
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=30, flip_steps=0))
     # the oracle picks person 2 (the static distractor): honoured, tracked, then the judge decides
@@ -571,8 +571,8 @@ def test_local_qwen3vl_backend_matches_transformers_greedy(tmp_path):
 
 def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, tmp_path):
     jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
-    side = pipeline._SidecarCache(jobs)
-    det, pose = pipeline.GroundTruthDetector(side), pipeline.GroundTruthPose(side)
+    side = video.SidecarCache(jobs)
+    det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=20, flip_steps=0))
     cfg = pipeline.PipelineConfig(vlm_down_videos=2)
     out = tmp_path / "out"
