@@ -387,7 +387,9 @@ def list_videos(videos_dir=None, manifest=None):
         if not root.is_dir():
             raise FileNotFoundError(f"--videos {root}: not a folder")
         for p in sorted(root.rglob("*")):
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTS:
+            # a broken link or a link loop is listed too, so it gets a SKIPPED record with its reason (UNREADABLE)
+            # instead of vanishing from the counts
+            if p.suffix.lower() in VIDEO_EXTS and (p.is_file() or p.is_symlink()):
                 rel = p.relative_to(root)
                 jobs.append({"video": str(p), "video_id": safe_id(rel.with_suffix("").as_posix()),
                              "action_class": rel.parent.name if len(rel.parts) > 1 else "", "description": ""})

@@ -44,6 +44,13 @@ def test_unusable_videos_become_skipped_records(tmp_path):
         assert (rec["status"], rec["reason"]) == (status, reason), rec
         assert rec["clips"] == [] and rec["rejected"] == [] and ("decode" in rec) == (status == "NO_CLIPS")
         json.dumps(rec)  # every record is JSON-able
+    # a link loop and a dangling link in a --videos folder are listed (not silently left out) and skipped with a reason
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    records = pipeline.run(pipeline.list_videos(tmp_path), tmp_path / "out", cfg, none, video.GroundTruthPose({}),
+                           fit3d.FitLifter(), progress=False)
+    got = {r["video_id"]: (r["status"], r["reason"]) for r in records}
+    assert got["loop"] == got["gone"] == ("SKIPPED", "UNREADABLE") and len(got) == 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
