@@ -303,26 +303,40 @@ def wrapped_diff(a, b):
     return (np.asarray(a) - np.asarray(b) + np.pi) % (2 * np.pi) - np.pi
 
 
+def view_mocap(rng, m, frames=40, noise_px=2.0, drop=0.1, randomize=False, length_jitter=0.0):
+    """One random window of a demo.Motion seen by its own demo.random_camera at 10 Hz -> (kp2d noisy (T, 17, 2),
+    scores (T, 17), pose3d (T, 17, 3) camera frame, camera). `drop` of the joints get score 0 and random positions,
+    the rest Gaussian noise of noise_px pixels; randomize=True draws the noise sigma from U(0, noise_px) and the drop
+    rate from U(0, drop) per clip instead (lifter.py's training data); length_jitter scales each (left/right shared)
+    bone length by U(1 -+ jitter)."""
+    import demo
+    t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
+    pts, _, _ = demo.sample_motion(m, t)
+    pts[..., 1] -= pts[..., 1].min() - 0.03
+    cam = demo.random_camera(rng, pts)
+    pc = demo.world_to_camera(cam, pts)[:, :17]
+    if length_jitter:  # other body proportions
+        scale = rng.uniform(1 - length_jitter, 1 + length_jitter, 10)[_LENGTH_OF_BONE]
+        bones = (pc[:, 1:] - pc[:, list(PARENTS[1:])]) * scale[:, None]
+        pc = _bone_chain(torch.from_numpy(bones), torch.ones(16, dtype=torch.float64),
+                         torch.from_numpy(pc[:, 0])).numpy()
+    uv = demo.project(cam, pc)
+    kp = uv + rng.normal(0, rng.uniform(0, noise_px) if randomize else noise_px, uv.shape)
+    sc = np.full(uv.shape[:2], 0.9)
+    dropped = rng.random(sc.shape) < (rng.uniform(0, drop) if randomize else drop)
+    sc[dropped] = 0.0
+    kp[dropped] = rng.uniform(0, cam.width, (int(dropped.sum()), 2))
+    return kp, sc, pc, cam
+
+
 def mocap_cases(n_clips=6, seed=0, frames=40, noise_px=2.0, drop=0.1):
-    """Yields (name, kp2d noisy (T, 17, 2), scores (T, 17), gt pose3d (T, 17, 3), focal, width, height) from the
-    shipped mocap (demo.MOTIONS), each clip a random camera of demo.random_camera at 10 Hz; `drop` of the joints get
-    score 0 and random positions, the rest get Gaussian noise of noise_px pixels."""
+    """Yields (name, kp2d noisy (T, 17, 2), scores (T, 17), gt pose3d (T, 17, 3), focal, width, height): view_mocap of
+    the shipped mocap (demo.MOTIONS, spread over the list), the benchmark of this file and of lifter.py."""
     import demo
     rng = np.random.default_rng(seed)
     for i in range(n_clips):
         key, file, _, _ = demo.MOTIONS[(i * 5) % len(demo.MOTIONS)]  # spread over the motion list
-        m = demo.load_motion(file)
-        t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
-        pts, _, _ = demo.sample_motion(m, t)
-        pts[..., 1] -= pts[..., 1].min() - 0.03
-        cam = demo.random_camera(rng, pts)
-        pc = demo.world_to_camera(cam, pts)[:, :17]
-        uv = demo.project(cam, pc)
-        kp = uv + rng.normal(0, noise_px, uv.shape)
-        sc = np.full(uv.shape[:2], 0.9)
-        dropped = rng.random(sc.shape) < drop
-        sc[dropped] = 0.0
-        kp[dropped] = rng.uniform(0, cam.width, (int(dropped.sum()), 2))
+        kp, sc, pc, cam = view_mocap(rng, demo.load_motion(file), frames, noise_px, drop)
         yield key, kp, sc, pc, cam.focal, cam.width, cam.height
 
 

@@ -124,40 +124,27 @@ class LifterNet(nn.Module):
 
 def mocap_clips(motions, n_clips, seed, frames=40, noise_px=4.0, drop=0.2, length_jitter=0.0):
     """Yields (kp2d (T, 17, 2), scores (T, 17), pose3d (T, 17, 3) camera frame, focal, width, height) for n_clips
-    random windows of the given demo.Motion objects, each seen by its own demo.random_camera."""
-    import demo  # the mocap loaders and cameras (PIL for its renderer; only needed for training)
+    random windows of the given demo.Motion objects: fit3d.view_mocap with a noise level and drop rate drawn per clip."""
     rng = np.random.default_rng(seed)
     for _ in range(n_clips):
         m = motions[int(rng.integers(len(motions)))]
-        t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
-        pts, _, _ = demo.sample_motion(m, t)
-        pts[..., 1] -= pts[..., 1].min() - 0.03
-        cam = demo.random_camera(rng, pts)
-        pc = demo.world_to_camera(cam, pts)[:, :17]
-        if length_jitter:  # other body proportions: each (left/right shared) bone length scaled by U(1 -+ jitter)
-            scale = rng.uniform(1 - length_jitter, 1 + length_jitter, 10)[fit3d._LENGTH_OF_BONE]
-            bones = (pc[:, 1:] - pc[:, list(data.H36M_PARENTS[1:])]) * scale[:, None]
-            for j in range(1, 17):  # parents come first in the Human3.6M order
-                pc[:, j] = pc[:, data.H36M_PARENTS[j]] + bones[:, j - 1]
-        uv = demo.project(cam, pc)
-        kp = uv + rng.normal(0, rng.uniform(0, noise_px), uv.shape)
-        sc = np.full(uv.shape[:2], 0.9)
-        dropped = rng.random(sc.shape) < rng.uniform(0, drop)
-        sc[dropped] = 0.0
-        kp[dropped] = rng.uniform(0, cam.width, (int(dropped.sum()), 2))
+        kp, sc, pc, cam = fit3d.view_mocap(rng, m, frames, noise_px, drop, randomize=True, length_jitter=length_jitter)
         yield kp, sc, pc, cam.focal, cam.width, cam.height
+
+
+def mirror_keypoints(kp2d, scores, width):
+    """The mirror image of a view: x -> width - x and left/right joints swapped (data.flip_pose3d for 2D)."""
+    flip = list(data.H36M_FLIP_PERM)
+    kp = np.array(kp2d, np.float64)[:, flip]
+    kp[..., 0] = width - kp[..., 0]
+    return kp, np.asarray(scores)[:, flip]
 
 
 def training_set(clips, window):
     """Clips (as mocap_clips yields) plus their mirror images -> X (N, window * FEATURES), Y (N, 16, 3) tensors."""
     X, Y = [], []
-    flip = list(data.H36M_FLIP_PERM)
     for kp, sc, pc, f, W, H in clips:
-        kp_m = kp[:, flip].copy()
-        kp_m[..., 0] = W - kp_m[..., 0]
-        pc_m = pc[:, flip].copy()
-        pc_m[..., 0] *= -1
-        for k, s, p in ((kp, sc, pc), (kp_m, sc[:, flip], pc_m)):
+        for k, s, p in ((kp, sc, pc), (*mirror_keypoints(kp, sc, W), data.flip_pose3d(pc))):
             X.append(frame_windows(frame_features(k, s, W, H, f), window))
             Y.append(bone_directions(p).astype(np.float32))
     return torch.from_numpy(np.concatenate(X)), torch.from_numpy(np.concatenate(Y))
@@ -250,15 +237,11 @@ class LearnedLifter:
         """(T, 16, 3) unit bone directions: the mean of the net on the view and on its mirror image (mirrored back),
         which removes a left/right bias of the net at no training cost."""
         f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
-        kp2d, scores = np.asarray(kp2d, np.float64), np.asarray(scores, np.float64)
-        flip = list(data.H36M_FLIP_PERM)
-        kp_m = kp2d[:, flip].copy()
-        kp_m[..., 0] = width - kp_m[..., 0]
         x = np.stack([frame_windows(frame_features(k, s, width, height, f), self.cfg.window)
-                      for k, s in ((kp2d, scores), (kp_m, scores[:, flip]))])  # (2, T, window * FEATURES)
+                      for k, s in ((kp2d, scores), mirror_keypoints(kp2d, scores, width))])  # (2, T, window * F)
         with torch.no_grad():
             d = self.net(torch.from_numpy(x)).double().numpy()  # (2, T, 16, 3)
-        bone_flip = [j - 1 for j in flip[1:]]  # bone b ends at joint b + 1
+        bone_flip = [j - 1 for j in data.H36M_FLIP_PERM[1:]]  # bone b ends at joint b + 1
         back = d[1][:, bone_flip] * np.array([-1.0, 1.0, 1.0])
         mean = d[0] + back
         return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-9)
@@ -266,12 +249,9 @@ class LearnedLifter:
     def initial_pose(self, kp2d, scores, width, height):
         f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
         d = self.directions(kp2d, scores, width, height)
-        lengths = np.asarray(fit3d._REF_LENGTHS)[fit3d._LENGTH_OF_BONE]
-        pose = np.zeros((len(d), 17, 3))
-        pose[:, 0] = fit3d.root_guess(kp2d, scores, width, height, f)
-        for j in range(1, 17):
-            pose[:, j] = pose[:, data.H36M_PARENTS[j]] + d[:, j - 1] * lengths[j - 1]
-        return pose
+        lengths = torch.tensor(fit3d._REF_LENGTHS, dtype=torch.float64)[fit3d._LENGTH_OF_BONE]
+        root = torch.from_numpy(fit3d.root_guess(kp2d, scores, width, height, f))
+        return fit3d._bone_chain(torch.from_numpy(d), lengths, root).numpy()
 
     def __call__(self, kp2d, scores, width, height):
         pose = self.initial_pose(kp2d, scores, width, height)

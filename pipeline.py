@@ -319,25 +319,15 @@ def process_video(job, cfg, detector, pose_estimator, lifter, vlm=None, clips_ro
             record["rejected"].append({"clip_id": clip_id, "reason": why})
     n_written = sum(1 for g in record["segments"] if g.get("written"))
     status, reason = ("OK", "") if n_written else ("NO_CLIPS", ";".join(_segment_reasons(record)) or "NO_SEGMENTS")
-    return {**record, "status": status, "reason": reason, "written": n_written, "vlm_errors": vlm_errors(record),
+    return {**record, "status": status, "reason": reason, "written": n_written, "vlm_errors": len(vlm_transport_errors(record)),
             "seconds": round(time.time() - t0, 3)}
 
 
-def _last_vlm_error(record):
+def vlm_transport_errors(record):
+    """The errors of a record's VLM calls that failed in transport (every retry timed out / was refused / got HTTP
+    errors): not a verdict on the video, so --resume does the video again. An empty caption is a reply, not one."""
     errs = [(g.get(k) or {}).get("error") for g in record.get("segments", []) for k in ("oracle", "judge", "caption")]
-    errs = [e for e in errs if e not in (None, "EMPTY_CAPTION")]
-    return errs[-1][:200] if errs else "?"
-
-
-def vlm_errors(record):
-    """How many VLM calls of a record failed in transport (every retry timed out / was refused / got HTTP errors):
-    not a verdict on the video, so --resume does the video again."""
-    n = 0
-    for g in record.get("segments", []):
-        for key in ("oracle", "judge", "caption"):
-            err = (g.get(key) or {}).get("error")
-            n += err is not None and err != "EMPTY_CAPTION"
-    return n
+    return [e for e in errs if e not in (None, "EMPTY_CAPTION")]
 
 
 def _segment_reasons(record):
@@ -501,8 +491,8 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
             vlm_down = vlm_down + 1 if rec.get("vlm_errors") else 0
             if vlm is not None and cfg.vlm_down_videos and vlm_down >= cfg.vlm_down_videos:
                 raise RuntimeError(f"the VLM failed on {vlm_down} videos in a row (last: "
-                                   f"{_last_vlm_error(rec)}); fix the server and rerun with --resume, which redoes "
-                                   "those videos")
+                                   f"{vlm_transport_errors(rec)[-1][:200]}); fix the server and rerun with --resume, "
+                                   "which redoes those videos")
     if any(r.get("written") for r in done.values()):
         data.write_index(out)
     return list(done.values())
