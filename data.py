@@ -37,9 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save as _st_save
+
+# the model's input contract; encode/decode_angles and draw_box are also re-exported for callers of data.*
+from model import INPUT_KEYS, collate_inputs, frame_image, prompt_text
+from model import decode_angles, draw_box, encode_angles  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------------
 # Skeleton and angle layout
@@ -359,22 +363,6 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
 # Encoding and mirroring
 
 
-def encode_angles(a):
-    """(..., 22) -> (..., 44) interleaved [sin a1, cos a1, sin a2, cos a2, ...] (numpy or torch)."""
-    if isinstance(a, torch.Tensor):
-        return torch.stack([torch.sin(a), torch.cos(a)], -1).flatten(-2)
-    a = np.asarray(a)
-    return np.stack([np.sin(a), np.cos(a)], -1).reshape(*a.shape[:-1], 2 * a.shape[-1])
-
-
-def decode_angles(x):
-    """(..., 44) interleaved sin/cos -> (..., 22) radians in [-pi, pi] via atan2 (numpy or torch)."""
-    if isinstance(x, torch.Tensor):
-        return torch.atan2(x[..., 0::2], x[..., 1::2])
-    x = np.asarray(x)
-    return np.arctan2(x[..., 0::2], x[..., 1::2])
-
-
 def wrap_angle(a):
     """Wrap radians to [-pi, pi) (numpy or torch); use it on angle differences."""
     return (a + math.pi) % (2 * math.pi) - math.pi
@@ -417,7 +405,7 @@ INDEX_FILE = "index.jsonl"
 QUALITY_FLAGS = ("prog_good", "vlm_good", "strict")
 _ARRAYS = {"boxes": (np.float32, (4,)), "pose3d": (np.float32, (17, 3)), "angles": (np.float32, (22,)),
            "src_frame_index": (np.int64, ()), "src_time": (np.float64, ())}
-_CLIP_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
 
 def split_of(clip_id):
@@ -474,8 +462,8 @@ def atomic_write_bytes(path, payload):
 
 def write_clip(root, clip):
     """Validate and write one clip atomically; returns its path (see clip_path)."""
-    if not isinstance(clip.clip_id, str) or not _CLIP_ID.match(clip.clip_id):
-        raise ValueError(f"clip_id must match {_CLIP_ID.pattern} (filesystem-safe), got {clip.clip_id!r}")
+    if not isinstance(clip.clip_id, str) or not CLIP_ID_RE.match(clip.clip_id):
+        raise ValueError(f"clip_id must match {CLIP_ID_RE.pattern} (filesystem-safe), got {clip.clip_id!r}")
     T = len(clip.frames_jpeg)
     if T < 1:
         raise ValueError(f"clip {clip.clip_id}: no frames")
@@ -659,23 +647,6 @@ def window_starts(T, stride=16, horizon=16, context=4):
     return range(context, T - horizon + 1, stride)
 
 
-def draw_box(image, box, width=3, color=(0, 255, 0)):
-    """Draw the target box in place, `width` px centred on the box edges as OpenCV's thick lines are; coordinates
-    truncated to int and clamped to the frame (as the original). A NaN box draws nothing."""
-    box = np.asarray(box, dtype=np.float64)
-    if not np.all(np.isfinite(box)):
-        return image
-    w, h = image.size
-    x1, y1, x2, y2 = (int(v) for v in box)
-    x1, x2 = (min(max(v, 0), w - 1) for v in (x1, x2))
-    y1, y2 = (min(max(v, 0), h - 1) for v in (y1, y2))
-    if x2 < x1 or y2 < y1:  # an inverted box: nothing sensible to draw
-        return image
-    r = width // 2
-    ImageDraw.Draw(image).rectangle([x1 - r, y1 - r, x2 + r, y2 + r], outline=color, width=width)
-    return image
-
-
 class WindowDataset(torch.utils.data.Dataset):
     """Training windows of all clips of a split. Index i < N: window i; N <= i < 2N (flip=True): its mirror image.
     Item: images (4 PIL frames s-4..s-1, green box, image_size^2), text, state (44,), actions (16, 44), clip_id,
@@ -713,14 +684,11 @@ class WindowDataset(torch.utils.data.Dataset):
             else:
                 angles = r.read("angles", s, s + H)
             jpegs = r.frame_bytes(range(s - C, s))
-        images = []
-        for b, box in zip(jpegs, boxes):
-            im = draw_box(Image.open(io.BytesIO(b)).convert("RGB"), box)
-            if flipped:
-                im = ImageOps.mirror(im)  # mirrors the frame and the drawn box together
-            images.append(im.resize((self.image_size, self.image_size), Image.BILINEAR))
+        # the model's own input rules (model.frame_image): box drawn, mirrored with the frame when flipped, resized
+        images = [frame_image(Image.open(io.BytesIO(b)), box, self.image_size, mirror=flipped)
+                  for b, box in zip(jpegs, boxes)]
         m = cf.meta
-        text = f"Task: {m['action_class']}. Instruction: {m['description']}"
+        text = prompt_text(m["action_class"], m["description"])
         if flipped:
             text = flip_text(text)
         actions = torch.from_numpy(encode_angles(np.asarray(angles, dtype=np.float64))).float()  # (H, 44)
@@ -733,51 +701,24 @@ class WindowDataset(torch.utils.data.Dataset):
         return item
 
 
-_SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-_CAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
-
 def collate(items, pad_token_id=0):
-    """Batch WindowDataset items: state (B, 44), actions (B, 16, 44), start (B,), flipped (B,); clip_id / text /
-    images as lists; token fields (input_ids, attention_mask, ...) right-padded to the longest (input_ids with
-    pad_token_id, the others with 0: padded positions have attention_mask 0); pixel_values / image_grid_thw
-    concatenated along dim 0 (the processor's flat patch layout); any other tensor stacked."""
+    """Batch WindowDataset items: the model's input fields (model.INPUT_KEYS, from an InputEncoder) through
+    model.collate_inputs; state (B, 44), actions (B, 16, 44), start (B,), flipped (B,) stacked; clip_id, text and
+    images as lists."""
     out = {}
+    if INPUT_KEYS[0] in items[0]:
+        out.update(collate_inputs([{k: it[k] for k in INPUT_KEYS} for it in items], pad_token_id))
     for k in items[0]:
+        if k in INPUT_KEYS:
+            continue
         vals = [it[k] for it in items]
-        if k in _SEQ_KEYS:
-            vals = [torch.as_tensor(v).reshape(-1) for v in vals]  # (1, L) or (L,) -> (L,)
-            L = max(v.numel() for v in vals)
-            pad = pad_token_id if k == "input_ids" else 0
-            out[k] = torch.stack([torch.cat([v, v.new_full((L - v.numel(),), pad)]) for v in vals])  # (B, L)
-        elif k in _CAT_KEYS:
-            out[k] = torch.cat([torch.as_tensor(v) for v in vals], 0)
-        elif isinstance(vals[0], torch.Tensor):
+        if isinstance(vals[0], torch.Tensor):
             out[k] = torch.stack(vals)
         elif isinstance(vals[0], (bool, int)) and k in ("start", "flipped"):
             out[k] = torch.tensor(vals)
         else:
             out[k] = vals
     return out
-
-
-class QwenEncoder:
-    """encode callable for WindowDataset: (4 images, text) -> the processor's tensors for one sample, with the
-    prompt of mimic.md sec 2 (one user turn: the images, then the text; generation prompt; no system turn). Runs in
-    DataLoader workers, so JPEG decode, box drawing, patching and tokenisation all happen there."""
-
-    def __init__(self, processor, image_size=224):
-        self.processor, self.image_size = processor, image_size
-        self.pad_token_id = getattr(processor, "pad_token_id", 0)
-
-    def __call__(self, images, text):
-        images = [im if im.size == (self.image_size,) * 2 else im.resize((self.image_size,) * 2, Image.BILINEAR)
-                  for im in images]
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                    add_generation_prompt=True)
-        enc = self.processor(text=prompt, images=images)
-        return {k: (v[0] if k in _SEQ_KEYS and v.dim() == 2 else v) for k, v in enc.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

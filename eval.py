@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
+from model import collate_inputs, frame_image, prompt_text
 
 HORIZON = 16  # predicted steps per call (1.6 s at 10 Hz)
 CONTEXT = 4  # frames before "now" given to the model
@@ -190,32 +190,26 @@ def load_ground_truth(windows, horizon=HORIZON):
         cf = data.ClipFile(w["path"])
         ext.append(cf.read("angles", w["start"] - 1, w["start"] + horizon).astype(np.float64))
         classes.append(cf.meta["action_class"])
-        prompts.append(prompt_text(cf.meta))
+        prompts.append(clip_prompt(cf.meta))
     return np.stack(ext), np.array(classes, dtype=object), prompts
 
 
-def prompt_text(meta):
-    """The training prompt (data.WindowDataset)."""
-    return f"Task: {meta['action_class']}. Instruction: {meta['description']}"
+def clip_prompt(meta):
+    """The training prompt of a clip (data.WindowDataset): its action class and description."""
+    return prompt_text(meta["action_class"], meta["description"])
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Model calls
 
 
-def model_images(frames, boxes, image_size=224):
-    """PIL frames + their (x1, y1, x2, y2) boxes -> the model's images as in training (data.WindowDataset): the green
-    target box drawn on a copy of the full frame, then resized to image_size^2 (aspect ratio not kept)."""
-    return [data.draw_box(im.convert("RGB").copy(), box).resize((image_size, image_size), Image.BILINEAR)
-            for im, box in zip(frames, boxes)]
-
-
 def restart_images(path, t, image_size=224, context=CONTEXT):
-    """The model's images for a restart at clip frame t: frames t-context .. t-1 ONLY (the no-leak rule)."""
+    """The model's images for a restart at clip frame t: frames t-context .. t-1 ONLY (the no-leak rule), each with
+    its box, as in training (model.frame_image)."""
     cf = data.ClipFile(path)
-    frames = range(t - context, t)
-    jpegs = cf.frame_bytes(frames)
-    return model_images([Image.open(io.BytesIO(b)) for b in jpegs], cf.read("boxes", t - context, t), image_size)
+    jpegs = cf.frame_bytes(range(t - context, t))
+    boxes = cf.read("boxes", t - context, t)
+    return [frame_image(Image.open(io.BytesIO(b)), box, image_size) for b, box in zip(jpegs, boxes)]
 
 
 def call_seed(seed, clip_id, start, r):
@@ -243,13 +237,6 @@ class RestartCalls(torch.utils.data.Dataset):
                 "noise": torch.randn(self.shape, generator=g), "index": k}
 
 
-def model_encoder(model):
-    """The picklable (images, text) -> tensors callable of the model (model.encoder(); data.QwenEncoder before)."""
-    if hasattr(model, "encoder"):
-        return model.encoder()
-    return data.QwenEncoder(model.processor, image_size=model.config.image_size)
-
-
 def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batch_size=16, num_workers=0,
                 diffusion_steps=None, progress=True):
     """One batched model call per (window, restart offset) -> (N, R, horizon, 22) predicted radians."""
@@ -259,11 +246,11 @@ def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batc
                          f"model has action_horizon={cfg.action_horizon}, num_frames={cfg.num_frames}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     states = data.encode_angles(np.stack([ext[:, r + 1] for r in offsets], 1))  # (N, R, 44): GT of frame s+r
-    encode = model_encoder(model)
-    pad = getattr(encode, "pad_token_id", 0)
+    encode = model.encoder()
+    pad = encode.pad_token_id
 
     def collate(items):
-        return {"inputs": data.collate([it["inputs"] for it in items], pad_token_id=pad),
+        return {"inputs": collate_inputs([it["inputs"] for it in items], pad),
                 "state": torch.stack([it["state"] for it in items]),
                 "noise": torch.stack([it["noise"] for it in items]),
                 "index": torch.tensor([it["index"] for it in items])}
@@ -273,11 +260,10 @@ def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batc
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                      collate_fn=collate)
     out = np.zeros((len(windows) * len(offsets), cfg.action_horizon, cfg.action_dim // 2))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), model.autocast():
             for b in tqdm(dl, desc="model calls", disable=not progress, dynamic_ncols=True):
                 acts = model(inputs=b["inputs"], robot_state=b["state"].to(device), compute_loss=False,
                              noise=b["noise"].to(device), steps=diffusion_steps)["actions"]  # (B, 16, 44)
@@ -410,7 +396,7 @@ def line_panel(draw, box, xs, series, title, xlabel="", ylabel=""):
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=COLORS.get(name, INK))
 
 
-def _legend(draw, x, y, names):
+def legend(draw, x, y, names):
     f = load_font(13)
     for name in names:
         draw.line([(x, y + 7), (x + 22, y + 7)], fill=COLORS.get(name, INK), width=3)
@@ -434,7 +420,7 @@ def plot_rmse_vs_step(res, path):
     img = Image.new("RGB", (cols * W, rows * H + top), "white")
     draw = ImageDraw.Draw(img)
     methods = [m for m in METHODS if m in res["metrics"][str(steps[0])]]
-    _legend(draw, 10, 8, methods)
+    legend(draw, 10, 8, methods)
     draw.text((cols * W - 8, 8), f"{res['num_windows']} windows, RMSE deg", fill=INK, font=load_font(13), anchor="ra")
     for i, S in enumerate(steps):
         x, y = (i % cols) * W, top + (i // cols) * H

@@ -7,38 +7,36 @@ flow-matching action head that predicts 16 future steps of 22 joint angles (as 4
         -> vl tokens = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) outputs (B, S, 5120)
         -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
 
-Facts: ../shared/reference/mimic.md (sections 2, 3, 7). The released checkpoint is a peft-wrapped transformers
-model; `load_state_dict` maps its names explicitly (the table above map_released_keys) and reports every key it cannot place.
+The model's input is defined once, here (prompt_text, frame_image, InputEncoder, collate_inputs): training,
+evaluation, sampling and serving all build it with these. This file, qwen3vl.py, lora.py and dit.py import nothing
+else of the repo, so the four can be copied on their own.
 
-    python model.py describe --preset mimic-4b          # parameter breakdown on the meta device (no memory)
-    python model.py convert checkpoint.pth config.yaml OUT/ [--merge-lora] [--allow-pickle] [--qwen DIR]
-    python -c "from model import VLAModel; m = VLAModel.from_pretrained('OUT')"
-
-The model card's snippet (quoted in the README: VLAConfig(**config["model_config"]), torch.load of the released
-checkpoint.pth, `module.` stripped, load_state_dict with strict off) works with only its import line changed to
-`from model import VLAModel, VLAConfig`; prefer load_mimic_checkpoint(), which never unpickles code unasked.
+    python model.py describe --preset mimic-4b     # parameter breakdown on the meta device (no memory)
+    python convert.py --help                       # the released checkpoint.pth -> a safetensors folder
 """
 
 import argparse
+import collections
+import hashlib
 import json
-import math
 import os
 import re
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qwen3vl
-from data import QwenEncoder, collate, decode_angles, encode_angles
 from dit import ActionHead, DiTConfig
-from lora import apply_lora, lora_modules, merge_lora
+from lora import apply_lora, lora_modules
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -192,7 +190,167 @@ def build_processor(config: VLAConfig, folder, qcfg):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# The model's input, defined once: what the released model saw in training
+
+
+def encode_angles(a):
+    """(..., 22) -> (..., 44) interleaved [sin a1, cos a1, sin a2, cos a2, ...] (numpy or torch)."""
+    if isinstance(a, torch.Tensor):
+        return torch.stack([torch.sin(a), torch.cos(a)], -1).flatten(-2)
+    a = np.asarray(a)
+    return np.stack([np.sin(a), np.cos(a)], -1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+
+
+def decode_angles(x):
+    """(..., 44) interleaved sin/cos -> (..., 22) radians in [-pi, pi] via atan2 (numpy or torch)."""
+    if isinstance(x, torch.Tensor):
+        return torch.atan2(x[..., 0::2], x[..., 1::2])
+    x = np.asarray(x)
+    return np.arctan2(x[..., 0::2], x[..., 1::2])
+
+
+def prompt_text(task: str, instruction: str) -> str:
+    """The text after the images: the action class, then the imperative instruction."""
+    return f"Task: {task}. Instruction: {instruction}"
+
+
+def draw_box(image, box, width=3, color=(0, 255, 0)):
+    """Draw the target box in place, `width` px centred on the box edges as OpenCV's thick lines are; coordinates
+    truncated to int and clamped to the frame (as the original). A NaN box draws nothing."""
+    box = np.asarray(box, dtype=np.float64)
+    if not np.all(np.isfinite(box)):
+        return image
+    w, h = image.size
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x1, x2 = (min(max(v, 0), w - 1) for v in (x1, x2))
+    y1, y2 = (min(max(v, 0), h - 1) for v in (y1, y2))
+    if x2 < x1 or y2 < y1:  # an inverted box: nothing sensible to draw
+        return image
+    r = width // 2
+    ImageDraw.Draw(image).rectangle([x1 - r, y1 - r, x2 + r, y2 + r], outline=color, width=width)
+    return image
+
+
+def frame_image(frame, box, image_size: int, mirror: bool = False) -> Image.Image:
+    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3)) in RGB, the target
+    person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn green 3 px, optionally mirrored (the flip
+    augmentation mirrors frame and box together), then resized to image_size^2 (aspect ratio not kept)."""
+    im = frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
+    im = draw_box(im.copy() if im is frame else im, box)  # never draw on the caller's image
+    if mirror:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return im.resize((image_size, image_size), Image.BILINEAR)
+
+
+class InputEncoder:
+    """(images, text) -> one sample's model input: the frames as uint8 (F, S, S, 3), the token ids of the chat
+    prompt (one user turn: the F images, then the text; generation prompt; no system turn), their M-RoPE positions
+    (3, L) and the positions of the image tokens. Pixels are patched on the model's device (uint8 crosses the bus,
+    and DataLoader workers' shared memory holds 16x less than float patches with their temporal copy); positions
+    are computed here, on the CPU, so a training or control step has no host-device sync. Picklable: runs in
+    DataLoader workers."""
+
+    def __init__(self, processor, qwen_config, image_size):
+        self.processor, self.qwen_config, self.image_size = processor, qwen_config, image_size
+        self.pad_token_id = processor.pad_token_id
+        ic = processor.image_config
+        kept = qwen3vl.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
+                                    ic.max_pixels)
+        if kept != (image_size, image_size):  # frames are patched as they are (pixel_values_from_frames)
+            raise ValueError(f"the processor would resize {image_size}x{image_size} frames to {kept}: image_size must "
+                             f"be a multiple of {ic.patch_size * ic.merge_size} within its min/max_pixels")
+        self.grid = (1, image_size // ic.patch_size, image_size // ic.patch_size)
+
+    def __call__(self, images, text) -> dict:
+        S = self.image_size
+        images = [im if im.size == (S, S) else im.resize((S, S), Image.BILINEAR) for im in images]
+        frames = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (F, S, S, 3)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                    add_generation_prompt=True)
+        grids = torch.tensor([self.grid] * len(images))
+        ids = torch.tensor(self.processor.token_ids(prompt, grids), dtype=torch.int64)  # (L,)
+        position_ids, _ = qwen3vl.rope_index(self.qwen_config, ids[None], grids)  # (3, 1, L)
+        image_positions = (ids == self.processor.image_token_id).nonzero().squeeze(1)
+        return {"frames": frames, "input_ids": ids, "position_ids": position_ids[:, 0],
+                "image_positions": image_positions}
+
+
+INPUT_KEYS = ("frames", "input_ids", "position_ids", "image_positions")
+
+
+def collate_inputs(items, pad_token_id=0) -> dict:
+    """InputEncoder outputs -> a batch: frames (B, F, S, S, 3) uint8; input_ids (B, L) right-padded with
+    pad_token_id; attention_mask (B, L), 0 on padding; position_ids (3, B, L), 0 on padding (as rope_index gives
+    for masked slots); visual_rows (N,) the flat indices b * L + s of all image tokens, batch-major."""
+    L = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), L), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((len(items), L), dtype=torch.int64)
+    pos = torch.zeros((3, len(items), L), dtype=torch.int64)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[b, :n], mask[b, :n], pos[:, b, :n] = it["input_ids"], 1, it["position_ids"]
+    rows = torch.cat([it["image_positions"] + b * L for b, it in enumerate(items)])
+    return {"frames": torch.stack([it["frames"] for it in items]), "input_ids": ids, "attention_mask": mask,
+            "position_ids": pos, "visual_rows": rows}
+
+
+BATCH_KEYS = ("frames", "input_ids", "attention_mask", "position_ids", "visual_rows")  # collate_inputs' output
+
+
+class VisionCache:
+    """Per-frame vision-tower outputs (merged tokens and every DeepStack level) for the rolling control loop: at
+    10 Hz the 4-frame window slides by one frame, so 3 of its 4 frames were encoded one call earlier. Keyed by the
+    frame's pixels after the box is drawn (a hash of the uint8 frame), least recently used first out. Each frame
+    is encoded on its own in the vision tower, so cached and fresh outputs are the same numbers (tested)."""
+
+    def __init__(self, max_frames: int = 64):
+        self.max_frames = max_frames
+        self.entries = collections.OrderedDict()  # key -> (tokens (T, Q), [level (T, Q)])
+        self.hits = self.misses = 0
+
+    def clear(self):
+        self.entries.clear()
+
+    def encode(self, frames: torch.Tensor, encode_fn):
+        """frames (N, S, S, 3) uint8 on the CPU -> (tokens (N*T, Q), [levels (N*T, Q)]) as encode_fn(frames)
+        would return them, running encode_fn only on the frames not seen before."""
+        if frames.device.type != "cpu":
+            raise ValueError("VisionCache keys frames by their pixels: pass them on the CPU")
+        if len(frames) > self.max_frames:
+            raise ValueError(f"{len(frames)} frames in one call exceed the cache's max_frames={self.max_frames}")
+        keys = [hashlib.blake2b(f.numpy().tobytes(), digest_size=16).digest() + bytes(str(tuple(f.shape)), "ascii")
+                for f in frames]
+        new = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each new frame once, in order
+        self.hits += len(keys) - len(new)
+        self.misses += len(new)
+        if new:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            tokens, levels = encode_fn(frames[[first[k] for k in new]])
+            per = tokens.shape[0] // len(new)
+            for j, k in enumerate(new):
+                self.entries[k] = (tokens[j * per:(j + 1) * per], [lv[j * per:(j + 1) * per] for lv in levels])
+        for k in keys:
+            self.entries.move_to_end(k)
+        while len(self.entries) > self.max_frames:
+            self.entries.popitem(last=False)
+        got = [self.entries[k] for k in keys]
+        return (torch.cat([g[0] for g in got]),
+                [torch.cat([g[1][j] for g in got]) for j in range(len(got[0][1]))])
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # The model
+
+
+def cast_frozen_(module: nn.Module, dtype):
+    """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train stay fp32, since AdamW
+    updates of ~1e-5 on weights of ~0.02 would round away in bf16 (its spacing there is ~1e-4). Buffers (rotary
+    frequencies) are left in fp32."""
+    for p in module.parameters():
+        want = torch.float32 if p.requires_grad else dtype
+        if want is not None and p.dtype != want and p.is_floating_point():
+            p.data = p.data.to(want)
 
 
 class VLAModel(nn.Module):
@@ -200,7 +358,8 @@ class VLAModel(nn.Module):
 
     Build with `VLAModel(config)`: loads the Qwen3-VL weights when `config.qwen_model_name` is a local folder, else the
     backbone is randomly initialised (tiny preset, or a model whose weights come from a MIMIC checkpoint next).
-    `load_backbone=False` skips reading the folder's weights (its config and tokenizer are still used)."""
+    `load_backbone=False` skips reading the folder's weights (its config and tokenizer are still used).
+    `backbone_dtype` (e.g. bf16) applies to the frozen backbone parameters only (cast_frozen_)."""
 
     def __init__(self, config: VLAConfig, load_backbone: bool = True, backbone_dtype=None):
         super().__init__()
@@ -215,8 +374,6 @@ class VLAModel(nn.Module):
                                                               dtype=backbone_dtype or torch.float32)
         else:
             self.qwen_model = qwen3vl.Qwen3VL(qcfg, num_layers=self.kept)
-            if backbone_dtype is not None:
-                self.qwen_model.to(backbone_dtype)
         # LoRA on the LLM decoder layers only: the vision tower's modules have other names (qkv, proj, linear_fc*)
         if config.use_lora:
             apply_lora(self.qwen_model.model.language_model, list(config.lora_target_modules), rank=config.lora_rank,
@@ -233,13 +390,10 @@ class VLAModel(nn.Module):
         for j, merger in enumerate(self.qwen_model.model.visual.deepstack_merger_list):
             if j >= self.tap:
                 merger.requires_grad_(False)
-        self.action_head = ActionHead(DiTConfig(
-            hidden_dim=config.diffusion_hidden_dim, num_layers=config.num_diffusion_layers,
-            num_heads=config.num_diffusion_heads, action_dim=config.action_dim, action_horizon=config.action_horizon,
-            num_future_tokens=config.num_future_tokens, qwen_hidden_size=config.qwen_hidden_size,
-            projection_dim=config.projection_dim, dropout=config.diffusion_dropout,
-            deep_features=config.use_deepstack_features))
-        self._processor = None
+        cast_frozen_(self.qwen_model, backbone_dtype)
+        self.action_head = ActionHead(DiTConfig.from_vla(asdict(config)))
+        self._processor = self._encoder = None
+        self._luts = {}  # device -> the (256, 3) pixel table on it
         tok_dir = Path(config.qwen_model_name or ".")
         self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
 
@@ -247,54 +401,100 @@ class VLAModel(nn.Module):
 
     @property
     def processor(self):
-        """The Qwen3-VL processor (tokenizer + image patching), built lazily. Frames of image_size stay that size
+        """The Qwen3-VL processor (tokenizer + image settings), built lazily. Frames of image_size stay that size
         (224 -> 14x14 patches -> 49 tokens, as the released model saw them), so min_pixels is lowered to allow it."""
         if self._processor is None:
             self._processor = build_processor(self.config, self._processor_folder, self.qwen_config)
         return self._processor
 
-    def encoder(self):
-        """A picklable (frames, text) -> processor tensors callable for DataLoader workers (data.QwenEncoder)."""
-        return QwenEncoder(self.processor, image_size=self.config.image_size)
+    def encoder(self) -> InputEncoder:
+        """The picklable (images, text) -> one sample's input callable (DataLoader workers, servers)."""
+        if self._encoder is None:
+            self._encoder = InputEncoder(self.processor, self.qwen_config, self.config.image_size)
+        return self._encoder
+
+    def prepare(self, frames, boxes, task: str, instruction: str) -> dict:
+        """One sample's input from what a robot or a video has: the config.num_frames frames before now (PIL images
+        or uint8 (H, W, 3) arrays, any size, oldest first), the target person's box in each ((F, 4) x1 y1 x2 y2 in
+        that frame's pixels; a NaN row = unknown, drawn as nothing), the task (action class) and the instruction.
+        Built exactly as training builds it (data.WindowDataset)."""
+        F_ = self.config.num_frames
+        if frames is None or len(frames) != F_:
+            raise ValueError(f"need the {F_} frames before now, got {None if frames is None else len(frames)}")
+        if boxes is None or isinstance(boxes, str):
+            raise ValueError("boxes are required: the target person's (x1, y1, x2, y2) in each frame, shape "
+                             f"({F_}, 4) (the model was trained with the box drawn; NaN rows = unknown); "
+                             "call predict(frames, boxes, task, instruction, state_angles)")
+        boxes = np.asarray(boxes, dtype=np.float64)
+        if boxes.shape != (F_, 4):
+            raise ValueError(f"boxes must have shape ({F_}, 4), got {boxes.shape}")
+        for name, v in (("task", task), ("instruction", instruction)):
+            if not isinstance(v, str):
+                raise ValueError(f"{name} must be a string (the prompt is 'Task: {{task}}. Instruction: "
+                                 f"{{instruction}}'), got {type(v).__name__}")
+        images = [frame_image(f, b, self.config.image_size) for f, b in zip(frames, boxes)]
+        return self.encoder()(images, prompt_text(task, instruction))
 
     def encode(self, images, instructions) -> dict:
-        """images: list (B) of lists of PIL frames; instructions: list (B) of str -> batched processor tensors."""
+        """images: list (B) of lists of frames that already carry the box; instructions: list (B) of the full
+        prompt texts -> a batch (collate_inputs). The original code's input convention."""
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} image lists but {len(instructions)} instructions")
         enc = self.encoder()
-        batch = collate([enc(list(frames), text) for frames, text in zip(images, instructions)])
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+        return collate_inputs([enc(list(fr), text) for fr, text in zip(images, instructions)], enc.pad_token_id)
 
-    def features(self, inputs: dict):
-        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run."""
-        layers = (self.deep_tap, self.tap)
-        out = self.qwen_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
-                              hidden_layers=layers)
+    def encode_frames(self, frames: torch.Tensor):
+        """frames (N, S, S, 3) uint8 -> the vision tower's (tokens (N*T, Q), [DeepStack levels (N*T, Q)]),
+        patched on the model's device."""
+        dev = self.action_head.future_tokens.device
+        if dev not in self._luts:
+            self._luts[dev] = qwen3vl.pixel_lut(self.processor.image_config).to(dev)
+        pv, grid = qwen3vl.pixel_values_from_frames(frames.to(dev, non_blocking=True), self.processor.image_config,
+                                                    self._luts[dev])
+        return self.qwen_model.model.visual(pv, grid)
+
+    def features(self, inputs: dict, cache: VisionCache = None):
+        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run.
+        `inputs`: collate_inputs' batch (CPU tensors; moved here). `cache`: reuse per-frame vision outputs."""
+        dev = self.action_head.future_tokens.device
+        frames = inputs["frames"]  # (B, F, S, S, 3) uint8
+        flat = frames.reshape(-1, *frames.shape[2:])
+        image_embeds = cache.encode(flat, self.encode_frames) if cache is not None else self.encode_frames(flat)
+        out = self.qwen_model(input_ids=inputs["input_ids"].to(dev, non_blocking=True),
+                              attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                              image_embeds=image_embeds, visual_rows=inputs["visual_rows"],
+                              hidden_layers=(self.deep_tap, self.tap))
         vl = out.layer_outputs[self.tap]
         deep = torch.cat([out.layer_outputs[self.deep_tap], vl], dim=-1) if self.config.use_deepstack_features else None
-        return vl, deep, inputs["attention_mask"].bool()
+        return vl, deep, inputs["attention_mask"].to(dev, non_blocking=True).bool()
+
+    def autocast(self):
+        """The one precision rule for training and inference: bf16 autocast on CUDA (as the released model was
+        trained and should be run), full fp32 on the CPU."""
+        dev = self.action_head.future_tokens.device
+        return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
     # --- training / inference -----------------------------------------------------------------------------------
 
     def forward(self, images=None, instructions=None, actions=None, timesteps=None, robot_state=None,
-                compute_loss=True, noise=None, inputs=None, steps=None):
-        """The original's signature. images: list of per-sample lists of PIL frames; instructions: list of str;
-        actions: (B, H, 44) sin/cos targets; robot_state: (B, 44); timesteps: (B,) flow times (training);
-        noise: (B, H, 44) initial noise / flow noise for exact reproduction. `inputs`: already-encoded processor
-        tensors (the DataLoader workers make them) instead of images + instructions.
+                compute_loss=True, noise=None, inputs=None, steps=None, cache=None):
+        """The original's signature. images: list of per-sample lists of frames (box already drawn); instructions:
+        list of full prompt texts; actions: (B, H, 44) sin/cos targets; robot_state: (B, 44); timesteps: (B,) flow
+        times (training); noise: (B, H, 44) flow noise / initial noise for exact reproduction. `inputs`: an
+        already-collated batch (collate_inputs; the DataLoader workers make them) instead of images + instructions.
         Returns {'loss'} when actions are given (and compute_loss), else {'actions': (B, H, 44)}."""
         if robot_state is None:
             raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
         if inputs is None:
             inputs = self.encode(images, instructions)
         dev = self.action_head.future_tokens.device
-        inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        vl, deep, mask = self.features(inputs)
+        vl, deep, mask = self.features(inputs, cache)
         head_dtype = self.action_head.future_tokens.dtype
         vl, deep = vl.to(head_dtype), deep.to(head_dtype) if deep is not None else None
         state = robot_state.to(dev, head_dtype)
+        noise = noise.to(dev, head_dtype) if noise is not None else None
         if actions is not None and compute_loss:
+            timesteps = timesteps.to(dev) if timesteps is not None else None
             loss = self.action_head.loss(vl, deep, mask, state, actions.to(dev, head_dtype), timesteps=timesteps,
                                          noise=noise, schedule=self.config.time_sampling)
             return {"loss": loss}
@@ -303,13 +503,21 @@ class VLAModel(nn.Module):
         return {"actions": acts}
 
     @torch.inference_mode()
-    def predict(self, frames, instruction: str, state_angles, steps=None, noise=None) -> np.ndarray:
-        """One control step: frames (list of PIL, the num_frames before now), instruction text, current angles
-        (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step)."""
-        state = torch.as_tensor(encode_angles(np.asarray(state_angles, np.float32)))[None]
-        noise = None if noise is None else torch.as_tensor(noise)[None] if torch.as_tensor(noise).dim() == 2 else noise
-        out = self(images=[list(frames)], instructions=[instruction], robot_state=state, compute_loss=False,
-                   noise=noise, steps=steps)["actions"]
+    def predict(self, frames, boxes, task: str, instruction: str, state_angles, steps=None, noise=None,
+                cache: VisionCache = None) -> np.ndarray:
+        """One control step: the frames before now with their target boxes, task, instruction and the current
+        angles (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step). `noise` (H, 44)
+        fixes the sampler's start; `cache` reuses the vision outputs of frames seen in earlier calls."""
+        state = np.asarray(state_angles, dtype=np.float64)  # sin/cos in float64, then float32, as in training
+        if state.shape != (self.config.action_dim // 2,) or not np.all(np.isfinite(state)):
+            raise ValueError(f"state_angles must be {self.config.action_dim // 2} finite radians, got shape "
+                             f"{state.shape}")
+        inputs = collate_inputs([self.prepare(frames, boxes, task, instruction)], self.encoder().pad_token_id)
+        if noise is not None:
+            noise = torch.as_tensor(noise, dtype=torch.float32).reshape(1, self.config.action_horizon, -1)
+        with self.autocast():
+            out = self(inputs=inputs, robot_state=torch.from_numpy(encode_angles(state)).float()[None], compute_loss=False,
+                       noise=noise, steps=steps, cache=cache)["actions"]
         return decode_angles(out[0].float().cpu().numpy())
 
     # --- checkpoints --------------------------------------------------------------------------------------------
@@ -379,7 +587,7 @@ class VLAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", backbone_dtype=None, base=None):
-        """Load a folder written by save_pretrained / `python model.py convert`. Strict: every key must match.
+        """Load a folder written by save_pretrained / `python convert.py`. Strict: every key must match.
         A trainable-only folder needs `base`, the model (or folder) that provides the frozen weights."""
         folder = Path(folder)
         meta = json.loads((folder / "config.json").read_text())
@@ -397,13 +605,13 @@ class VLAModel(nn.Module):
             if missing or unknown:
                 raise KeyError(f"{folder}: missing {missing}, unknown {unknown}")
             model.load_state_dict({**model.state_dict(), **sd}, strict=True)
+            cast_frozen_(model.qwen_model, backbone_dtype)
             return model.to(device)
         with torch.device("meta"):
             model = cls(config, load_backbone=False)
         model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True, assign=True)
         model.reinit_buffers()
-        if backbone_dtype is not None:
-            model.qwen_model.to(backbone_dtype)
+        cast_frozen_(model.qwen_model, backbone_dtype)  # adapters and anything that trains stay fp32
         return model.to(device)
 
     def reinit_buffers(self):
@@ -462,78 +670,6 @@ def merged_state_dict(model: VLAModel) -> dict:
     return sd
 
 
-def load_mimic_checkpoint(path, allow_pickle: bool = False) -> dict:
-    """Read the released `checkpoint.pth` -> its `model_state_dict` with `module.` stripped.
-
-    Pickles run arbitrary code when fully unpickled, so this uses torch.load(weights_only=True) unless the caller
-    explicitly passes allow_pickle=True (the CLI's --allow-pickle) for a file they trust."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-    except Exception as e:  # weights_only refuses arbitrary objects (e.g. a pickled config class)
-        if allow_pickle:
-            raise
-        raise RuntimeError(f"{path}: safe loading (weights_only=True) refused this pickle ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}). If you trust the file, pass allow_pickle=True / "
-                           f"--allow-pickle to unpickle it fully.") from e
-    sd = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict with 'model_state_dict', got {type(ckpt).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
-def read_model_config_yaml(path) -> dict:
-    """The `model_config` mapping of the released config.yaml. A small reader for the YAML subset those files use
-    (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists, # comments), so no PyYAML."""
-    root = {}
-    stack = [(-1, root)]  # (indent, mapping) of the mappings enclosing the current line
-    last = None  # (mapping, key) of the last key read: a block list belongs to it
-    for raw in Path(path).read_text().splitlines():
-        line = "" if raw.lstrip().startswith("#") else raw.split(" #")[0].rstrip()
-        if not line.strip():
-            continue
-        indent, text = len(line) - len(line.lstrip()), line.strip()
-        if text.startswith("- "):
-            if last is None:
-                raise ValueError(f"{path}: list item without a key: {raw!r}")
-            owner, key = last
-            if not isinstance(owner[key], list):
-                owner[key] = []
-            owner[key].append(_yaml_scalar(text[2:].strip()))
-            continue
-        while stack[-1][0] >= indent:  # leave the mappings this line is not inside
-            stack.pop()
-        parent = stack[-1][1]
-        key, _, val = (x.strip() for x in text.partition(":"))
-        parent[key] = _yaml_scalar(val) if val else {}
-        if not val:
-            stack.append((indent, parent[key]))
-        last = (parent, key)
-    cfg = root.get("model_config")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: no model_config mapping found")
-    return cfg
-
-
-def _yaml_scalar(v: str):
-    if v.startswith("[") and v.endswith("]"):
-        return [_yaml_scalar(x.strip()) for x in v[1:-1].split(",") if x.strip()]
-    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-        return v[1:-1]
-    low = v.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("null", "none", "~"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Small utilities
 
@@ -551,8 +687,11 @@ def atomic_write(path, write):
 
 
 def load_safetensors(path) -> dict:
+    """{key: tensor} of a safetensors file. Tensors that sit at an odd offset in the file are copied to aligned
+    memory: CPU matmul kernels round differently on unaligned inputs (~1e-6), and a saved model must give exactly
+    the numbers it gave before saving."""
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: t if (t := f.get_tensor(k)).data_ptr() % 64 == 0 else t.clone() for k in f.keys()}
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor, is_param: bool):
@@ -585,36 +724,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("describe", help="parameter breakdown of a preset, built on the meta device")
     d.add_argument("--preset", default="mimic-4b", choices=sorted(PRESETS))
-    c = sub.add_parser("convert", help="released checkpoint.pth + config.yaml -> safetensors folder")
-    c.add_argument("checkpoint")
-    c.add_argument("config_yaml")
-    c.add_argument("out")
-    c.add_argument("--qwen", default=None, help="local Qwen3-VL folder (config, tokenizer); default: the yaml's name")
-    c.add_argument("--merge-lora", action="store_true", help="fold the LoRA updates into the base weights")
-    c.add_argument("--allow-pickle", action="store_true",
-                   help="fully unpickle the checkpoint (runs code from the file: only for files you trust)")
     args = ap.parse_args(argv)
-
-    if args.cmd == "describe":
-        with torch.device("meta"):
-            model = VLAModel(VLAConfig(**PRESETS[args.preset]), load_backbone=False)
-        counts = count_parameters(model)
-        print(f"preset {args.preset}: kept decoder layers {model.kept} (tap {model.tap}, deep tap {model.deep_tap})")
-        for name, n in counts.items():
-            print(f"  {name:16s} {n:>15,d}  ({n / 1e9:.3f}B)")
-        return counts
-
-    cfg = read_model_config_yaml(args.config_yaml)
-    if args.qwen:
-        cfg["qwen_model_name"] = args.qwen
-    config = VLAConfig(**cfg)
-    sd = load_mimic_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     with torch.device("meta"):
-        model = VLAModel(config, load_backbone=False)
-    model.load_state_dict(sd, strict=True, assign=True)  # raises naming every unplaced / missing key
-    model.reinit_buffers()
-    out = model.save_pretrained(args.out, merge_lora_weights=args.merge_lora)
-    print(f"wrote {out}/model.safetensors and config.json ({sum(v.numel() for v in sd.values()):,} tensors' elements)")
+        model = VLAModel(VLAConfig(**PRESETS[args.preset]), load_backbone=False)
+    counts = count_parameters(model)
+    print(f"preset {args.preset}: kept decoder layers {model.kept} (tap {model.tap}, deep tap {model.deep_tap})")
+    for name, n in counts.items():
+        print(f"  {name:16s} {n:>15,d}  ({n / 1e9:.3f}B)")
+    return counts
 
 
 if __name__ == "__main__":

@@ -140,8 +140,8 @@ def decode_row(row, where="row"):
         raise RowError(f"{where}: missing or null required fields {missing}")
     cid = str(row["clip_id"])
     where = f"{where} (clip_id {cid!r})"
-    if not data._CLIP_ID.match(cid):
-        raise RowError(f"{where}: clip_id is not filesystem-safe (must match {data._CLIP_ID.pattern})")
+    if not data.CLIP_ID_RE.match(cid):
+        raise RowError(f"{where}: clip_id is not filesystem-safe (must match {data.CLIP_ID_RE.pattern})")
     idx = _decompress(row["frame_indices"], "frame_indices", *ARRAY_FIELDS["frame_indices"], None, where)
     F = len(idx)
     if F == 0:

@@ -494,6 +494,57 @@ class TextModel(nn.Module):
 # Full model
 
 
+def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+    """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as transformers computes them.
+    A plain function, so DataLoader workers can compute the positions on the CPU (no host-device sync in the step):
+    - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and takes the
+      next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
+    - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets
+      T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) / merge
+      (= that image's max position + 1), so the text after an image continues right after it;
+    - only tokens with attention_mask = 1 are numbered; padded slots get 0;
+    - rope_deltas_b = max position + 1 - (number of real tokens in row b)."""
+    m = cfg.vision.spatial_merge_size
+    B, S = input_ids.shape
+    dev = input_ids.device
+    iters = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
+                     if video_grid_thw is not None else [])}
+    # transformers 5.24 reads these types from the processor's mm_token_type_ids; we derive the same from ids
+    kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+    position_ids = torch.zeros(3, B, S, dtype=torch.long, device=dev)
+    deltas = []
+    for b in range(B):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(S, dtype=torch.bool,
+                                                                                     device=dev)
+        kind = kinds[b][keep]
+        n = kind.numel()
+        cuts = (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist()  # starts of runs of one type
+        chunks, cur = [], 0
+        for s, e in zip([0] + cuts, cuts + [n]):
+            k = int(kind[s])
+            if k == 0:
+                chunks.append(torch.arange(e - s, device=dev).expand(3, -1) + cur)
+                cur += e - s
+                continue
+            grid = next(iters[k], None)
+            if grid is None:
+                raise ValueError(f"row {b}: more {('image', 'video')[k - 1]} placeholder runs than grid_thw rows")
+            t, gh, gw = grid[0], grid[1] // m, grid[2] // m
+            if t * gh * gw != e - s:
+                raise ValueError(f"row {b}: a run of {e - s} {('image', 'video')[k - 1]} tokens does not match "
+                                 f"grid {grid} ({t * gh * gw} tokens)")
+            tt, hh, ww = torch.meshgrid(torch.arange(t, device=dev), torch.arange(gh, device=dev),
+                                        torch.arange(gw, device=dev), indexing="ij")
+            chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)  # (3, t*gh*gw)
+            cur += max(grid[1], grid[2]) // m
+        pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
+        position_ids[:, b, keep] = pos
+        # the delta is relative to the REAL token count (transformers 5.24), not the padded length S
+        deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
+    return position_ids, torch.stack(deltas).view(B, 1)
+
+
 @dataclass
 class Qwen3VLOutput:
     logits: torch.Tensor | None  # (B, S or logits_to_keep, vocab); None under early exit
@@ -542,58 +593,14 @@ class Qwen3VL(nn.Module):
 
     # -------------------------------------------------------------------------------------------------------------
     def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-        """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1), with transformers 5.24 semantics:
-        - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and takes the
-          next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
-        - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets
-          T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) / merge
-          (= that image's max position + 1), so the text after an image continues right after it;
-        - only tokens with attention_mask = 1 are numbered; padded slots get 0;
-        - rope_deltas_b = max position + 1 - (number of real tokens in row b)."""
-        m = self.cfg.vision.spatial_merge_size
-        B, S = input_ids.shape
-        dev = input_ids.device
-        iters = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-                 2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
-                         if video_grid_thw is not None else [])}
-        # transformers 5.24 reads these types from the processor's mm_token_type_ids; we derive the same from ids
-        kinds = (input_ids == self.cfg.image_token_id).long() + 2 * (input_ids == self.cfg.video_token_id).long()
-        position_ids = torch.zeros(3, B, S, dtype=torch.long, device=dev)
-        deltas = []
-        for b in range(B):
-            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(S, dtype=torch.bool,
-                                                                                         device=dev)
-            kind = kinds[b][keep]
-            n = kind.numel()
-            cuts = (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist()  # starts of runs of one type
-            chunks, cur = [], 0
-            for s, e in zip([0] + cuts, cuts + [n]):
-                k = int(kind[s])
-                if k == 0:
-                    chunks.append(torch.arange(e - s, device=dev).expand(3, -1) + cur)
-                    cur += e - s
-                    continue
-                grid = next(iters[k], None)
-                if grid is None:
-                    raise ValueError(f"row {b}: more {('image', 'video')[k - 1]} placeholder runs than grid_thw rows")
-                t, gh, gw = grid[0], grid[1] // m, grid[2] // m
-                if t * gh * gw != e - s:
-                    raise ValueError(f"row {b}: a run of {e - s} {('image', 'video')[k - 1]} tokens does not match "
-                                     f"grid {grid} ({t * gh * gw} tokens)")
-                tt, hh, ww = torch.meshgrid(torch.arange(t, device=dev), torch.arange(gh, device=dev),
-                                            torch.arange(gw, device=dev), indexing="ij")
-                chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)  # (3, t*gh*gw)
-                cur += max(grid[1], grid[2]) // m
-            pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
-            position_ids[:, b, keep] = pos
-            # the delta is relative to the REAL token count (transformers 5.24), not the padded length S
-            deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
-        return position_ids, torch.stack(deltas).view(B, 1)
+        """rope_index with this model's config: (position_ids (3, B, S), rope_deltas (B, 1))."""
+        return rope_index(self.cfg, input_ids, image_grid_thw, video_grid_thw, attention_mask)
 
     # -------------------------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, output_hidden_states=False, hidden_layers=(),
-                cache: KVCache | None = None, logits_to_keep: int = 0):
+                cache: KVCache | None = None, logits_to_keep: int = 0, position_ids=None, image_embeds=None,
+                visual_rows=None):
         """input_ids (B, S); attention_mask (B, past + S), 1 = real token; pixel_values (N, 1536) for all images in
         order of appearance with image_grid_thw (K, 3); likewise pixel_values_videos / video_grid_thw.
 
@@ -603,7 +610,12 @@ class Qwen3VL(nn.Module):
         layers 0..k-1) without any norm, so hidden_states[k] equals transformers' hidden_states[k] for k < L.
         hidden_layers=(8, 17) -> layer_outputs {8: ..., 17: ...}: each layer's own output (same as
         hidden_states[i + 1] for i < L - 1), pre-DeepStack, without keeping the other layers.
-        logits_to_keep=n > 0 computes logits for the last n positions only (generation)."""
+        logits_to_keep=n > 0 computes logits for the last n positions only (generation).
+
+        Precomputed inputs (what a DataLoader worker or a per-frame cache can provide, so the step has no host-device
+        sync): position_ids (3, B, S) from rope_index; image_embeds = (embeds, [DeepStack levels]) as model.visual
+        returns them for every image, instead of pixel_values; visual_rows (N,) long, the flat indices b * S + s of
+        the image tokens. attention_mask may stay on the CPU: it is inspected there and moved here."""
         lm, cfg = self.model.language_model, self.cfg
         B, S = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -611,14 +623,29 @@ class Qwen3VL(nn.Module):
         if any(not 0 <= i < self.num_layers for i in hidden_layers):
             raise ValueError(f"hidden_layers {sorted(hidden_layers)} outside the {self.num_layers} built layers")
         h = lm.embed_tokens(input_ids)
+        # checked where it lives (the CPU when the caller kept it there: no device sync), then moved
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(h.device, non_blocking=True)
 
+        if visual_rows is not None:  # precomputed image rows: one scatter, no search for the placeholder tokens
+            if image_embeds is None or pixel_values_videos is not None:
+                raise ValueError("visual_rows needs image_embeds and no video inputs")
+            emb, deepstack = image_embeds
+            if visual_rows.numel() != emb.shape[0]:
+                raise ValueError(f"{visual_rows.numel()} visual_rows but {emb.shape[0]} image embeddings")
+            visual_rows = visual_rows.to(h.device, non_blocking=True)
+            h = h.view(B * S, -1).index_copy(0, visual_rows, emb.to(h.dtype)).view(B, S, -1)
+            deepstack = [level.to(h.dtype) for level in deepstack]
+            pixel_values = image_embeds = None
         # --- vision: overwrite placeholder embeddings, collect DeepStack rows in sequence order (spec §7)
         masks, feats = [], []
-        for pix, grid, tok in ((pixel_values, image_grid_thw, cfg.image_token_id),
+        for pix, grid, tok in ((pixel_values if image_embeds is None else image_embeds, image_grid_thw,
+                                cfg.image_token_id),
                                (pixel_values_videos, video_grid_thw, cfg.video_token_id)):
             if pix is None:
                 continue
-            emb, ds = self.model.visual(pix, grid)
+            emb, ds = pix if isinstance(pix, tuple) else self.model.visual(pix, grid)
             mask = input_ids == tok
             if int(mask.sum()) != emb.shape[0]:
                 kind = "Image" if tok == cfg.image_token_id else "Video"
@@ -627,7 +654,8 @@ class Qwen3VL(nn.Module):
             h[mask] = emb.to(h.dtype)  # row-major over (batch, seq), like masked_scatter
             masks.append(mask)
             feats.append(ds)
-        visual_mask, deepstack = None, []
+        if visual_rows is None:
+            deepstack = []
         if masks:
             visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
             # flat (B*S) row of every visual token, row-major like the boolean mask; found once, used per level
@@ -643,7 +671,11 @@ class Qwen3VL(nn.Module):
 
         # --- positions: full M-RoPE index at prefill, cache index + delta while decoding (spec §9)
         rope_deltas = None
-        if past == 0:
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids are for cache-free forwards (generation computes its own)")
+            position_ids = position_ids.to(h.device, non_blocking=True)
+        elif past == 0:
             # recomputed at every prefill, never reused from an earlier call (stale deltas: transformers #43952)
             position_ids, rope_deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw,
                                                             attention_mask)
@@ -658,7 +690,7 @@ class Qwen3VL(nn.Module):
 
         # --- mask: causal + key padding only; never derived from position ids (spec §12.1)
         mask = None
-        if (attention_mask is not None and not bool(attention_mask.all())) or (past > 0 and S > 1):
+        if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
             mask = (kv[None, :] <= kv[past:, None])[None, None]  # (1, 1, S, past+S) causal
             if attention_mask is not None:
@@ -1070,6 +1102,34 @@ def preprocess_images(images, cfg=None):
     return torch.from_numpy(np.concatenate(rows, 0)), torch.tensor(grids, dtype=torch.int64)
 
 
+def pixel_lut(cfg) -> torch.Tensor:
+    """(256, 3) float32: uint8 value -> normalised value per channel, the image processor's exact arithmetic."""
+    return torch.from_numpy(np.ascontiguousarray(_pixel_lut(cfg, fused=False).T))
+
+
+def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor = None):
+    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps (sides multiples of
+    patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values (N*gh*gw, C*tp*p*p) float32 on that
+    device, image_grid_thw (N, 3) int64 on the CPU), equal to preprocess_images on the same frames. Lets uint8
+    frames cross to the GPU (8x fewer bytes than the float patches, 16x with the temporal copy) and be patched
+    there. `lut`: pixel_lut(cfg) already on the device (else built and copied per call)."""
+    cfg = cfg or Qwen3VLPreprocessConfig()
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    n, h, w, c = frames.shape
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if h % (p * m) or w % (p * m) or not cfg.min_pixels <= h * w <= cfg.max_pixels:
+        raise ValueError(f"frames of {h}x{w} would be resized by the processor (sides must be multiples of {p * m}, "
+                         f"area in [{cfg.min_pixels}, {cfg.max_pixels}])")
+    lut = (pixel_lut(cfg) if lut is None else lut).to(frames.device, non_blocking=True)
+    x = lut[frames.long(), torch.arange(3, device=frames.device)]  # (N, H, W, 3) float32, per-channel lookup
+    gh, gw = h // p, w // p
+    x = x.view(n, 1, gh // m, m, p, gw // m, m, p, c).expand(n, tp, gh // m, m, p, gw // m, m, p, c)  # still: tp copies
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (N, bh, bw, mh, mw, C, tp, ph, pw): _vision_patchify's order
+    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
+    return x.reshape(n * gh * gw, c * tp * p * p), grid
+
+
 def sample_video_frame_indices(total_num_frames, video_fps, cfg):
     """Indices of the frames kept: int(duration * cfg.fps) of them, clamped to [min_frames, max_frames] and to the
     clip length, spread uniformly (np.round: half to even)."""
@@ -1364,6 +1424,18 @@ class Qwen3VLProcessor:
         if return_tensors == "pt":
             return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
         return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def token_ids(self, text: str, image_grid_thw) -> list:
+        """The input_ids __call__ gives for one `text` whose images have these grids, without touching pixels
+        (the VLA ships its frames as uint8 and patches them on the device: pixel_values_from_frames)."""
+        grids = [tuple(g) for g in torch.as_tensor(image_grid_thw).tolist()]
+        if text.count(self.image_token) != len(grids):
+            raise ValueError(f"the text has {text.count(self.image_token)} {self.image_token} placeholders but "
+                             f"{len(grids)} image grids were given")
+        m2 = self.image_config.merge_size ** 2
+        expanded = self._expand([text], {self.image_token: [self.image_token * (t * h * w // m2) for t, h, w in grids],
+                                         self.video_token: []})[0]
+        return self.tokenizer.encode(expanded, add_special_tokens=True).ids
 
     def _expand(self, texts, replacements):
         """Replace the i-th placeholder of each kind (counted across the batch) by its expansion."""

@@ -22,7 +22,6 @@ import argparse
 import io
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as ev
+from model import VisionCache, VLAModel, prompt_text
 
 FPS = 10.0  # the model's control rate
 CONTEXT, HORIZON = ev.CONTEXT, ev.HORIZON
@@ -52,11 +52,12 @@ STANDING_POSE3D = np.array([
 
 
 class Source:
-    """frames: list of PIL at 10 Hz; boxes (T, 4), angles (T, 22) ground truth, pose3d (T, 17, 3), text: or None."""
+    """frames: list of PIL at 10 Hz; boxes (T, 4), angles (T, 22) ground truth, pose3d (T, 17, 3), task and
+    instruction (the prompt's two parts): or None when the source does not have them."""
 
-    def __init__(self, name, frames, boxes=None, angles=None, text=None, pose3d=None):
-        self.name, self.frames, self.boxes, self.angles, self.text = name, frames, boxes, angles, text
-        self.pose3d = pose3d
+    def __init__(self, name, frames, boxes=None, angles=None, task=None, instruction=None, pose3d=None):
+        self.name, self.frames, self.boxes, self.angles = name, frames, boxes, angles
+        self.task, self.instruction, self.pose3d = task, instruction, pose3d
 
 
 def resample_indices(times, fps=FPS):
@@ -99,7 +100,8 @@ def load_frames_dir(path, fps=FPS):
 def load_clip(path):
     cf = data.ClipFile(path)
     return Source(cf.meta["clip_id"], cf.frames(range(cf.num_frames)), cf.read("boxes"),
-                  cf.read("angles").astype(np.float64), ev.prompt_text(cf.meta), cf.read("pose3d").astype(np.float64))
+                  cf.read("angles").astype(np.float64), cf.meta["action_class"], cf.meta["description"],
+                  cf.read("pose3d").astype(np.float64))
 
 
 def default_clip(root="data/demo"):
@@ -119,15 +121,15 @@ def default_clip(root="data/demo"):
 
 
 class Predictor:
-    """One control step at a time: frames before t + state -> (16, 22) radians, timing each call."""
+    """One control step at a time: frames before t + state -> (16, 22) radians, timing each call. Frames already
+    seen in an earlier call reuse their vision-tower outputs (model.VisionCache), as a robot's loop would."""
 
-    def __init__(self, model, device, diffusion_steps=None, seed=0):
+    def __init__(self, model, device, diffusion_steps=None, seed=0, cache=True):
         self.model, self.device, self.steps, self.seed = model.eval(), torch.device(device), diffusion_steps, seed
-        self.encode = ev.model_encoder(model)
-        self.pad = getattr(self.encode, "pad_token_id", 0)
+        self.cache = VisionCache() if cache else None
         self.latency_ms = []
 
-    def __call__(self, src, t, text, state, box=None):
+    def __call__(self, src, t, task, instruction, state, box=None):
         cfg = self.model.config
         if t < CONTEXT or t > len(src.frames):
             raise SystemExit(f"--start must leave {CONTEXT} frames before it: frame {t} of {len(src.frames)} at 10 Hz")
@@ -135,19 +137,12 @@ class Predictor:
         boxes = [box] * CONTEXT if box is not None else (
             src.boxes[t - CONTEXT:t] if src.boxes is not None else [full_box(im) for im in frames])
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)  # same source + seed + t -> same prediction
-        noise = torch.randn((1, cfg.action_horizon, cfg.action_dim), generator=g).to(self.device)
+        noise = torch.randn((cfg.action_horizon, cfg.action_dim), generator=g)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()  # latency = what a robot waits for: preprocessing + model + decoding
-        inputs = data.collate([self.encode(ev.model_images(frames, boxes, cfg.image_size), text)],
-                              pad_token_id=self.pad)
-        state44 = torch.as_tensor(data.encode_angles(np.asarray(state, np.float64)), dtype=torch.float32)[None]
-        # bf16 autocast on GPU, as in training and eval.py; fp32 on CPU
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with torch.inference_mode(), autocast:
-            acts = self.model(inputs=inputs, robot_state=state44.to(self.device), compute_loss=False, noise=noise,
-                              steps=self.steps)["actions"]
-            pred = data.decode_angles(acts[0].float().cpu().numpy()).astype(np.float64)
+        pred = self.model.predict(frames, boxes, task, instruction, state, steps=self.steps, noise=noise,
+                                  cache=self.cache).astype(np.float64)
         sync()
         self.latency_ms.append(1000 * (time.perf_counter() - t0))
         return pred
@@ -164,7 +159,7 @@ def latency_stats(ms):
             "median_after_first_ms": float(np.median(ms[1:])) if len(ms) > 1 else None}
 
 
-def rollout(predict, src, text, S, start, state0, box=None):
+def rollout(predict, src, task, instruction, S, start, state0, box=None):
     """Re-query every S steps from `start` to the end of the source. State: the ground truth when the source has
     it, else the pose reached (the previous call's prediction for that step). -> (times, angles (n, 22), calls)."""
     T = len(src.frames)
@@ -172,7 +167,7 @@ def rollout(predict, src, text, S, start, state0, box=None):
     for t in range(start, T, S):
         if src.angles is not None:
             state = src.angles[t]
-        pred = predict(src, t, text, state, box)
+        pred = predict(src, t, task, instruction, state, box)
         n = min(S, T - t)
         traj.append(pred[:n])
         times.extend(range(t, t + n))
@@ -329,18 +324,20 @@ def load_source(args):
 
 
 def prompt_for(args, src):
+    """(task, instruction) of the prompt: the flags, else the clip's own; a video or frame folder needs
+    --instruction (the task defaults to "unknown")."""
     if args.instruction is None and args.task is None:
-        if src.text is None:
+        if src.instruction is None:
             raise SystemExit("--instruction is required for a video or a frame folder")
-        return src.text
-    task = args.task if args.task is not None else "unknown"
-    return f"Task: {task}. Instruction: {args.instruction or ''}"
+        return src.task, src.instruction
+    return (args.task if args.task is not None else "unknown"), (args.instruction or "")
 
 
 def run(model, args):
     """Everything after loading the model (tests call this with any model of VLAModel's call signature)."""
     src = load_source(args)
-    text = prompt_for(args, src)
+    task, instruction = prompt_for(args, src)
+    text = prompt_text(task, instruction)
     T = len(src.frames)
     t = CONTEXT if args.start is None else int(round(args.start * FPS))
     box = None if args.box is None else np.asarray(args.box, np.float32)
@@ -353,7 +350,7 @@ def run(model, args):
     else:
         state = np.asarray(data.pose3d_to_angles(STANDING_POSE3D), np.float64)
     predict = Predictor(model, args.device, args.diffusion_steps, args.seed)
-    pred = predict(src, t, text, state, box)
+    pred = predict(src, t, task, instruction, state, box)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gt = src.angles[t:t + HORIZON] if src.angles is not None and t + HORIZON <= T else None
@@ -382,7 +379,7 @@ def run(model, args):
         msg += f"; RMSE vs ground truth (t = 1..15) {record['rmse_deg_t1_15']:.1f} deg"
     print(msg)
     if args.rollout:
-        times, traj, calls = rollout(predict, src, text, args.rollout, t, state, box)
+        times, traj, calls = rollout(predict, src, task, instruction, args.rollout, t, state, box)
         stats = latency_stats(predict.latency_ms[1:])
         roll = {"S": args.rollout, "frames": times.tolist(), "calls_at_frame": calls, "latency": stats,
                 "latency_ms": predict.latency_ms[1:], "joint_names": list(data.JOINT_NAMES),
@@ -415,8 +412,6 @@ def main(argv=None):
         except ImportError:
             raise SystemExit("reading a video needs PyAV, which is not installed: pip install av "
                              "(or pass --frames DIR with extracted frames, or --clip FILE)") from None
-    from model import VLAModel
-
     ckpt = ev.resolve_checkpoint(args.ckpt)
     print(f"checkpoint {ckpt}")
     return run(VLAModel.from_pretrained(ckpt, device=args.device), args)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import PRESETS, VLAConfig, VLAModel, atomic_write, load_safetensors
+from model import BATCH_KEYS, PRESETS, VLAConfig, VLAModel, atomic_write, load_safetensors
 
 # -----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -154,12 +154,9 @@ class FlowSamples(torch.utils.data.Dataset):
         return item
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
-
 def model_inputs(batch):
-    """The processor tensors of a collated batch (what VLAModel(inputs=...) takes)."""
-    return {k: batch[k] for k in MODEL_INPUTS}
+    """The model-input tensors of a collated batch (what VLAModel(inputs=...) takes)."""
+    return {k: batch[k] for k in BATCH_KEYS}
 
 
 def collate(items):
@@ -265,7 +262,7 @@ def main(argv=None):
         model.load_state_dict({**model.state_dict(), **load_safetensors(resume / "model.safetensors")}, strict=True)
     model.to(device)
     raw_model = model
-    encode = data.QwenEncoder(raw_model.processor, image_size=config.image_size)
+    encode = raw_model.encoder()
     H, A = config.action_horizon, config.action_dim
     windows = dict(stride=args.stride, encode=encode, image_size=config.image_size, require=args.require)
     train_set = FlowSamples(data.WindowDataset(root, split="train", flip=not args.no_flip, **windows), args.seed, H, A)
@@ -416,7 +413,7 @@ def plot_losses(metrics_path, png_path, bins=15):
         series["val loss"][int(np.argmin([abs(x - step) for x in xs]))] = v
     img = evaluation.Image.new("RGB", (720, 300), "white")
     draw = evaluation.ImageDraw.Draw(img)
-    evaluation._legend(draw, 10, 8, list(series))
+    evaluation.legend(draw, 10, 8, list(series))
     evaluation.line_panel(draw, (0, 30, 700, 300), xs, series, "flow-matching loss", xlabel="optimizer step")
     return evaluation.save_png(img, png_path)
 

@@ -37,18 +37,17 @@ from vla import build_model, peak_mib, reset_peak, sync  # noqa: E402
 RELEASED_SAMPLES_PER_GPU_S = 14.9e6 / (566 * 3600)  # ~7.3
 
 
-def window_loader(root, processor, image_size, batch, workers, seed=0, horizon=16, action_dim=44):
+def window_loader(root, encoder, image_size, batch, workers, seed=0, horizon=16, action_dim=44):
     """train.py's training loader (one process, epoch 0) over the train windows of root."""
-    windows = data.WindowDataset(root, split="train", stride=16, flip=True, image_size=image_size,
-                                 encode=data.QwenEncoder(processor, image_size=image_size))
+    windows = data.WindowDataset(root, split="train", stride=16, flip=True, image_size=image_size, encode=encoder)
     dataset = train.FlowSamples(windows, seed, horizon, action_dim)
     order = train.ShardedOrder(len(dataset), 0, 1, seed)
     return train.loader(dataset, order, batch, workers)
 
 
-def bench_data_path(root, processor, image_size, batch, workers, num_batches):
+def bench_data_path(root, encoder, image_size, batch, workers, num_batches):
     """Samples/s of the loader after its first batch (worker start-up excluded)."""
-    it = iter(window_loader(root, processor, image_size, batch, workers))
+    it = iter(window_loader(root, encoder, image_size, batch, workers))
     next(it)
     t0 = time.perf_counter()
     n = 0
@@ -81,7 +80,7 @@ def bench_training(name, root, args, device):
 
     def batches():
         while True:  # epochs until enough steps were timed
-            yield from window_loader(root, model.processor, image_size, args.batch, args.workers)
+            yield from window_loader(root, model.encoder(), image_size, args.batch, args.workers)
 
     stream = batches()
     first = next(stream)
@@ -154,11 +153,12 @@ def main(argv=None):
 
         # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny processor
         #    (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so text is a few more tokens)
-        from model import PRESETS, VLAConfig, backbone_config, build_processor
+        from model import PRESETS, InputEncoder, VLAConfig, backbone_config, build_processor
         cfg = replace(VLAConfig(**PRESETS["tiny"]), image_size=args.image_size)
-        processor = build_processor(cfg, None, backbone_config(cfg)[0])
+        qcfg = backbone_config(cfg)[0]
+        encoder = InputEncoder(build_processor(cfg, None, qcfg), qcfg, args.image_size)
         for w in (int(x) for x in args.data_workers.split(",") if x.strip()):
-            sps, n = bench_data_path(root, processor, args.image_size, args.batch, w, args.data_batches)
+            sps, n = bench_data_path(root, encoder, args.image_size, args.batch, w, args.data_batches)
             print(f"data path, {w} workers, batch {args.batch}, {args.image_size}px: {sps:.1f} samples/s "
                   f"({n} samples timed)")
 

@@ -36,8 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
-from data import encode_angles  # noqa: E402
-from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
+from model import BATCH_KEYS, PRESETS, TINY_QWEN, VLAConfig, VLAModel, encode_angles  # noqa: E402
 
 # The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.
 _IDS = {k: TINY_QWEN[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
@@ -163,6 +162,7 @@ def bench_config(name, args, device, dtype):
     frames, texts, _ = inputs_for(model, rng, 1)
     state = rng.uniform(-1.0, 1.0, 22)
     state44 = torch.as_tensor(encode_angles(state), dtype=torch.float32)[None].to(device)
+    size = model.config.image_size
     enc = {}
 
     def pre():
@@ -170,8 +170,7 @@ def bench_config(name, args, device, dtype):
 
     def backbone():
         with torch.inference_mode(), amp:
-            enc["feat"] = model.features({k: v.to(device) for k, v in enc.items() if k in
-                                          ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
+            enc["feat"] = model.features({k: v for k, v in enc.items() if k in BATCH_KEYS})
 
     def head():
         vl, deep, mask = enc["feat"]
@@ -182,7 +181,8 @@ def bench_config(name, args, device, dtype):
 
     def control():
         with amp:
-            model.predict(frames[0], texts[0], state, steps=args.flow_steps)
+            model.predict(frames[0], np.tile([0.0, 0.0, size - 1, size - 1], (4, 1)), "jumping jacks",
+                          "Do jumping jacks.", state, steps=args.flow_steps)
 
     reset_peak(device)
     t_pre = timeit(pre, device, args.iters, args.warmup)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+from model import TINY_QWEN, InputEncoder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -491,20 +493,26 @@ def test_collate_plain_and_encoded(tmp_path):
     assert b["state"].shape == (len(ds), 44) and b["actions"].shape == (len(ds), 16, 44)
     assert len(b["images"]) == len(ds) and len(b["images"][0]) == 4 and b["start"].dtype == torch.int64
 
-    def encode(images, text):  # stands in for QwenEncoder: per-sample token ids of varying length, flat patches
+    def encode(images, text):  # stands in for model.InputEncoder: per-sample token ids of varying length
         n = len(text)
-        return {"input_ids": torch.arange(1, n + 1)[None], "attention_mask": torch.ones(1, n, dtype=torch.long),
-                "pixel_values": torch.full((4 * 4, 8), float(n)), "image_grid_thw": torch.tensor([[1, 2, 2]] * 4)}
+        return {"frames": torch.full((4, 8, 8, 3), n, dtype=torch.uint8), "input_ids": torch.arange(1, n + 1),
+                "position_ids": torch.arange(n).expand(3, n) + 1, "image_positions": torch.tensor([0, 2])}
 
     ds = data.WindowDataset(tmp_path, split=root_split, flip=True, encode=encode)
     items = [ds[i] for i in range(len(ds))]
     assert "images" not in items[0]
     b = data.collate(items, pad_token_id=-7)
     lens = [len(it["text"]) for it in items]
-    assert b["input_ids"].shape == (len(items), max(lens))
+    L = max(lens)
+    assert b["input_ids"].shape == (len(items), L) and b["position_ids"].shape == (3, len(items), L)
     for r, n in enumerate(lens):
         assert b["attention_mask"][r].sum() == n and (b["input_ids"][r, n:] == -7).all()
-    assert b["pixel_values"].shape == (16 * len(items), 8) and b["image_grid_thw"].shape == (4 * len(items), 3)
+        assert (b["position_ids"][:, r, n:] == 0).all() and (b["position_ids"][:, r, :n] > 0).all()
+        assert (b["frames"][r] == n).all()
+    assert b["frames"].shape == (len(items), 4, 8, 8, 3) and b["frames"].dtype == torch.uint8
+    # flat rows b * L + s of the image tokens, batch-major
+    assert b["visual_rows"].tolist() == [r * L + s for r in range(len(items)) for s in (0, 2)]
+    assert b["state"].shape == (len(items), 44) and b["clip_id"] == [it["clip_id"] for it in items]
 
 
 def test_dataloader_workers(tmp_path):
@@ -518,11 +526,11 @@ def test_dataloader_workers(tmp_path):
     assert torch.equal(torch.cat([b["actions"] for b in batches]), torch.stack([ds[i]["actions"] for i in range(4)]))
 
 
-def test_qwen_encoder_with_processor(tmp_path):
+def test_input_encoder_matches_the_processor(tmp_path):
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    from qwen3vl import Qwen3VLProcessor
+    from qwen3vl import Qwen3VLConfig, Qwen3VLProcessor, pixel_values_from_frames, rope_index
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -531,20 +539,33 @@ def test_qwen_encoder_with_processor(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|[a-z_]+\|>|\w+|[^\w\s]|\n"), behavior="isolated")
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
     proc = Qwen3VLProcessor(tok)
+    with pytest.raises(ValueError, match="would resize 224x224"):  # the stock min_pixels upscales 224 to 256
+        InputEncoder(proc, Qwen3VLConfig.from_hf(TINY_QWEN), image_size=224)
+    proc.image_config = replace(proc.image_config, min_pixels=224 * 224)  # as model.build_processor does
+    qcfg = replace(Qwen3VLConfig.from_hf(TINY_QWEN), image_token_id=proc.image_token_id,
+                   video_token_id=proc.video_token_id, vision_start_token_id=proc.vision_start_token_id,
+                   vision_end_token_id=proc.vision_end_token_id)
     data.write_clip(tmp_path, make_clip(T=40, cid="q1", desc="Wave your left hand now."))
     split = data.list_clips(tmp_path)[0]["split"]
-    enc = data.QwenEncoder(proc, image_size=224)
+    enc = InputEncoder(proc, qcfg, image_size=224)
     ds = data.WindowDataset(tmp_path, split=split, encode=enc)
     items = [ds[i] for i in range(len(ds))]
     one = items[0]
-    assert one["input_ids"].dim() == 1 and one["attention_mask"].shape == one["input_ids"].shape
-    per_image = int(one["image_grid_thw"][0].prod()) // 4  # merged tokens per frame
-    assert one["image_grid_thw"].shape == (4, 3) and (one["input_ids"] == proc.image_token_id).sum() == 4 * per_image
+    # the processor's own output for the same images and prompt: same ids, same pixels (patched from uint8)
+    plain = data.WindowDataset(tmp_path, split=split)[0]
+    content = [{"type": "image"}] * 4 + [{"type": "text", "text": plain["text"]}]
+    ref = proc(text=proc.apply_chat_template([{"role": "user", "content": content}]), images=plain["images"])
+    assert torch.equal(one["input_ids"], ref["input_ids"][0])
+    pv, grid = pixel_values_from_frames(one["frames"], proc.image_config)
+    assert torch.equal(pv, ref["pixel_values"]) and torch.equal(grid, ref["image_grid_thw"])
+    pos, _ = rope_index(qcfg, ref["input_ids"], ref["image_grid_thw"])
+    assert torch.equal(one["position_ids"], pos[:, 0])
+    assert (one["input_ids"][one["image_positions"]] == proc.image_token_id).all()
+    assert len(one["image_positions"]) == 4 * 49  # 224x224 -> 14x14 patches -> 7x7 merged tokens per frame
     text = proc.tokenizer.decode(one["input_ids"].tolist(), skip_special_tokens=False)
     assert text.startswith("<|im_start|>") and text.count("<|vision_start|>") == 4
     b = data.collate(items, pad_token_id=enc.pad_token_id)
-    assert b["input_ids"].shape[0] == len(items) and b["pixel_values"].shape[0] == sum(
-        it["pixel_values"].shape[0] for it in items)
+    assert b["input_ids"].shape[0] == len(items) and len(b["visual_rows"]) == 4 * 49 * len(items)
 
 
 def test_draw_box_and_cli(tmp_path, capsys):

@@ -2,6 +2,7 @@
 the no-leak rule (an instrumented frame reader + frames that carry their own index), caching and determinism of
 model calls, and the CLI end to end (baselines only, and a tiny model) writing its files."""
 
+import contextlib
 import io
 import json
 import math
@@ -13,6 +14,7 @@ from PIL import Image
 
 import data
 import eval as ev
+from model import VLAModel
 
 STEPS = (1, 2, 3, 5, 8, 16)
 
@@ -185,16 +187,16 @@ def test_baselines_match_independent_computation_and_windows_reach_clip_end(data
 
 
 class FrameEncoder:
-    """Stand-in for model.encoder(): reports which clip frame each image was (red channel = 7 * frame) and keeps a
-    corner pixel, so the test can also check that the green box was drawn."""
+    """Stand-in for model.encoder() with the real input contract (uint8 frames, a few token ids): the spy reads
+    which clip frame each image was from its pixels (red channel = 7 * frame) and whether the green box was drawn."""
 
     pad_token_id = 0
 
     def __call__(self, images, text):
         assert len(images) == 4 and all(im.size == (224, 224) for im in images)
-        ids = [round(im.getpixel((112, 112))[0] / 7) for im in images]
-        box_green = [im.getpixel((int(4 * 224 / 48), 112))[1] > 200 for im in images]  # on the box's left edge
-        return {"frame_ids": torch.tensor(ids), "box_green": torch.tensor(box_green)}
+        return {"frames": torch.from_numpy(np.stack([np.asarray(im) for im in images])),
+                "input_ids": torch.arange(3), "position_ids": torch.arange(3).expand(3, 3),
+                "image_positions": torch.tensor([1])}
 
 
 class SpyModel(torch.nn.Module):
@@ -206,14 +208,23 @@ class SpyModel(torch.nn.Module):
         self.config = type("C", (), {"image_size": 224, "action_horizon": 16, "action_dim": 44, "num_frames": 4})()
         self.seen = []
 
+    # the real input preparation and predict(), running on this model's encoder and forward
+    prepare = VLAModel.prepare
+    predict = VLAModel.predict
+
     def encoder(self):
         return FrameEncoder()
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
     def forward(self, inputs=None, robot_state=None, compute_loss=True, noise=None, steps=None, **kw):
         assert not compute_loss and noise.shape == (len(robot_state), 16, 44)
         t_now = torch.round(data.decode_angles(robot_state)[:, 0] / 0.01).long()  # frame index of the state
-        for ids, green, t in zip(inputs["frame_ids"], inputs["box_green"], t_now):
-            self.seen.append((ids.tolist(), int(t), bool(green.all())))
+        for frames, t in zip(inputs["frames"], t_now):  # (4, 224, 224, 3) uint8 each
+            ids = [round(int(f[112, 112, 0]) / 7) for f in frames]
+            green = all(int(f[112, int(4 * 224 / 48), 1]) > 200 for f in frames)  # on the box's left edge
+            self.seen.append((ids, int(t), green))
         return {"actions": robot_state[:, None, :] + 0.05 * noise}
 
 
@@ -257,7 +268,7 @@ def test_restart_images_match_training_windows(dataset):
     path = dataset / ds.paths[ds.win_clip[0]]
     ours = ev.restart_images(path, int(ds.win_start[0]))
     assert [np.asarray(a).tobytes() for a in ours] == [np.asarray(b).tobytes() for b in item["images"]]
-    assert ev.prompt_text(data.ClipFile(path).meta) == item["text"]
+    assert ev.clip_prompt(data.ClipFile(path).meta) == item["text"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
