@@ -195,10 +195,12 @@ def apply_rope(x, cos, sin):
 
 def mrope_slot_rows(mrope_section, half):
     """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots: interleaved "THWTHW...TTTT".
-    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T (spec §8.1)."""
+    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T (spec §8.1).
+    Slots past `half` do not exist: when 3*sec[i] > half the interleave stops at the end, as transformers' slice
+    [offset:3*sec[i]:3] does (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
     rows = [0] * half
     for row, offset in ((1, 1), (2, 2)):
-        for j in range(offset, 3 * mrope_section[row], 3):
+        for j in range(offset, min(3 * mrope_section[row], half), 3):
             rows[j] = row
     return rows
 
@@ -693,8 +695,11 @@ class Qwen3VL(nn.Module):
         if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
             mask = (kv[None, :] <= kv[past:, None])[None, None]  # (1, 1, S, past+S) causal
-            if attention_mask is not None:
-                mask = mask & attention_mask[:, None, None, :].bool()  # (B, 1, S, past+S) + key padding
+            if attention_mask is not None:  # (B, 1, S, past+S) + key padding, but every query keeps its own key:
+                # a left-padding row would be fully masked, which SDPA answers with NaN before torch 2.5 (and on
+                # some kernels), and the next layer's keys and values would carry it into every real row (0 * NaN)
+                own = kv[None, :] == kv[past:, None]  # (S, past+S); for real rows already allowed
+                mask = mask & (attention_mask[:, None, None, :].bool() | own)
         is_causal = mask is None and past == 0 and S > 1  # SDPA's built-in causal mask (no padding, no cache)
 
         hidden_states = [h] if output_hidden_states else None
@@ -860,7 +865,7 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processor: chat template, image / video preprocessing, tokenization (same outputs as transformers'
-# Qwen3VLProcessor 5.24 with its PIL image processor)
+# Qwen3VLProcessor 5.25 with its PIL image processor)
 #
 # Qwen3-VL processor in plain Python: chat template, image / video preprocessing, tokenization.
 #
@@ -874,16 +879,17 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
 #   then every `<|image_pad|>` / `<|video_pad|>` in the prompt is expanded to the number of merged tokens and the text
 #   is tokenized with the checkpoint's `tokenizer.json` (HF `tokenizers`), padded left or right.
 #
-# Reference classes matched (transformers 5.24 as installed here, without torchvision):
+# Reference classes matched (transformers 5.25, the version pinned in pyproject's `test` extra, without torchvision):
 #   images: `Qwen2VLImageProcessorPil` (models/qwen2_vl/image_processing_pil_qwen2_vl.py): the class AutoImageProcessor
 #           picks for qwen3_vl when torchvision is absent. Exact, bit for bit (same PIL resize, same float64->float32
 #           rescale and float32 normalize, done here through a 256-entry lookup table).
 #   videos: `Qwen3VLVideoProcessor` (models/qwen3_vl/video_processing_qwen3_vl.py). It needs torchvision, whose CPU
 #           bicubic resize of uint8 frames is `F.interpolate(uint8, mode="bicubic", antialias=True)`: called here
 #           directly. Normalisation is torchvision's fused (x - 127.5) / 127.5 in float32.
-#   prompt: `Qwen3VLProcessor` (models/qwen3_vl/processing_qwen3_vl.py + ProcessorMixin.__call__). Since transformers
-#           5.x only the `<|video_pad|>` token is replaced, so the template's outer <|vision_start|>..<|vision_end|>
-#           stays around the per-frame blocks; `replace_video_wrapper=True` gives the <= 4.57 behaviour instead.
+#   prompt: `Qwen3VLProcessor` (models/qwen3_vl/processing_qwen3_vl.py + ProcessorMixin.__call__). A video's whole
+#           template triple <|vision_start|><|video_pad|><|vision_end|> becomes the per-frame blocks "<t seconds>
+#           <|vision_start|>pads<|vision_end|>", with no outer start/end pair: the layout of the processor released
+#           with the checkpoints (transformers 4.57), which 5.0-5.24 broke by keeping the outer pair and 5.25 restored.
 # Spec: shared/reference/qwen3vl.md sections 3, 4, 5.
 #
 # Usage:
@@ -1297,14 +1303,13 @@ class Qwen3VLProcessor:
     vision_end_token = "<|vision_end|>"
 
     def __init__(self, tokenizer, image_config=None, video_config=None, pad_token="<|endoftext|>",
-                 padding_side="right", replace_video_wrapper=False):
+                 padding_side="right"):
         self.tokenizer = tokenizer
         self.image_config = image_config or Qwen3VLPreprocessConfig()
         self.video_config = video_config or Qwen3VLPreprocessConfig.from_hf({}, "video")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
-        self.replace_video_wrapper = replace_video_wrapper  # True: transformers <= 4.57 video prompt layout
         # ids are looked up by string so any Qwen-family tokenizer works (151655 etc. in the real vocab)
         ids = {}
         for name, tok in [("image", self.image_token), ("video", self.video_token), ("pad", pad_token),
@@ -1438,12 +1443,12 @@ class Qwen3VLProcessor:
         return self.tokenizer.encode(expanded, add_special_tokens=True).ids
 
     def _expand(self, texts, replacements):
-        """Replace the i-th placeholder of each kind (counted across the batch) by its expansion."""
+        """Replace the i-th placeholder of each kind (counted across the batch) by its expansion. A video's
+        start/pad/end triple is replaced whole (its expansion brings per-frame start/end markers); a bare
+        <|video_pad|> (as some servers write it) is replaced alone."""
         iters = {k: iter(v) for k, v in replacements.items()}  # counts were checked in __call__
-        pattern = re.escape(self.image_token) + "|" + re.escape(self.video_token)
-        if self.replace_video_wrapper:  # <= 4.57: the whole start/pad/end triple is replaced
-            triple = self.vision_start_token + self.video_token + self.vision_end_token
-            pattern = re.escape(triple) + "|" + pattern
+        triple = self.vision_start_token + self.video_token + self.vision_end_token
+        pattern = "|".join(map(re.escape, (triple, self.image_token, self.video_token)))
 
         def sub(m):
             return next(iters[self.video_token if self.video_token in m.group(0) else self.image_token])

@@ -19,11 +19,11 @@ VS, VE, IMG, VID, VOCAB = 290, 291, 292, 293, 300  # ids inside the tiny vocabul
 ATOL = 1e-4
 
 
-def hf_config(tie=False, layers=4):
+def hf_config(tie=False, layers=4, mrope_section=(4, 2, 2)):
     return transformers.Qwen3VLConfig(
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[4, 2, 2],
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=list(mrope_section),
                                               mrope_interleaved=True)),
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=2304),
@@ -31,9 +31,9 @@ def hf_config(tie=False, layers=4):
         tie_word_embeddings=tie)
 
 
-def make_reference(path, tie=False, seed=0, **save_kw):
+def make_reference(path, tie=False, seed=0, mrope_section=(4, 2, 2), **save_kw):
     torch.manual_seed(seed)
-    cfg = hf_config(tie)
+    cfg = hf_config(tie, mrope_section=mrope_section)
     cfg._attn_implementation = "sdpa"
     ref = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # perturb every weight so norms/biases are not the trivial 1/0 init
@@ -95,15 +95,19 @@ def ref_kwargs(kw):
 
 
 def check_forward(ref, ours, kw):
+    """Every output at every real position; padding positions hold no defined value (transformers: an attention
+    over nothing; ours: the token attends to itself, so never NaN), so there only finiteness is checked."""
     with torch.no_grad():
         r = ref(**ref_kwargs(kw), output_hidden_states=True)
         o = ours(**kw, output_hidden_states=True, hidden_layers=range(ours.num_layers))
+    real = kw["attention_mask"].bool() if kw.get("attention_mask") is not None else kw["input_ids"] >= 0
     assert len(o.hidden_states) == len(r.hidden_states) == ours.num_layers + 1
     for i, (a, b) in enumerate(zip(o.hidden_states, r.hidden_states)):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=f"hidden_states[{i}]")
+        torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=1e-4, msg=f"hidden_states[{i}]")
+        assert bool(a.isfinite().all())
     for i in range(ours.num_layers - 1):  # layer i's own output is transformers' hidden_states[i + 1]
-        torch.testing.assert_close(o.layer_outputs[i], r.hidden_states[i + 1], atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(o.logits, r.logits, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(o.layer_outputs[i][real], r.hidden_states[i + 1][real], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(o.logits[real], r.logits[real], atol=ATOL, rtol=1e-4)
     return o, r
 
 
@@ -154,11 +158,23 @@ def test_image_and_video(pair):
     check_forward(ref, ours, kw)
 
 
+def test_mrope_section_past_half_slots(tmp_path):
+    """3 * mrope_section[2] = 9 > head_dim / 2 = 8: transformers' slice [2:9:3] stops at the last slot, so W drives
+    only 2 slots. Building such a model used to raise IndexError; its forward must match transformers."""
+    assert mrope_slot_rows((2, 3, 3), 8) == [0, 1, 2, 0, 1, 2, 0, 1]
+    ref = make_reference(tmp_path, mrope_section=(2, 3, 3))
+    ours = Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.model.language_model.slot_rows.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    kw = make_inputs([[("text", 3), ("image", (6, 4)), ("text", 2), ("video", (2, 4, 8)), ("text", 5)],
+                      [("text", 4), ("image", (4, 8)), ("text", 3)]], seed=12)
+    check_forward(ref, ours, kw)
+
+
 def test_text_only(pair):
     ref, ours, _ = pair
     check_forward(ref, ours, make_inputs([[("text", 17)], [("text", 17)]], seed=6))
     # padded text-only batch: transformers numbers padded rows 0..S-1 here while we skip pads (as its generate
-    # does); RoPE is relative, so real tokens agree, and fully masked pad rows attend to nothing in both
+    # does); RoPE is relative, so real tokens agree
     check_forward(ref, ours, make_inputs([[("text", 17)], [("text", 9)]], seed=6))
 
 
@@ -280,6 +296,35 @@ def test_greedy_generate_matches_reference(pair, batched):
     mine = ours.generate(**kw, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
     assert mine.shape[1] >= 16
     assert torch.equal(mine, theirs), (mine, theirs)
+
+
+def sdpa_with_nan_rows(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA's maths as torch < 2.5 (and some kernels) compute it: a fully masked row is a softmax over nothing, NaN.
+    Today's CPU SDPA returns 0 there, which would hide any reliance on such rows."""
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+    s = q @ k.transpose(-2, -1) * (scale or q.shape[-1] ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def test_left_padding_passes_no_fully_masked_row(pair, monkeypatch):
+    _, ours, _ = pair
+    kw = make_inputs([[("text", 3), ("image", (8, 8)), ("text", 6)], [("text", 5)]], seed=13)
+    real = kw["attention_mask"].bool()
+    assert not bool(real.all())
+    with torch.no_grad():
+        want = ours(**kw).logits
+    new = ours.generate(**kw, max_new_tokens=5, pad_token_id=0)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_with_nan_rows)
+    with torch.no_grad():
+        got = ours(**kw).logits
+    assert bool(got.isfinite().all())  # pad rows too: a NaN there would reach the real rows at the next layer
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=1e-4)
+    assert torch.equal(ours.generate(**kw, max_new_tokens=5, pad_token_id=0), new)  # cached decoding as well
 
 
 def test_generate_stops_and_pads(pair):

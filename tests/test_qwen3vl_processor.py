@@ -8,7 +8,7 @@ Qwen3VLVideoProcessor and Qwen3VLProcessor; tests that need them skip when trans
 The video processor needs torchvision for two kernels; the test supplies them as torchvision runs them on CPU
 (resize = F.interpolate on uint8 with antialias, normalize = sub/div), so the video resize itself is not checked
 independently, except that identity-size clips bypass it entirely. Everything else is compared bit for bit.
-Run: python -m pytest -q tests/testqwen3vl.py
+Run: python -m pytest -q tests/test_qwen3vl_processor.py
 """
 
 import enum
@@ -381,7 +381,7 @@ def test_chat_template_roles(ref):
         apply_chat_template([{"role": "robot", "content": "a"}])
 
 
-def test_video_identity_resize_and_timestamps(proc, ref, model_dir):
+def test_video_identity_resize_and_timestamps(proc, ref):
     """64x64 frames need no resize (4*64*64 >= 4096), so this checks the reference video path with no stand-in
     kernel except torchvision's normalize; 5 pre-sampled frames exercise the odd-T padding and timestamps."""
     rs = np.random.RandomState(5)
@@ -393,14 +393,28 @@ def test_video_identity_resize_and_timestamps(proc, ref, model_dir):
     _compare(ours, theirs)
     assert ours["video_grid_thw"].tolist() == [[3, 4, 4]]
     assert video_timestamps(meta["frames_indices"], 6.0) == [0.25, 1.25, 2.0]
-    decoded = proc.decode(ours["input_ids"][0])
-    # transformers 5.x keeps the template's outer start/end around the per-frame blocks
-    assert "<|vision_start|><0.2 seconds><|vision_start|>" + "<|video_pad|>" * 4 + "<|vision_end|><1.2 seconds>" in decoded
+    # the checkpoints' own layout (transformers 4.57, and 5.25 again): the template's start/pad/end triple becomes
+    # the per-frame blocks, with no outer start/end pair around them (5.0-5.24 kept one)
+    frame = "<|vision_start|>" + "<|video_pad|>" * 4 + "<|vision_end|>"
+    expected = "user\n<0.2 seconds>" + frame + "<1.2 seconds>" + frame + "<2.0 seconds>" + frame + "Describe"
+    assert expected in proc.decode(ours["input_ids"][0])
     x = ours["pixel_values_videos"].view(3, 2, 2, 2, 2, 3, 2, 16, 16)  # (gt, bh, bw, mh, mw, C, T, ph, pw)
     assert torch.equal(x[2, ..., 0, :, :], x[2, ..., 1, :, :])  # frame 5 repeated to fill the last temporal patch
-    legacy = Qwen3VLProcessor.from_pretrained(model_dir, replace_video_wrapper=True)
-    assert "user\n<0.2 seconds><|vision_start|>" in legacy.decode(legacy(text=text, videos=[clip],
-                                                                          video_metadata=[meta])["input_ids"][0])
+
+
+def test_bare_video_token_expands_like_the_triple(proc, ref):
+    """A prompt with a bare <|video_pad|> (no start/end around it, as servers may write it) gets the same per-frame
+    blocks; next to a wrapped video in the same batch, each is replaced in order."""
+    rs = np.random.RandomState(7)
+    clips = [rs.randint(0, 256, (4, 64, 64, 3)).astype(np.uint8) for _ in range(2)]
+    meta = [{"fps": 2.0, "frames_indices": [0, 1, 2, 3], "total_num_frames": 4} for _ in clips]
+    wrapped = proc.apply_chat_template(_user({"type": "video"}, {"type": "text", "text": "a"}))
+    bare = wrapped.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+    ours = proc(text=[bare, wrapped], videos=clips, video_metadata=meta)
+    theirs = ref(text=[bare, wrapped], videos=clips, video_metadata=[dict(m) for m in meta],
+                 do_sample_frames=False, padding=True, return_tensors="pt")
+    _compare(ours, theirs)
+    assert torch.equal(ours["input_ids"][0], ours["input_ids"][1])
 
 
 def test_video_sampling_and_resize(proc, ref):
