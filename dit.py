@@ -1,6 +1,6 @@
 """
 MIMIC's action head: a DiT that turns Qwen3-VL features + the current pose into a 16-step action chunk by flow
-matching (mimic.md section 3). Parameter names and shapes are exactly those of the released checkpoint with the
+matching. Parameter names and shapes are exactly those of the released checkpoint with the
 `action_head.` prefix stripped, so `ActionHead(cfg).load_state_dict(sd, strict=True)` takes the released weights.
 
     tokens = [state_encoder(state) | future_tokens (F) | action_encoder(x_t) + action_pos_embed + time_emb (H)]
@@ -13,7 +13,7 @@ dx/dt = v from t = 0 to 1 (Euler, the released config uses 1 step; or RK4). The 
 cross-attention do not depend on t or x_t: `encode_context` computes them once per sampling call and `velocity`
 reuses them at every solver step.
 
-Fixes over the original (mimic.md section 8): padding is masked in both the deep-feature mean and the cross-attention
+Fixes over the original: padding is masked in both the deep-feature mean and the cross-attention
 (a sample's output does not depend on what else is in its batch); attention runs through SDPA.
 
 References: DiT (Peebles & Xie 2023, facebookresearch/DiT models.py), flow matching (Lipman et al. 2023),
@@ -227,7 +227,7 @@ class ActionHead(nn.Module):
         """From-scratch init (the released head was trained from scratch; its exact init is not published):
         Linear: xavier-uniform, bias 0 (DiT); attention in_proj: xavier-uniform, bias 0 (as nn.MultiheadAttention);
         LayerNorm: 1 / 0; action_pos_embed, future_tokens and the time MLP: N(0, 0.02) (DiT's t_embedder);
-        every AdaLN cond_proj Linear: ZERO (mimic.md section 3), so all norms start as plain LayerNorms.
+        every AdaLN cond_proj Linear: ZERO (as released), so all norms start as plain LayerNorms.
         Safe after to_empty() on a meta-built head."""
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -1,29 +1,16 @@
-"""
-Rolling evaluation of MIMIC: the model card's headline table (mimic.md sections 1 and 6), without the original's leak.
+"""Rolling evaluation of MIMIC: the model card's table (RMSE of the 22 angles vs the restart interval S), leak-free.
 
-For N validation windows (frames s .. s+15 of a clip, s >= 4, drawn with a fixed seed) and each re-initialisation
-step S, every method restarts from the ground-truth angles of frame s+r at window offsets r = 0, S, 2S, ... and
-predicts frames s+r .. s+min(r+S, 16)-1:
-  model  - one model call on the 4 frames s+r-4 .. s+r-1 (green target box drawn and resized exactly as in training,
-           data.WindowDataset) and the ground-truth state of frame s+r: never a frame of the future it predicts;
-  static - repeats the ground-truth angles of frame s+r;
-  linear - frame s+r plus k times the wrapped velocity (frame s+r minus frame s+r-1) at k steps ahead.
-A model call depends only on (window, r), so it is made once per distinct offset over all S, in batches, with a
-fixed noise drawn from a generator seeded by (seed, clip, start, r): results never depend on batch size or order.
-
-Metrics, in degrees, with every angle difference wrapped to [-180, 180) before squaring: RMSE over the 22 joints on
-future frames t = 1..15 (t = 0 is the given state), also excluding every restart frame (t % S == 0: every method is
-re-initialised to the ground truth there, so those frames score 0 for all and only dilute the mean); on all windows and on the high-motion top quartile (total wrapped ground-truth
-angular change over the window); per joint group; per action class with counts; the per-window distribution
-(median, p25, p75); and the model-minus-static gap (negative = the model beats "stand still").
-How this differs from the original evaluation code (anchors.md section 4, items 10-11): it fed the model the frames
-of the window being predicted (training used the frames before it) with no box drawn, and it did not wrap angle
-differences, so an angle crossing +-180 deg counted as an error of up to 360 deg (linear extrapolation most of all).
+For N validation windows and each S, every method restarts from the ground truth at window offsets 0, S, 2S, ...:
+the model gets only the 4 frames before each restart (box drawn, as in training) and the ground-truth state; static
+repeats the state; linear extrapolates the last velocity. Errors are wrapped to [-180, 180) degrees and scored on
+future steps t = 1..15 (docs/conventions.md; README lists how this differs from the original evaluation). A model
+call depends only on (window, offset): it is made once for all S, batched, with noise seeded by what it predicts, so
+results never depend on batch size or order.
 
     python eval.py                                       # latest checkpoint of runs/tiny on data/demo
     python eval.py --ckpt runs/4b/ckpt-0029060 --data /data/clips --num-windows 500 --steps 1 2 3 5 8 16
     python eval.py --data /data/clips --baselines-only   # static / linear only: needs no model
-Writes OUT/eval.json (everything), OUT/rmse_vs_step.png and OUT/class_gaps.png (default OUT: out/eval).
+Writes OUT/eval.json (every breakdown), OUT/rmse_vs_step.png and OUT/class_gaps.png (default OUT: out/eval).
 """
 
 import argparse

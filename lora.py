@@ -5,7 +5,7 @@ layer's `weight` / `bias` as its own direct attributes, so a base checkpoint loa
     y = x W^T + b + scale * dropout(x) A^T B^T        A: (rank, in)  B: (out, rank)  scale = alpha / rank
 
 MIMIC puts rank-128, alpha-128, dropout-0.05 LoRA on q/k/v/o/gate/up/down_proj of the 18 kept Qwen3-VL decoder
-layers (mimic.md section 2). The numerics mirror peft's `LoraModel` (peft/tuners/lora/layer.py, class Linear):
+layers. The numerics mirror peft's `LoraModel` (peft/tuners/lora/layer.py, class Linear):
 kaiming-uniform(a=sqrt(5)) A, zero B, dropout on the LoRA input path only, the input cast to the adapter dtype.
 
 State-dict key names (what model.py maps the released peft names onto):

@@ -44,17 +44,14 @@ from lora import apply_lora, lora_modules
 
 @dataclass
 class VLAConfig:
-    """Every field of the released `config.yaml` `model_config` (mimic.md section 7) plus a few of ours (marked).
-    An unknown field is an error naming it (dataclass __init__ raises TypeError with the field name)."""
+    """Every field of the released `config.yaml` `model_config` plus a few of ours (marked); defaults are the
+    released model's. An unknown field is an error naming it (dataclass __init__ raises TypeError)."""
 
     qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"  # a local Qwen3-VL folder is loaded; a hub id is NOT downloaded
     qwen_hidden_size: int = 2560  # Q: text hidden size of the backbone (checked against the backbone config)
     use_intermediate_hidden: bool = True  # features from layer `tap` (True, released) or the last layer (False)
     hidden_layer_fraction: float = 0.5  # kept layers = int(num_layers * fraction); tap = kept - 1 (17 for the 4B)
-    hidden_layer_index: int = 18  # accepted for compatibility; the original ignores it in favour of the fraction
-    use_early_exit: bool = True  # accepted; layers after the tap never affect the output, so we always stop there
     use_deepstack_features: bool = True  # MIMIC's pooled concat(layer tap//2, layer tap) -> deepstack_projection
-    use_flash_attention: bool = False  # accepted, ignored: we always use torch SDPA (it picks flash kernels itself)
     projection_dim: int = 1024  # P in qwen_projection
     action_dim: int = 44  # 22 angles as interleaved sin/cos
     diffusion_hidden_dim: int = 1536  # D
@@ -67,18 +64,22 @@ class VLAConfig:
     lora_rank: int = 128
     lora_alpha: float = 128.0
     lora_dropout: float = 0.05
-    freeze_vision_encoder: bool = True
-    freeze_qwen_layers: bool = True  # True: the LLM's base weights are frozen (LoRA trains); False: they train too
-    use_thinking_mode: bool = False  # accepted; the released model uses the plain Instruct template (must be False)
-    diffusion_steps: int = 1  # sampler steps at inference (released: 1 Euler step)
-    init_from_current_pose: bool = False  # accepted; never implemented in the original (anchors.md 4.6): must be False
-    diffusion_dropout: float = 0.1
-    image_size: int = 224
-    use_dynamic_resolution: bool = False  # accepted; must be False: frames are always resized to image_size
-    action_chunking: bool = True  # accepted; the head always predicts the whole horizon
     lora_target_modules: list = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    freeze_vision_encoder: bool = True
+    freeze_qwen_layers: bool = True  # True: the LLM's base weights are frozen (LoRA trains); False: they train too
+    diffusion_steps: int = 1  # sampler steps at inference (released: 1 Euler step)
+    diffusion_dropout: float = 0.1
+    image_size: int = 224
+    # --- accepted only so that the released config.yaml loads; they steered the original code, not this one ---
+    hidden_layer_index: int = 18  # the original ignores it in favour of hidden_layer_fraction; so do we
+    use_early_exit: bool = True  # layers after the tap never affect the output, so we always stop there
+    use_flash_attention: bool = False  # ignored: we always use torch SDPA (it picks flash kernels itself)
+    use_thinking_mode: bool = False  # must be False: the released model uses the plain Instruct template
+    init_from_current_pose: bool = False  # must be False: the original never implemented it
+    use_dynamic_resolution: bool = False  # must be False: frames are always resized to image_size
+    action_chunking: bool = True  # must be True: the head always predicts the whole horizon
     # --- ours ---
     qwen_config: dict = None  # the backbone's config.json dict; None -> read from qwen_model_name or a preset
     time_sampling: str = "uniform"  # flow-matching t distribution in training: "uniform" (released) or "beta"
@@ -128,7 +129,7 @@ TINY_QWEN = {
 }
 
 PRESETS = {
-    # the released model (mimic.md sections 1-3, 7)
+    # the released model
     "mimic-4b": dict(),
     # toy sizes for tests and the CPU demo; the backbone trains fully (it is random), no LoRA
     "tiny": dict(qwen_model_name="tiny", qwen_hidden_size=64, projection_dim=64, image_size=128,
@@ -161,7 +162,7 @@ def backbone_config(config: VLAConfig):
     return qcfg, folder
 
 
-# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL repos, qwen3vl.md sec 3),
+# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL checkpoints),
 # used by the tiny preset, which has no folder to read them from.
 QWEN3VL_PREPROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                         "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216},
@@ -173,7 +174,7 @@ def build_processor(config: VLAConfig, folder, qcfg):
     MIMIC folder), or for the tiny preset the byte-level tokenizer + the released preprocessor settings.
 
     min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224 (14x14 patches -> 49 tokens each, as
-    mimic.md sec 2 states for the released model); the stock 65536 would upscale them to 256x256 (64 tokens)."""
+    the released model saw them); the stock 65536 would upscale them to 256x256 (64 tokens)."""
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
         proc = qwen3vl.Qwen3VLProcessor.from_pretrained(folder)
     elif config.qwen_model_name == "tiny":
@@ -620,7 +621,7 @@ class VLAModel(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Released checkpoint names -> ours (mimic.md section 7)
+# Released checkpoint names -> ours (docs/released_checkpoint.md)
 #
 #   module.                                                   -> (stripped)
 #   qwen_model.base_model.model.<rest>                        -> qwen_model.<rest>     (peft's PeftModel/LoraModel)

@@ -1,48 +1,15 @@
-"""
-MoveNet-332 importer: the public release's Parquet rows + the user's local Kinetics videos -> our clip format.
+"""MoveNet-332 importer: the public release's Parquet rows + your local Kinetics videos -> our clip format.
 
-What a row holds (pipeline.md 1.10): metadata columns and zlib(level 6)-compressed little-endian arrays, F = number
-of pose frames:
-    pose3d (F,17,3) f32   keypoints2d (F,17,2) f32   scores2d (F,17) f32   bboxes (F,4) f32 xyxy, NaN = no track
-    joint_angles (F,44) f32 sin/cos   frame_indices (F,) i32 source-video frame numbers   tracking_confidence f32
-The poses are NOT at 10 Hz: upstream kept every frame (or every k-th) of the Kinetics clip, so `fps` is the SOURCE
-fps and `frame_indices` the decoded-frame numbers (pipeline.md 1.1, 1.7). We decode each video once, front to back
-with PyAV, note the real timestamp of every frame, and for each 10 Hz time t0 + k/10 (t0 = the first pose frame)
-take the pose frame nearest in time (ties: the earlier) and the video frame it was computed on. Image, box, pose and
-angles of a sample therefore come from the same source frame (no interpolation), and the clip stores that frame's
-index and time. A sample with no pose frame within half a period (a gap, a non-finite pose, a corrupt frame) splits
-the sequence; the longest gap-free run is kept. The measured pose rate is stored as extra["pose_fps"].
+The release stores poses at the SOURCE frame rate with the decoded-frame number of each, not at 10 Hz. Each video is
+decoded once, front to back (PyAV); for each 10 Hz time the nearest pose frame and the video frame it was computed on
+are taken together, so image, box, pose and angles of a sample always come from the same source frame (no
+interpolation). The release's pose3d is already in our camera frame (x right, y down, z away), so it is stored as
+is; the angles are recomputed with data.pose3d_to_angles (the stored ones are compared as a check).
 
-Conventions:
-- pose3d: MotionAGFormer output in the camera frame of the video, root-centred, x right, y DOWN, z away (mimic.md
-  sec 4, pipeline.md 1.6): exactly our Clip convention, so it is stored unchanged (float32). As a check of that frame
-  the stored `joint_angles` are compared with data.pose3d_to_angles(pose3d) (the same IK formulas): the largest
-  wrapped difference goes to extra["stored_angles_max_err"] (~1e-6 when both agree); our angles are always recomputed.
-- boxes: the stored bboxes scaled to our frame size; when the column is null, the extent of the 2D keypoints with
-  score >= 0.3 (at least 2), padded by 10% of its size per side and clipped to the frame; NaN otherwise.
-- frames: RGB, short side at most 480 px (like pipeline.py), JPEG quality 90.
-- split: the row's `split` (the same md5 rule as data.split_of) when it is "train"/"val", else data.split_of.
+Every row ends in OUT/movenet_import.jsonl: ok | missing (no video: OUT/missing.txt, retried next run) | skipped with
+a reason (OUT/skipped.txt; retried with --retry-skipped). Re-running resumes. Needs pyarrow and PyAV.
 
-Videos: --videos is scanned once, recursively, for .mp4/.mkv/.webm/.avi/.mov/.m4v files. A row's video is the file
-whose stem is, in this order: its clip_id ("<youtube_id>_<start6>_<end6>", the Kinetics-700 file name), then
-"<youtube_id>_<time_start:06d>_<time_end:06d>" from the columns, then the bare youtube_id. Among several files with
-one stem, the one inside a folder named like the action class (case, spaces/underscores ignored) wins, else the
-first in sorted order. So `k700-2020/train/<class>/<clip_id>.mp4` and a flat folder of `<clip_id>.mp4` both work.
-
-Outcomes, one line per row appended to OUT/movenet_import.jsonl (the resume log): ok | missing (no video: listed in
-OUT/missing.txt, retried on the next run) | skipped with a reason (unreadable/corrupt video, malformed row, fps or
-aspect mismatch with the row, too short...; OUT/skipped.txt; retried only with --retry-skipped). A row whose clip
-file exists is not redone. OUT/import_summary.json counts the outcomes; OUT/index.jsonl is rewritten at the end.
-
-Rows that share a video (in one Parquet batch) are served by one decode. Rows whose `fps` is not the video's (v2
-retrack rows store fps=20 and local frame numbers, pipeline.md 2.6) cannot be paired and are skipped (FPS_MISMATCH).
-Rotated videos are skipped (ROTATED): upstream's pixel frame for them is not documented.
-
-Needs pyarrow and PyAV (pip install pyarrow av); nothing else in the library imports them.
-
-Commands:
-  python data.py import-movenet --parquet DIR --videos DIR --out DIR
-  python movenet.py --parquet DIR --videos DIR --out DIR [--min-frames 20] [--max-short-side 480] [--retry-skipped]
+    python movenet.py --parquet DIR --videos DIR --out DIR [--min-frames 20] [--max-short-side 480] [--retry-skipped]
 """
 
 import argparse
@@ -62,7 +29,10 @@ from tqdm import tqdm
 import data
 
 # ---------------------------------------------------------------------------------------------------------------
-# Row schema (pipeline.md 1.10)
+# Row schema of the release: metadata columns, and zlib(level 6)-compressed little-endian arrays with F pose frames:
+#   pose3d (F,17,3) f32   keypoints2d (F,17,2) f32   scores2d (F,17) f32   bboxes (F,4) f32 xyxy, NaN = no track
+#   joint_angles (F,44) f32 sin/cos   frame_indices (F,) i32 source-video frame numbers   tracking_confidence f32
+# `fps` is the source video's frame rate (the poses are not at 10 Hz).
 
 # compressed array columns: (numpy dtype, per-frame shape); frame_indices / pose3d fix F
 ARRAY_FIELDS = {"pose3d": ("<f4", (17, 3)), "keypoints2d": ("<f4", (17, 2)), "scores2d": ("<f4", (17,)),
@@ -77,7 +47,7 @@ LOG_FILE = "movenet_import.jsonl"
 
 @dataclass
 class ImportConfig:
-    fps: float = 10.0            # output sample rate (mimic.md sec 5)
+    fps: float = 10.0            # output sample rate: the model's 10 Hz
     max_short_side: int = 480    # frames are downscaled so that min(w, h) <= this (never upscaled)
     jpeg_quality: int = 90
     min_frames: int = 20         # shorter clips are skipped (4 context + 16 targets = one training window)
@@ -208,7 +178,11 @@ def index_videos(root):
 
 
 def find_video(row, index):
-    """The row's video path (module docstring for the rules) or None."""
+    """The row's video path or None: the first of row.names (its clip_id, the Kinetics-700 file name
+    "<youtube_id>_<start6>_<end6>"; then that name rebuilt from the time columns; then the bare youtube_id) that is a
+    file stem under --videos; among several files with that stem, the one in a folder named like the action class
+    (case, spaces and underscores ignored), else the first in sorted order. So `k700-2020/train/<class>/<id>.mp4`
+    and a flat folder of `<id>.mp4` both work."""
     for name in row.names:
         paths = index.get(name)
         if paths:
@@ -419,7 +393,8 @@ def build_clip(row, sampler, info, cfg):
 
 
 def _check_match(row, info, cfg):
-    """Reason the row cannot be this video's, or None."""
+    """Reason the row cannot be this video's, or None. Rows whose fps is not the video's (the release's re-tracked
+    rows store fps=20 with local frame numbers) cannot be paired with its frames."""
     if info["fps"] and abs(row.fps / info["fps"] - 1) > cfg.fps_tolerance:
         return (f"FPS_MISMATCH: row fps {row.fps:g} vs video {info['fps']:.3f} (frame_indices would point at "
                 f"the wrong frames)")

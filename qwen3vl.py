@@ -1,11 +1,9 @@
 """
 Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower + Qwen3 decoder, numerically equal to
-Hugging Face transformers' `Qwen3VLForConditionalGeneration` (5.24) and loading the official safetensors as-is.
+Hugging Face transformers' `Qwen3VLForConditionalGeneration` and loading the official safetensors as-is.
 
-References:
-  - Qwen3-VL technical report (DeepStack, interleaved M-RoPE), https://github.com/QwenLM/Qwen3-VL
-  - transformers/models/qwen3_vl/modeling_qwen3_vl.py (+ transformers/vision_utils.py for the pos-embed resampling)
-  - /work/shared/reference/qwen3vl.md (our spec; section numbers quoted below as "spec §N")
+References: the Qwen3-VL technical report (DeepStack, interleaved M-RoPE), https://github.com/QwenLM/Qwen3-VL;
+transformers/models/qwen3_vl/modeling_qwen3_vl.py (+ transformers/vision_utils.py for the pos-embed resampling).
 
 The module tree mirrors the checkpoint keys: `model.visual.*`, `model.language_model.*`, `lm_head` (untied only).
 Early exit (`num_layers=k`) builds and loads only decoder layers 0..k-1 - no final norm, no lm_head.
@@ -171,12 +169,12 @@ def _preset(d, inter, layers, heads, vdepth, vdim, vinter, taps, tie):
         tie_word_embeddings=tie)
 
 
-# Exact shipped configs (spec §1). Exact-name lookup only.
+# The shipped configs (their config.json values). Exact-name lookup only.
 PRESETS = {
     "2B": _preset(2048, 6144, 28, 16, 24, 1024, 4096, (5, 11, 17), True),
     "4B": _preset(2560, 9728, 36, 32, 24, 1024, 4096, (5, 11, 17), True),
     "8B": _preset(4096, 12288, 36, 32, 27, 1152, 4304, (8, 16, 24), False),
-    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),  # untied: UNCONFIRMED (spec §15)
+    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),  # untied (as the 8B; not checked against a 32B file)
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +193,7 @@ def apply_rope(x, cos, sin):
 
 def mrope_slot_rows(mrope_section, half):
     """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots: interleaved "THWTHW...TTTT".
-    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T (spec §8.1).
+    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T.
     Slots past `half` do not exist: when 3*sec[i] > half the interleave stops at the end, as transformers' slice
     [offset:3*sec[i]:3] does (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
     rows = [0] * half
@@ -207,7 +205,7 @@ def mrope_slot_rows(mrope_section, half):
 
 def merge_order_rc(h, w, m, device=None):
     """(row, col) of every patch of an h x w grid in the processor's merge-window order: merged row, merged col,
-    then the m x m window row-major (spec §3.6). Returns two (h*w,) long tensors."""
+    then the m x m window row-major. Returns two (h*w,) long tensors."""
     r = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
     c = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
     # (h/m, m, w/m, m) -> (h/m, w/m, m, m): the 4 patches of a window become consecutive
@@ -215,7 +213,7 @@ def merge_order_rc(h, w, m, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Vision tower (spec §6)
+# Vision tower
 
 
 class VisionPatchEmbed(nn.Module):
@@ -297,7 +295,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):  # (N, V) -> (N/4, O)
         x = self.norm(x.view(-1, self.dim)) if self.postshuffle_norm else self.norm(x).view(-1, self.dim)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact erf GELU in the mergers (spec §12.11)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact erf GELU in the mergers
 
 
 class VisionModel(nn.Module):
@@ -375,7 +373,7 @@ class VisionModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Qwen3 text decoder (spec §8)
+# Qwen3 text decoder
 
 
 class RMSNorm(nn.Module):
@@ -512,7 +510,7 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
     iters = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
              2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
                      if video_grid_thw is not None else [])}
-    # transformers 5.24 reads these types from the processor's mm_token_type_ids; we derive the same from ids
+    # transformers reads these types from the processor's mm_token_type_ids; we derive the same from ids
     kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
     position_ids = torch.zeros(3, B, S, dtype=torch.long, device=dev)
     deltas = []
@@ -542,7 +540,7 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
             cur += max(grid[1], grid[2]) // m
         pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
         position_ids[:, b, keep] = pos
-        # the delta is relative to the REAL token count (transformers 5.24), not the padded length S
+        # the delta is relative to the REAL token count (as transformers 5.x), not the padded length S
         deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
     return position_ids, torch.stack(deltas).view(B, 1)
 
@@ -640,7 +638,7 @@ class Qwen3VL(nn.Module):
             h = h.view(B * S, -1).index_copy(0, visual_rows, emb.to(h.dtype)).view(B, S, -1)
             deepstack = [level.to(h.dtype) for level in deepstack]
             pixel_values = image_embeds = None
-        # --- vision: overwrite placeholder embeddings, collect DeepStack rows in sequence order (spec §7)
+        # --- vision: overwrite placeholder embeddings, collect DeepStack rows in sequence order
         masks, feats = [], []
         for pix, grid, tok in ((pixel_values if image_embeds is None else image_embeds, image_grid_thw,
                                 cfg.image_token_id),
@@ -671,7 +669,7 @@ class Qwen3VL(nn.Module):
                     joint[mk[visual_mask]] = f.to(h.dtype)
                 deepstack.append(joint)
 
-        # --- positions: full M-RoPE index at prefill, cache index + delta while decoding (spec §9)
+        # --- positions: full M-RoPE index at prefill, cache index + delta while decoding
         rope_deltas = None
         if position_ids is not None:
             if cache is not None:
@@ -690,7 +688,7 @@ class Qwen3VL(nn.Module):
             position_ids = (torch.arange(past, past + S, device=h.device) + cache.rope_deltas).expand(3, -1, -1)
         cos, sin = lm.rope(position_ids, h.dtype)
 
-        # --- mask: causal + key padding only; never derived from position ids (spec §12.1)
+        # --- mask: causal + key padding only; never derived from position ids
         mask = None
         if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
@@ -890,7 +888,6 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
 #           template triple <|vision_start|><|video_pad|><|vision_end|> becomes the per-frame blocks "<t seconds>
 #           <|vision_start|>pads<|vision_end|>", with no outer start/end pair: the layout of the processor released
 #           with the checkpoints (transformers 4.57), which 5.0-5.24 broke by keeping the outer pair and 5.25 restored.
-# Spec: shared/reference/qwen3vl.md sections 3, 4, 5.
 #
 # Usage:
 #     proc = Qwen3VLProcessor.from_pretrained("/path/to/Qwen3-VL-4B-Instruct")
@@ -921,7 +918,7 @@ class Qwen3VLPreprocessConfig:
     min_frames: int = 4
     max_frames: int = 768
     do_sample_frames: bool = True
-    cap_pixels_per_frame: bool = False  # qwen-vl-utils style per-frame cap; off by default in transformers 5.24
+    cap_pixels_per_frame: bool = False  # qwen-vl-utils style per-frame cap; off by default in transformers
     max_video_tokens: int = 768  # per-frame token ceiling used by cap_pixels_per_frame
 
     @classmethod

@@ -1,26 +1,11 @@
-"""
-The VLM stage of pipeline.py: a chat client (an OpenAI-compatible HTTP server, or our qwen3vl.py on a local
+"""The VLM stage of pipeline.py: a chat client (an OpenAI-compatible HTTP server, or our qwen3vl.py on a local
 checkpoint), the three prompts (target oracle, judge, captioner), the images they are shown, and the parsing of the
-replies. Every reply is parsed leniently (thinking stripped, the JSON slice from the first '{' to the last '}', then a
-regex repair of the fields), and a failed or garbled call is a record, never an exception, so one bad answer cannot
-stop a shard.
+replies. A failed or garbled call is a record, never an exception, so one bad answer cannot stop a shard.
 
-References (../shared/reference/pipeline.md):
-  2.4  the oracle: one frame with numbered candidate boxes -> {"chosen_index": k}; an index outside 1..n is no answer
-       and pipeline.py falls back to its heuristic picker;
-  2.1  the judge: evenly spaced skeleton-overlay frames (red = right, blue = left, green = spine), JPEG q75 at max side
-       640, temperature 0, 2048 tokens -> {tracking_consistent, motion_matches}; a missing field is False (strict);
-  1.9  captions: frames with the green target box -> 1-3 imperative sentences (greedy here; upstream sampled at 0.7);
-  3.4  the interface (stdlib urllib, base64 JPEG data URLs, a pluggable transport so tests inject a fake);
-  4.2  retries with exponential backoff; the raw reply is kept for audit.
-
-Usage:
-  from vlm import VLMClient, LocalQwen3VL, judge_clip, caption_clip
-  client = VLMClient("http://host:8000/v1", "MODEL")        # or VLMClient(local=LocalQwen3VL("ckpt/Qwen3-VL-4B"))
-  client.chat([frame], "Describe the motion.")             # -> {"text", "error", "attempts", "seconds"}
-  judge_clip(client, frames, kp2d, scores, "jump", "Jump.", cfg)   # cfg: pipeline.PipelineConfig (judge_frames)
-  python pipeline.py --manifest M --out OUT --vlm-url http://host:8000/v1 --vlm-model NAME   # as the pipeline uses it
-  python pipeline.py --manifest M --out OUT --vlm-local ckpt/Qwen3-VL-4B                    # local checkpoint
+    from vlm import VLMClient, LocalQwen3VL, judge_clip, caption_clip
+    client = VLMClient("http://host:8000/v1", "MODEL")        # or VLMClient(local=LocalQwen3VL("ckpt/Qwen3-VL-8B"))
+    client.chat([frame], "Describe the motion.")             # -> {"text", "error", "attempts", "seconds"}
+    judge_clip(client, frames, kp2d, scores, "jump", "Jump.", cfg)   # cfg: pipeline.PipelineConfig
 """
 
 import base64
@@ -171,7 +156,7 @@ def _bool_field(obj, text, key):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Oracle: which numbered person is the target (pipeline.md 2.4)
+# Oracle: one frame with numbered candidate boxes -> {"chosen_index": k}; an index outside 1..n is no answer
 
 
 PICK_PROMPT = (
@@ -215,7 +200,8 @@ def parse_pick(text, n):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Judge: skeleton overlays -> {tracking_consistent, motion_matches} (pipeline.md 2.1)
+# Judge: evenly spaced skeleton overlays (red = right, blue = left, green = spine), JPEG q75 at max side 640,
+# temperature 0 -> {tracking_consistent, motion_matches}; a missing field counts as False
 
 
 JUDGE_PROMPT = (
@@ -270,7 +256,7 @@ def judge_clip(vlm, frames, kp2d, scores, action, text, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Captions: frames with the target box -> imperative instruction (pipeline.md 1.9)
+# Captions: frames with the green target box -> 1-3 imperative sentences (greedy; the original sampled at 0.7)
 
 
 CAPTION_PROMPT = (

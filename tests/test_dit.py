@@ -310,7 +310,7 @@ def test_full_size_parameter_count_on_meta():
     with torch.device("meta"):
         head = ActionHead(DiTConfig())
     n = sum(p.numel() for p in head.parameters())
-    assert n == 1_277_601_324  # mimic.md: "1.28B DiT"
+    assert n == 1_277_601_324  # the model card: "1.28B DiT"
     sd = head.state_dict()
     assert tuple(sd["dit_blocks.23.cross_attn.in_proj_weight"].shape) == (3 * 1536, 1536)
     assert tuple(sd["dit_blocks.0.norm1.cond_proj.1.weight"].shape) == (2 * 1536, 1536)

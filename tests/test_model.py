@@ -12,7 +12,7 @@ from PIL import Image
 import model as M
 from model import PRESETS, VLAConfig, VLAModel
 
-# Every field of the released config.yaml model_config (mimic.md sec 7), with the released values.
+# Every field of the released config.yaml model_config, with the released values.
 RELEASED_MODEL_CONFIG = {
     "qwen_model_name": "Qwen/Qwen3-VL-4B-Instruct", "qwen_hidden_size": 2560, "use_intermediate_hidden": True,
     "hidden_layer_fraction": 0.5, "hidden_layer_index": 18, "use_early_exit": True, "use_deepstack_features": True,
@@ -68,7 +68,7 @@ def test_describe_reproduces_the_model_card():
     assert round(counts["llm (truncated)"] / 1e9, 1) == 2.2
     assert round(counts["vision"] / 1e6) == 415 or abs(counts["vision"] / 1e6 - 415) < 5
     assert round(counts["dit head"] / 1e9, 2) == 1.28
-    assert counts["lora"] == 7_340_032 * 18  # 132.1M: mimic.md sec 2
+    assert counts["lora"] == 7_340_032 * 18  # 132.1M: 7,340,032 per 4B layer x 18
     assert round(counts["total"] / 1e9, 1) == 4.0
 
 
@@ -151,7 +151,7 @@ def test_batch_invariance():
 
 
 def released_state_dict(model: VLAModel) -> dict:
-    """Our weights renamed to the released checkpoint's layout (mimic.md sec 7): peft wrapper prefix, base_layer /
+    """Our weights renamed to the released checkpoint's layout: peft wrapper prefix, base_layer /
     lora_X.default names, plus the lm_head and final norm the early-exit model does not use."""
     sd = {}
     lora_fqns = {n.rsplit(".", 1)[0] for n in model.state_dict() if n.endswith(".lora_A")}

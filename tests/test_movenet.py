@@ -1,4 +1,4 @@
-"""MoveNet-332 importer (movenet.py) on a tiny Parquet written here (pipeline.md 1.10 schema) + videos written with
+"""MoveNet-332 importer (movenet.py) on a tiny Parquet written here (the release's schema) + videos written with
 PyAV: clips load with data.read_clip, frames/boxes/pose/angles come from the same source frame at 10 Hz, a missing
 video is listed, a corrupt one skipped with a reason, a re-run resumes, malformed rows give clear errors."""
 

@@ -359,7 +359,7 @@ def test_cached_decoding_equals_full_recompute(pair):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# unit checks (spec §14)
+# unit checks
 
 
 def test_interleave_mapping():

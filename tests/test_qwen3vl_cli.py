@@ -14,7 +14,7 @@ from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
 def test_describe_4b_prints_the_known_total(capsys):
     qwen3vl.main(["describe", "--preset", "4B"])
     out = capsys.readouterr().out
-    assert "4,437,815,808" in out  # tied 4B, no lm_head (qwen3vl.md sec 1)
+    assert "4,437,815,808" in out  # tied 4B, no lm_head
 
 
 def test_chat_on_a_tiny_folder(tmp_path, capsys):

@@ -259,7 +259,7 @@ def _user(*items):
 
 
 def test_smart_resize_spec_examples():
-    assert smart_resize(480, 640) == (480, 640)  # sec 14: 640x480 -> grid (1, 30, 40), 300 tokens
+    assert smart_resize(480, 640) == (480, 640)  # 640x480 -> grid (1, 30, 40), 300 tokens
     assert smart_resize(400, 400) == (384, 384)  # 12.5 rounds half to even
     assert smart_resize(50, 50) == (256, 256)  # upscaled to >= 65536 pixels: 64 tokens
     assert smart_resize(224, 224) == (256, 256)  # the MIMIC frames are upscaled too
