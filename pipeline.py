@@ -503,6 +503,14 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
 # input: video.GroundTruthDetector / GroundTruthPose)
 
 
+def resolve_devices(device="auto", vlm_device=""):
+    """--device, --vlm-device -> (perception, local VLM) devices: auto = cuda if there is one, else
+    cpu; the VLM goes where the perception goes unless given its own."""
+    import torch
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return tuple(auto if d == "auto" else d for d in (device, vlm_device or device))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", default="", help="folder of videos (<class>/<id>.mp4 or flat)")
@@ -516,14 +524,17 @@ def main(argv=None):
                     help="which clips to write (default: strict with a VLM, checks without)")
     ap.add_argument("--detector", default="", help="YOLOS checkpoint folder (e.g. hustvl/yolos-base, downloaded once)")
     ap.add_argument("--pose", default="", help="ViTPose checkpoint folder (e.g. usyd-community/vitpose-plus-base)")
-    ap.add_argument("--device", default="auto", help="device of the perception models (auto: cuda if available)")
+    ap.add_argument("--device", default="auto",
+                    help="device of the perception models and the local VLM (auto: cuda if available)")
+    ap.add_argument("--perception-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the perception ViT trunks' dtype (auto: bfloat16 on cuda); heads are float32")
     ap.add_argument("--perception", default="groundtruth", choices=["groundtruth"],
                     help="groundtruth: <video>.gt.npz sidecars (rendered demo videos); models come later")
     ap.add_argument("--vlm-url", default="", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     ap.add_argument("--vlm-model", default="", help="model name sent to the server")
     ap.add_argument("--vlm-api-key", default=os.environ.get("VLM_API_KEY", ""))
     ap.add_argument("--vlm-local", default="", help="local Qwen3-VL checkpoint folder (our qwen3vl.py)")
-    ap.add_argument("--vlm-device", default="cpu")
+    ap.add_argument("--vlm-device", default="", help="device of the local VLM (default: --device)")
     ap.add_argument("--vlm-timeout", type=float, default=120.0)
     ap.add_argument("--vlm-retries", type=int, default=3)
     ap.add_argument("--fit-steps", type=int, default=300, help="gradient steps of the 2D->3D fit per clip")
@@ -548,9 +559,10 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         ap.error(str(e))
     sidecars = video.SidecarCache(jobs)
+    device, vlm_device = resolve_devices(args.device, args.vlm_device)
     vlm = None
     if args.vlm_local:
-        vlm = VLMClient(local=LocalQwen3VL(args.vlm_local, args.vlm_device), retries=args.vlm_retries)
+        vlm = VLMClient(local=LocalQwen3VL(args.vlm_local, vlm_device), retries=args.vlm_retries)
     elif args.vlm_url:
         vlm = VLMClient(args.vlm_url, args.vlm_model, args.vlm_api_key, args.vlm_timeout, args.vlm_retries)
     keep = args.keep or ("strict" if vlm is not None else "checks")
@@ -575,8 +587,12 @@ def main(argv=None):
             ap.error("--detector and --pose go together")
         import torch
         import vit
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        # bf16 trunks on a GPU (nearly all the compute; vit.py keeps heads and decoding float32);
+        # float32 trunks make a GPU run's boxes match a CPU run's, bf16 ones differ by their rounding
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            args.perception_dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        if dtype == torch.float32:  # no TF32 either (cuDNN convolutions default to it)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         detector = vit.YolosDetector(args.detector, device=device, dtype=dtype, threshold=cfg.det_conf,
                                      batch_size=16, workers=min(8, os.cpu_count() or 1))
         pose = vit.ViTPoseEstimator(args.pose, device=device, dtype=dtype, dataset_index=0)

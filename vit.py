@@ -21,6 +21,11 @@ scipy 1.17.1 (checked on 40 random boxes of a 480x854 frame and 136 random 64x48
 follow the reference's dtypes, so decoded keypoints match it to float32 rounding. The pipeline's frames are decoded
 RGB uint8; everything after the Pillow resize / the frame upload runs on the chosen device.
 
+Those are the defaults: the folder's preprocessor_config.json is read as the reference processors
+read it, each setting they apply honoured (size rule, resample filter, rescale, normalisation,
+padding), anything else refused by name. `dtype` is the ViT trunks' (bf16 on a GPU); the heads and
+all decoding run in float32 (see Yolos.from_pretrained).
+
 Commands:
   python bench/perception.py                       # CPU frames/s at small sizes (random tiny weights)
   python -m pytest -q tests/test_vit.py            # parity with transformers on tiny random configs
@@ -30,7 +35,7 @@ Commands:
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -165,14 +170,80 @@ def load_weights(model, folder, renames, device="cpu", dtype=torch.float32):
     return model.eval()
 
 
-def _preprocessor(folder):
-    p = Path(folder) / "preprocessor_config.json"
-    return read_json(p) if p.is_file() else {}
-
-
 def _pick(cls, d):
     """The dataclass fields of cls present in the HF dict d (HF names are ours where they coincide)."""
     return {f.name: d[f.name] for f in fields(cls) if f.name in d}
+
+
+def load_config(config_cls, folder, *args):
+    """config_cls.from_hf(config.json, preprocessor_config.json or {}, *args); a refused setting's
+    error names the folder."""
+    folder, p = Path(folder), Path(folder) / "preprocessor_config.json"
+    pre = read_json(p) if p.is_file() else {}
+    try:
+        return config_cls.from_hf(read_json(folder / "config.json"), pre, *args)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+
+
+# preprocessor_config.json keys that cannot change what the model sees: metadata, annotation
+# handling (training only), hints about the caller's arrays (ours are always RGB uint8 (H, W, 3))
+# and two that both reference processors read but never apply. Each config's from_hf honours
+# every other key as its reference processor applies it, or refuses it; unknown keys are refused.
+PRE_INERT = {"image_processor_type", "feature_extractor_type", "processor_class", "format",
+             "do_convert_annotations", "do_convert_rgb", "data_format", "input_data_format",
+             "device", "return_tensors", "disable_grouping", "image_seq_length",
+             "do_center_crop", "crop_size"}
+_KINDS = {"flag": "true or false", "number": "a number", "channels": "a number or 3 numbers",
+          "resample": "a Pillow filter 0..5"}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _setting(pre, key, default, kind):
+    """pre[key] checked to be of `kind` (absent: the reference's default). null is refused: the
+    reference processors read it as false for some keys and fail on others."""
+    if key not in pre:
+        return default
+    v, num = pre[key], lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if kind == "flag" and isinstance(v, bool) or kind == "resample" and _is_int(v) and 0 <= v <= 5:
+        return v
+    if kind == "number" and num(v):
+        return float(v)
+    if kind == "channels" and (num(v) or isinstance(v, list) and len(v) == 3 and all(map(num, v))):
+        return tuple(float(x) for x in v) if isinstance(v, list) else (float(v),) * 3
+    raise ValueError(f"preprocessor_config.json: {key}={v!r} is not {_KINDS[kind]}")
+
+
+def _size_hw(pre, key, default, square=True):
+    """A {height, width} size as the reference reads it (an int is square when `square`, a list is
+    [h, w]) -> (h, w)."""
+    v = pre.get(key, default)
+    d = {"height": v, "width": v} if _is_int(v) and square else v
+    d = {"height": d[0], "width": d[1]} if isinstance(d, list) and len(d) == 2 else d
+    if isinstance(d, dict) and set(d) == {"height", "width"} and all(
+            _is_int(x) and x > 0 for x in d.values()):
+        return d["height"], d["width"]
+    raise ValueError(f"preprocessor_config.json: {key}={v!r} is not a {{height, width}} size")
+
+
+def _pre_pixels(pre, kind, known):
+    """Refuse another model's processor and unknown keys; -> the rescale / normalise settings
+    (both reference processors apply them alike) as our fields."""
+    for k in ("image_processor_type", "feature_extractor_type"):
+        if k in pre and not str(pre[k]).startswith(kind):
+            raise ValueError(f"preprocessor_config.json: {k}={pre[k]!r} is not a {kind} processor")
+    unknown = [f"{k}={v!r}" for k, v in sorted(pre.items())
+               if k not in known and k not in PRE_INERT and not k.startswith("_")]
+    if unknown:
+        raise ValueError(f"preprocessor_config.json: unsupported setting(s) {', '.join(unknown)}")
+    return {"do_rescale": _setting(pre, "do_rescale", True, "flag"),
+            "rescale_factor": _setting(pre, "rescale_factor", 1 / 255, "number"),
+            "do_normalize": _setting(pre, "do_normalize", True, "flag"),
+            "image_mean": _setting(pre, "image_mean", IMAGENET_MEAN, "channels"),
+            "image_std": _setting(pre, "image_std", IMAGENET_STD, "channels")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,12 +266,18 @@ class YolosConfig:
     use_mid_position_embeddings: bool = True  # a position embedding added after every layer but the last
     num_labels: int = 91               # COCO ids incl. unused ones; the head adds one "no object" class
     person_label: int = 1              # the class kept as "person" (id2label["person"] in COCO checkpoints)
-    # pre-processing (preprocessor_config.json of the checkpoint; these are the reference processor's defaults)
-    shortest_edge: int = 800
-    longest_edge: int = 1333
+    # pre-processing: preprocessor_config.json as the reference processor applies it (defaults:
+    # its own); from_hf honours or refuses every key there
+    do_resize: bool = True
+    size: dict = field(default_factory=lambda: {"shortest_edge": 800, "longest_edge": 1333})
+    resample: int = 2                  # Pillow filter (2 = bilinear)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
-    rescale_factor: float = 1 / 255
+    do_pad: bool = True                # zero-pad bottom/right to the batch's largest image
+    pad_size: tuple = None             # (H, W): pad every image to this size instead
 
     @classmethod
     def from_hf(cls, cfg, pre=None, person_label=None):
@@ -210,27 +287,54 @@ class YolosConfig:
         kw["image_size"] = tuple(cfg.get("image_size", cls.image_size))
         if isinstance(cfg.get("patch_size"), (list, tuple)):
             raise ValueError(f"YOLOS expects a square int patch_size, got {cfg['patch_size']}")
+        if kw.get("num_channels", 3) != 3:
+            raise ValueError(f"config.json: num_channels={kw['num_channels']}; frames are RGB")
         id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
         kw["num_labels"] = len(id2label) if id2label else cfg.get("num_labels", cls.num_labels)
         people = [i for i, v in id2label.items() if str(v).lower() == "person"]
         if person_label is None and not people:
             raise ValueError("id2label has no 'person' class; pass person_label explicitly")
         kw["person_label"] = person_label if person_label is not None else people[0]
-        pre = pre or {}
-        size = pre.get("size")
-        if isinstance(size, dict):  # current format {"shortest_edge", "longest_edge"}
-            kw["shortest_edge"] = size.get("shortest_edge", cls.shortest_edge)
-            kw["longest_edge"] = size.get("longest_edge", cls.longest_edge)
-        elif size is not None:  # legacy feature-extractor format: size = shortest edge, max_size = longest
-            kw["shortest_edge"], kw["longest_edge"] = int(size), int(pre.get("max_size", cls.longest_edge))
-        for k in ("image_mean", "image_std"):
-            if k in pre:
-                kw[k] = tuple(pre[k])
-        if "rescale_factor" in pre:
-            kw["rescale_factor"] = pre["rescale_factor"]
         if kw.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {kw['hidden_act']!r}")
+        pre = pre or {}
+        # default_to_square: inert, the reference reads an int size as the shortest edge regardless
+        kw.update(_pre_pixels(pre, "Yolos", {
+            "size", "max_size", "do_resize", "resample", "do_pad", "pad_size", "default_to_square",
+            "pad_and_return_pixel_mask", "do_rescale", "rescale_factor", "do_normalize",
+            "image_mean", "image_std"}))
+        kw["size"] = _yolos_size(pre)
+        kw["do_resize"] = _setting(pre, "do_resize", True, "flag")
+        kw["resample"] = _setting(pre, "resample", 2, "resample")
+        legacy = _setting(pre, "pad_and_return_pixel_mask", True, "flag")  # do_pad's old name
+        kw["do_pad"] = _setting(pre, "do_pad", legacy, "flag")
+        if pre.get("pad_size") is not None:  # null: none, as in the reference
+            kw["pad_size"] = _size_hw(pre, "pad_size", None)
         return cls(**kw)
+
+
+YOLOS_SIZES = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
+
+
+def _yolos_size(pre):
+    """The reference's size dict (one of YOLOS_SIZES, see yolos_target_shape); a legacy int size is
+    the shortest edge and max_size (default 1333) the longest. A max_size the reference would
+    ignore (with a dict size, or alone) must agree with longest_edge."""
+    size = pre.get("size", {"shortest_edge": 800, "longest_edge": 1333})
+    max_size = pre.get("max_size")
+    if max_size is not None and not _is_int(max_size):
+        raise ValueError(f"preprocessor_config.json: max_size={max_size!r} is not an int")
+    d = {"shortest_edge": size, "longest_edge": max_size or 1333} if _is_int(size) else size
+    d = {"height": d[0], "width": d[1]} if isinstance(d, list) and len(d) == 2 else d
+    if not (isinstance(d, dict) and set(d) in YOLOS_SIZES and all(
+            _is_int(v) and v > 0 for v in d.values())):
+        raise ValueError(f"preprocessor_config.json: size={size!r} is not one the YOLOS processor "
+                         "resizes by ({shortest_edge, longest_edge}, {max_height, max_width} or "
+                         "{height, width})")
+    if max_size is not None and max_size != d.get("longest_edge"):
+        raise ValueError(f"preprocessor_config.json: max_size={max_size} disagrees with "
+                         f"size={size!r}")
+    return dict(d)
 
 
 class YolosViT(nn.Module):
@@ -308,16 +412,25 @@ class Yolos(nn.Module):
         self.bbox_predictor = MLPHead(c.hidden_size, 4)
 
     def forward(self, pixels):
-        """pixels (B, 3, H, W) -> logits (B, Q, classes + 1), boxes (B, Q, 4) normalised (cx, cy, w, h)."""
-        det = self.vit(pixels)[:, -self.c.num_detection_tokens:]  # (B, Q, D)
+        """pixels (B, 3, H, W) -> logits (B, Q, classes + 1), boxes (B, Q, 4) normalised (cx, cy, w,
+        h); both float32 whatever the trunk's dtype (see from_pretrained)."""
+        x = self.vit(pixels.to(self.vit.patch_embed.weight.dtype))  # (B, 1 + patches + Q, D)
+        det = x[:, -self.c.num_detection_tokens:].float()  # (B, Q, D)
         return self.class_labels_classifier(det), self.bbox_predictor(det).sigmoid()
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, person_label=None):
-        c = YolosConfig.from_hf(read_json(Path(folder) / "config.json"), _preprocessor(folder), person_label)
+        """dtype: the ViT trunk's. The heads stay float32 whatever it is: a bf16 box head rounds
+        every normalised coordinate to 2^-9 (up to ~4 px per edge at 1920 px wide), an error in
+        every box that moves IoUs and the box checks, while the heads cost nothing next to the
+        trunk (3 small layers on 100 tokens). A bf16 trunk still perturbs the features they read
+        (by how much depends on the weights); float32 removes that too."""
+        c = load_config(YolosConfig, folder, person_label)
         with torch.device("meta"):
             model = cls(c)
-        return load_weights(model, folder, TRUNK_RENAMES + YOLOS_MLP_RENAMES, device, dtype)
+        load_weights(model, folder, TRUNK_RENAMES + YOLOS_MLP_RENAMES, device)  # float32
+        model.vit.to(dtype)
+        return model
 
 
 def yolos_resize_shape(h, w, shortest, longest, mod=16):
@@ -337,30 +450,63 @@ def yolos_resize_shape(h, w, shortest, longest, mod=16):
     return oh - oh % mod, ow - ow % mod
 
 
+def yolos_target_shape(h, w, c: YolosConfig):
+    """(H, W) the reference resizes an h x w image to: c.size {shortest_edge, longest_edge} is the
+    rule above, {max_height, max_width} fits inside keeping the aspect (no rounding to 16),
+    {height, width} is exact."""
+    s = c.size
+    if not c.do_resize:
+        return h, w
+    if "shortest_edge" in s:
+        return yolos_resize_shape(h, w, s["shortest_edge"], s["longest_edge"])
+    if "max_height" in s:
+        k = min(s["max_height"] / h, s["max_width"] / w)
+        return int(h * k), int(w * k)
+    return s["height"], s["width"]
+
+
 def normalize(u8, c, device):
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W): x/255 rounded through float64 then (x - mean)/std in float32,
-    the reference's exact arithmetic."""
-    x = torch.as_tensor(u8).to(device).permute(0, 3, 1, 2).double().mul(c.rescale_factor).float()
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) with the reference's exact arithmetic:
+    x * rescale_factor in float64 stored as float32 (do_rescale), then (x - mean) / std in float32
+    (do_normalize)."""
+    x = torch.as_tensor(u8).to(device).permute(0, 3, 1, 2)
+    x = x.double().mul(c.rescale_factor).float() if c.do_rescale else x.float()
+    if not c.do_normalize:
+        return x
     mean = torch.tensor(c.image_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(c.image_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
-def _resize(im, oh, ow):
-    return np.array(Image.fromarray(np.ascontiguousarray(im)).resize((ow, oh), Image.BILINEAR))
+def _resize(im, oh, ow, resample):
+    return np.array(Image.fromarray(np.ascontiguousarray(im)).resize((ow, oh), resample))
 
 
 def yolos_preprocess(images, c: YolosConfig, device="cpu", pool=None):
-    """RGB uint8 (H, W, 3) images -> pixels (B, 3, Hmax, Wmax) float32 zero-padded bottom/right, and the original
-    (H, W) of each image. The resize is Pillow's own (the reference's); `pool` (a ThreadPoolExecutor) runs it on
-    several cores, as Pillow releases the GIL while resampling."""
+    """RGB uint8 (H, W, 3) images -> pixels (B, 3, Hmax, Wmax) float32 zero-padded bottom/right (to
+    c.pad_size if set), and the original (H, W) of each image. The resize is Pillow's own (the
+    reference's); `pool` (a ThreadPoolExecutor) runs it on several cores, as Pillow releases the
+    GIL while resampling."""
     sizes = [tuple(im.shape[:2]) for im in images]
-    targets = [yolos_resize_shape(h, w, c.shortest_edge, c.longest_edge) for h, w in sizes]
-    jobs = [(im, oh, ow) for im, (oh, ow) in zip(images, targets)]
-    resized = list(pool.map(lambda j: _resize(*j), jobs)) if pool is not None else [_resize(*j) for j in jobs]
-    if len(set(targets)) == 1:
+    targets = [yolos_target_shape(h, w, c) for h, w in sizes]
+    jobs = [(im, oh, ow, c.resample) for im, (oh, ow) in zip(images, targets)]
+    if not c.do_resize:
+        resized = list(images)
+    elif pool is not None:
+        resized = list(pool.map(lambda j: _resize(*j), jobs))
+    else:
+        resized = [_resize(*j) for j in jobs]
+    if c.do_pad and c.pad_size is not None:
+        Hm, Wm = c.pad_size
+        big = [t for t in targets if t[0] > Hm or t[1] > Wm]
+        if big:
+            raise ValueError(f"pad_size {c.pad_size} is smaller than a resized image, {big[0]}")
+    elif len(set(targets)) == 1:
         return normalize(np.stack(resized), c, device), sizes
-    Hm, Wm = max(h for h, _ in targets), max(w for _, w in targets)
+    elif not c.do_pad:
+        raise ValueError("images of different sizes in one batch, and no padding (do_pad false)")
+    else:
+        Hm, Wm = max(h for h, _ in targets), max(w for _, w in targets)
     out = torch.zeros(len(images), 3, Hm, Wm, device=device)
     for i, r in enumerate(resized):
         out[i, :, :r.shape[0], :r.shape[1]] = normalize(r[None], c, device)[0]
@@ -387,23 +533,33 @@ def yolos_postprocess(logits, boxes, sizes, threshold, label=None):
 
 class YolosDetector:
     """pipeline.Detector: `det(images, keys=None) -> list of (N_i, 5) float64 [x1, y1, x2, y2, score]`, people only.
-    threshold: the reference's score threshold (its default is 0.5; 0.3 matches the pipeline's det_conf)."""
+    threshold: the reference's score threshold (its default is 0.5; 0.3 matches the pipeline's
+    det_conf). dtype: the ViT trunk's; the heads and the box decoding run in float32 regardless."""
 
     def __init__(self, path, device="cpu", dtype=torch.float32, threshold=0.3, batch_size=8, person_label=None,
                  workers=1):
         self.model = Yolos.from_pretrained(path, device, dtype, person_label)
-        self.device, self.dtype, self.threshold, self.batch_size = device, dtype, threshold, batch_size
+        self.device, self.threshold, self.batch_size = device, threshold, batch_size
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # parallel Pillow resizes
 
     @torch.no_grad()
     def detect(self, images, people_only=True):
         """-> list of (scores, labels, boxes) tensors per image; people_only=False keeps every class (the
         reference's output)."""
-        c, out = self.model.c, []
-        for i in range(0, len(images), self.batch_size):
-            pixels, sizes = yolos_preprocess(images[i:i + self.batch_size], c, self.device, self.pool)
-            logits, boxes = self.model(pixels.to(self.dtype))
-            out += yolos_postprocess(logits, boxes, sizes, self.threshold, c.person_label if people_only else None)
+        c, out = self.model.c, [None] * len(images)
+        label = c.person_label if people_only else None
+        groups = {}  # without padding (do_pad false) only images of one resized shape share a batch
+        for n, im in enumerate(images):
+            key = None if c.do_pad else yolos_target_shape(*im.shape[:2], c)
+            groups.setdefault(key, []).append(n)
+        for idx in groups.values():
+            for i in range(0, len(idx), self.batch_size):
+                sel = idx[i:i + self.batch_size]
+                pixels, sizes = yolos_preprocess([images[n] for n in sel], c, self.device, self.pool)
+                logits, boxes = self.model(pixels)
+                res = yolos_postprocess(logits, boxes, sizes, self.threshold, label)
+                for n, r in zip(sel, res):
+                    out[n] = r
         return out
 
     def __call__(self, images, keys=None):
@@ -432,43 +588,79 @@ class ViTPoseConfig:
     use_simple_decoder: bool = True    # ReLU + x4 bilinear + 3x3 conv; else two deconv+BN+ReLU and a 1x1 conv
     scale_factor: int = 4
     num_keypoints: int = 17
-    # pre-processing (preprocessor_config.json)
+    # pre-processing: preprocessor_config.json as the reference processor applies it; from_hf
+    # honours or refuses every key there (its size must be image_size: the model takes no other)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
-    rescale_factor: float = 1 / 255
-    normalize_factor: float = 200.0    # box sizes are expressed in units of 200 px (mmpose legacy)
-    padding_factor: float = 1.25       # crops cover 1.25x the (aspect-corrected) box
+    normalize_factor: float = 200.0    # box sizes are in units of this many px (mmpose legacy)
+    padding_factor: float = 1.25       # crops cover 1.25x the (aspect-corrected) box (fixed)
 
     @classmethod
     def from_hf(cls, cfg, pre=None):
         if cfg.get("model_type") != "vitpose":
             raise ValueError(f"not a ViTPose config: model_type={cfg.get('model_type')!r}")
-        bb = cfg.get("backbone_config") or {}
-        kw = _pick(cls, bb)
+        bb = cfg.get("backbone_config")
+        if bb is not None and bb.get("model_type", "vitpose_backbone") != "vitpose_backbone":
+            raise ValueError(f"config.json: backbone_config.model_type={bb['model_type']!r} is not "
+                             "vitpose_backbone")
+        kw = _pick(cls, bb or {})
         for k in ("image_size", "patch_size"):
-            v = bb.get(k, getattr(cls, k))
+            v = (bb or {}).get(k, getattr(cls, k))
             kw[k] = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-        n = kw.get("num_hidden_layers", cls.num_hidden_layers)
-        idx = bb.get("out_indices") or [n]
-        kw["out_index"] = idx[-1] % (n + 1)  # the head reads the last requested stage; negatives count from the end
+        if kw.get("num_channels", 3) != 3:
+            raise ValueError(f"config.json: num_channels={kw['num_channels']}; frames are RGB")
+        kw["out_index"] = _vitpose_out_stage(bb, kw.get("num_hidden_layers", cls.num_hidden_layers))
         kw.update({k: cfg[k] for k in ("use_simple_decoder", "scale_factor") if k in cfg})
         if cfg.get("id2label"):
             kw["num_keypoints"] = len(cfg["id2label"])
         elif "num_labels" in cfg:
             kw["num_keypoints"] = cfg["num_labels"]
-        pre = pre or {}
-        size = pre.get("size") or {}
-        if size and (size.get("height"), size.get("width")) != tuple(kw["image_size"]):
-            raise ValueError(f"preprocessor size {size} differs from the backbone image_size {kw['image_size']}")
-        for k in ("image_mean", "image_std"):
-            if k in pre:
-                kw[k] = tuple(pre[k])
-        for k in ("rescale_factor", "normalize_factor"):
-            if k in pre:
-                kw[k] = pre[k]
         if kw.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {kw['hidden_act']!r}")
+        pre = pre or {}
+        # do_resize, resample, do_pad, pad_size: inert, the reference processor reads them but
+        # never applies them (the crop warp alone sizes its output)
+        kw.update(_pre_pixels(pre, "VitPose", {
+            "size", "default_to_square", "do_affine_transform", "normalize_factor", "do_rescale",
+            "rescale_factor", "do_normalize", "image_mean", "image_std", "do_resize", "resample",
+            "do_pad", "pad_size"}))
+        if not _setting(pre, "do_affine_transform", True, "flag"):
+            raise ValueError("preprocessor_config.json: do_affine_transform=False feeds whole "
+                             "frames to the model; this estimator crops each person's box")
+        H, W = kw["image_size"]  # no size given: the one size the model takes
+        square = _setting(pre, "default_to_square", True, "flag")  # how an int size is read
+        if _size_hw(pre, "size", {"height": H, "width": W}, square) != (H, W):
+            raise ValueError(f"preprocessor_config.json: size={pre['size']!r} differs from the "
+                             f"backbone's image_size {(H, W)}")
+        # the reference's post_process_pose_estimation maps keypoints back with 200 whatever this
+        # is; we decode with the scale each crop was taken with
+        kw["normalize_factor"] = _setting(pre, "normalize_factor", 200.0, "number")
         return cls(**kw)
+
+
+def _vitpose_out_stage(bb, n):
+    """The backbone stage the reference's head reads, its last requested feature map: out_indices
+    (negatives count from the end) and/or out_features ("stem" = 0, "stageK" = K); neither: the
+    last stage; no backbone_config at all: the reference's default backbone requests stage 4."""
+    if bb is None:
+        return 4
+    names = ["stem"] + [f"stage{k}" for k in range(1, n + 1)]
+    idx, feats = bb.get("out_indices"), bb.get("out_features")
+    try:
+        if not all(_is_int(i) for i in idx or []):
+            raise TypeError
+        by_idx = [range(n + 1)[i] for i in idx or []]  # IndexError outside -n-1..n
+        by_name = [names.index(f) for f in feats or []]  # ValueError for another name
+        ok = not (idx and feats) or by_idx == by_name
+    except (IndexError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"config.json: backbone_config out_indices={idx!r}, out_features={feats!r}: "
+                         f"not stages of {names}, or they disagree")
+    return max(by_idx or by_name or [n])
 
 
 class PoseViT(nn.Module):
@@ -527,7 +719,7 @@ class ViTPose(nn.Module):
 
     def forward(self, pixels, dataset_index=0):
         """pixels (B, 3, 256, 192) normalised crops; dataset_index: int or (B,) (ViTPose+ expert; 0 = COCO) ->
-        heatmaps (B, K, 64, 48)."""
+        heatmaps (B, K, 64, 48), float32 whatever the backbone's dtype."""
         B, c = pixels.shape[0], self.c
         expert = dataset_index
         if torch.is_tensor(expert):  # per-sample indices; one value for all is the fast int path
@@ -538,16 +730,21 @@ class ViTPose(nn.Module):
             lo = hi = expert = int(expert)
         if c.num_experts > 1 and not (0 <= lo and hi < c.num_experts):
             raise ValueError(f"dataset_index {dataset_index} outside [0, {c.num_experts})")
-        x = self.backbone(pixels, expert)  # (B, gh*gw, D)
+        trunk = self.backbone.patch_embed.weight.dtype
+        x = self.backbone(pixels.to(trunk), expert).float()  # (B, gh*gw, D); the head in float32
         gh, gw = c.image_size[0] // c.patch_size[0], c.image_size[1] // c.patch_size[1]
         return self.head(x.transpose(1, 2).reshape(B, -1, gh, gw).contiguous())  # (B, D, gh, gw) -> heatmaps
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.float32):
-        c = ViTPoseConfig.from_hf(read_json(Path(folder) / "config.json"), _preprocessor(folder))
+        """dtype: the backbone's; the head stays float32 (the heatmaps' values feed DARK's
+        log-derivatives), as in Yolos."""
+        c = load_config(ViTPoseConfig, folder)
         with torch.device("meta"):
             model = cls(c)
-        return load_weights(model, folder, TRUNK_RENAMES, device, dtype)
+        load_weights(model, folder, TRUNK_RENAMES, device)  # float32
+        model.backbone.to(dtype)
+        return model
 
 
 def box_to_center_scale(xywh, c: ViTPoseConfig):
@@ -667,13 +864,14 @@ def heatmaps_to_keypoints(heatmaps, center, scale, kernel=11):
 class ViTPoseEstimator:
     """pipeline.PoseEstimator: `pose(images, boxes, keys=None) -> keypoints (N, 17, 2), scores (N, 17)` float64,
     COCO-17 order, frame pixels; one xyxy box per image. Boxes that are not finite or have no area give zeros.
-    dataset_index: the ViTPose+ expert (0 = COCO); ignored by single-expert models."""
+    dataset_index: the ViTPose+ expert (0 = COCO); ignored by single-expert models. dtype: the
+    backbone's; the head and the keypoint decoding run in float32 regardless."""
 
     keypoint_format = "coco"
 
     def __init__(self, path, device="cpu", dtype=torch.float32, dataset_index=0, batch_size=32):
         self.model = ViTPose.from_pretrained(path, device, dtype)
-        self.device, self.dtype, self.dataset_index, self.batch_size = device, dtype, dataset_index, batch_size
+        self.device, self.dataset_index, self.batch_size = device, dataset_index, batch_size
 
     def preprocess(self, frames, xywh):
         """Same-size frames (N, H, W, 3) uint8 + COCO boxes (N, 4) -> crops (N, 3, h, w) float32, centre, scale."""
@@ -694,7 +892,7 @@ class ViTPoseEstimator:
             for s in range(0, len(idx), self.batch_size):
                 sel = idx[s:s + self.batch_size]
                 pixels, center, scale = self.preprocess(np.stack([images[n] for n in sel]), xywh[sel])
-                hm = self.model(pixels.to(self.dtype), self.dataset_index).float()
+                hm = self.model(pixels, self.dataset_index)
                 kp[sel], sc[sel] = heatmaps_to_keypoints(hm, center, scale)
         return kp, sc
 

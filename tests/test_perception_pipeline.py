@@ -7,7 +7,8 @@
 # so every detection token says "person" at a fixed box around the walker: the chain goes through the oracle, tracking,
 # ViTPose, the 2D->3D fit, the checks, the captioner and the judge; the garbage replies are recorded as unparsed and
 # the written clip holds exactly what the models and the fit give. (3) a pinned box too small: SMALL_BBOX fails and the
-# default keep mode writes nothing. CPU only, no network; ~17 s.
+# default keep mode writes nothing. (4) --device auto places the perception models and the local VLM together. CPU
+# only, no network; ~17 s.
 import json
 
 import numpy as np
@@ -247,3 +248,60 @@ def test_tracked_segment_failing_a_check_is_recorded_and_not_kept(videos, qwen_d
     assert r["reason"] == ";".join(g["issues"] + ["JUDGE_UNPARSED"])
     assert r["clips"] == [] and r["rejected"] == [{"clip_id": g["clip_id"], "reason": r["reason"]}]
     assert not (out / "clips").exists() and "SMALL_BBOX" in printed and "JUDGE_UNPARSED" in printed
+
+
+def test_device_auto_is_shared_by_perception_and_vlm(monkeypatch, tmp_path):
+    """--device auto resolves once: cuda when there is one, for the perception models AND the local
+    VLM (which used to stay on the CPU by default); --vlm-device moves the VLM alone. On cuda the
+    ViT trunks are bf16 unless --perception-dtype says otherwise (vit.py keeps their heads float32,
+    tests/test_vit.py); float32 turns TF32 off. Checked through pipeline.main with cuda reported present and the model
+    classes replaced by recorders; the run stops once the models are built."""
+    for cuda, dev in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
+        assert pipeline.resolve_devices("auto", "") == (dev, dev)
+        assert pipeline.resolve_devices("auto", "cpu") == (dev, "cpu")
+        assert pipeline.resolve_devices("cuda:1", "auto") == ("cuda:1", dev)
+        assert pipeline.resolve_devices("cpu", "") == ("cpu", "cpu")
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def vlm_backend(path, device):
+        seen.append(("vlm", device))
+        return object()
+
+    def detector(path, device, dtype, **kw):
+        seen.append(("det", device, dtype))
+
+    def pose(path, device, dtype, **kw):
+        seen.append(("pose", device, dtype))
+        raise Built
+
+    monkeypatch.setattr(pipeline, "LocalQwen3VL", vlm_backend)
+    monkeypatch.setattr(vit, "YolosDetector", detector)
+    monkeypatch.setattr(vit, "ViTPoseEstimator", pose)
+    (tmp_path / "a.mp4").write_bytes(b"")
+    argv = ["--videos", str(tmp_path), "--out", str(tmp_path / "out"), "--detector", "D",
+            "--pose", "P", "--vlm-local", "Q"]
+    bf16, f32 = torch.bfloat16, torch.float32
+    cudnn, cublas = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, cublas.allow_tf32
+    for cuda, extra, vlm_dev, dev, dtype in (
+            (True, [], "cuda", "cuda", bf16), (False, [], "cpu", "cpu", f32),
+            (True, ["--vlm-device", "cpu"], "cpu", "cuda", bf16),
+            (True, ["--perception-dtype", "float32"], "cuda", "cuda", f32),
+            (False, ["--device", "cuda:1", "--perception-dtype", "bfloat16"], "cuda:1", "cuda:1",
+             bf16)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
+        seen.clear()
+        cudnn.allow_tf32 = cublas.allow_tf32 = True
+        try:
+            with pytest.raises(Built):
+                pipeline.main(argv + extra)
+            tf32 = cudnn.allow_tf32, cublas.allow_tf32
+        finally:
+            cudnn.allow_tf32, cublas.allow_tf32 = saved
+        assert seen == [("vlm", vlm_dev), ("det", dev, dtype), ("pose", dev, dtype)], extra
+        # float32 trunks also mean no TF32, so that a cuda run computes what a CPU run does
+        assert tf32 == ((False, False) if dtype == f32 else (True, True)), extra

@@ -3,6 +3,7 @@ raw outputs within 1e-4 (in practice bit-equal on CPU), processors' outputs equa
 1e-4, strict loading. scipy is not in the venv: its two calls in the reference ViTPose processor are replaced by
 test-local stand-ins, and both those and ours are checked against values computed once by scipy 1.17.1."""
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,13 +123,13 @@ def test_scipy_primitives():
 # YOLOS
 
 
-def _save_yolos(tmp_path, mid=True, seed=0):
+def _save_yolos(tmp_path, mid=True, seed=0, std=0.3):
     cfg = transformers.YolosConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                                    image_size=[64, 96], num_detection_tokens=10, use_mid_position_embeddings=mid,
                                    id2label={0: "N/A", 1: "person", 2: "dog"})
     torch.manual_seed(seed)
     model = transformers.YolosForObjectDetection(cfg).eval()
-    _randomize(model, seed)
+    _randomize(model, seed, std)
     model.save_pretrained(tmp_path)
     proc = transformers.YolosImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 112})
     proc.save_pretrained(tmp_path)
@@ -139,7 +140,7 @@ def _save_yolos(tmp_path, mid=True, seed=0):
 def test_yolos_parity(tmp_path, mid):
     ref, proc = _save_yolos(tmp_path, mid)
     det = vit.YolosDetector(tmp_path, threshold=0.0)
-    assert (det.model.c.shortest_edge, det.model.c.longest_edge, det.model.c.person_label) == (64, 112, 1)
+    assert det.model.c.size == {"shortest_edge": 64, "longest_edge": 112} and det.model.c.person_label == 1
     for shapes in ([(50, 70), (50, 70)], [(50, 70), (90, 40), (33, 33)]):  # same size, then padded batches
         images = _frames(1, shapes)
         inputs = proc(images, return_tensors="pt")
@@ -174,7 +175,7 @@ def test_yolos_size_rule_and_legacy_config():
             assert vit.yolos_resize_shape(h, w, s, m) == proc_fn.get_size_with_aspect_ratio_yolos((h, w), s, m)
     c = vit.YolosConfig.from_hf({"model_type": "yolos", "id2label": {"0": "N/A", "1": "person"}},
                                 {"size": 512, "max_size": 864})
-    assert (c.shortest_edge, c.longest_edge, c.num_labels, c.person_label) == (512, 864, 2, 1)
+    assert c.size == {"shortest_edge": 512, "longest_edge": 864} and (c.num_labels, c.person_label) == (2, 1)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -279,3 +280,258 @@ def test_dark_recovers_subpixel_peak():
     np.testing.assert_allclose(kp[0], expect, atol=0.05 * s[0] / (w - 1))
     assert math.isclose(float(sc[0].max()), 1.0, abs_tol=0.1)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocessor_config.json and config.json settings: honoured as transformers applies them, or
+# refused with an error naming the folder, the key and its value
+
+YOLOS_BASE = {"size": {"shortest_edge": 64, "longest_edge": 112}}
+YOLOS_CFG = {"model_type": "yolos", "id2label": {"0": "N/A", "1": "person"}}
+YOLOS_PRE = [  # settings the reference YOLOS processor applies ...
+    {"size": {"height": 48, "width": 80}}, {"size": {"max_height": 70, "max_width": 90}},
+    {"size": [40, 72]}, {"size": 40, "max_size": 100}, {"size": 40},
+    {"size": {"shortest_edge": 40, "longest_edge": 96}, "max_size": 96},
+    {"resample": 0}, {"resample": 1}, {"resample": 3}, {"resample": 4}, {"resample": 5},
+    {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False},
+    {"rescale_factor": 1 / 127.5, "image_mean": 0.5, "image_std": [0.2, 0.3, 0.4]},
+    {"do_resize": False}, {"do_pad": False}, {"pad_and_return_pixel_mask": False},
+    {"pad_size": {"height": 128, "width": 128}}, {"pad_size": 128},
+    {"pad_size": {"height": 128, "width": 128}, "do_pad": False},
+    # ... and those it reads but never applies, or that concern annotations or the caller's arrays
+    {"do_center_crop": True, "crop_size": {"height": 8, "width": 8}, "default_to_square": True,
+     "format": "coco_panoptic", "do_convert_annotations": False, "do_convert_rgb": True,
+     "input_data_format": "channels_last", "image_processor_type": "YolosImageProcessor",
+     "feature_extractor_type": "YolosFeatureExtractor", "_processor_class": None}]
+
+
+def _write_pre(folder, pre, cfg=None):
+    if cfg is not None:
+        (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+
+
+@pytest.mark.parametrize("settings", YOLOS_PRE, ids=lambda d: ",".join(d))
+def test_yolos_preprocessor_settings_parity(tmp_path, settings):
+    _write_pre(tmp_path, {**YOLOS_BASE, **settings}, YOLOS_CFG)
+    proc = transformers.YolosImageProcessorPil.from_pretrained(tmp_path)  # reads the same file
+    c = vit.load_config(vit.YolosConfig, tmp_path)
+    for shapes in ([(50, 70), (50, 70)], [(50, 70), (90, 40), (33, 33)]):
+        images = _frames(1, shapes)
+        batches = [images]
+        if len(set(shapes)) > 1 and not proc.do_pad:  # the reference returns unequal sizes
+            with pytest.raises(ValueError, match="do_pad false"):
+                vit.yolos_preprocess(images, c)
+            batches = [[im] for im in images]
+        for ims in batches:
+            # uint8 when neither rescaled nor normalised
+            want = torch.as_tensor(np.stack(proc(ims)["pixel_values"])).float()
+            got, sizes = vit.yolos_preprocess(ims, c)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+            assert sizes == [i.shape[:2] for i in ims]
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"size": {"shortest_edge": 64}}, "size={'shortest_edge': 64}"),
+    ({"size": {"longest_edge": 64}}, "size="), ({"size": {"height": 0, "width": 80}}, "size="),
+    ({"size": {"height": 48, "width": 80, "max_height": 4}}, "size="), ({"size": None}, "size=None"),
+    ({"size": 40, "max_size": 99.5}, "max_size=99.5"),
+    ({"size": {"shortest_edge": 40, "longest_edge": 96}, "max_size": 100}, "max_size=100 disagrees"),
+    ({"max_size": 1000}, "max_size=1000 disagrees"),  # the reference would silently keep 1333
+    ({"resample": 6}, "resample=6"), ({"resample": "bilinear"}, "resample='bilinear'"),
+    ({"do_rescale": "false"}, "do_rescale='false'"), ({"do_normalize": None}, "do_normalize=None"),
+    ({"rescale_factor": None}, "rescale_factor=None"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean=[0.5, 0.5]"),
+    ({"pad_size": {"height": 128}}, "pad_size={'height': 128}"),
+    ({"do_flip": True}, "unsupported setting(s) do_flip=True"),
+    ({"image_processor_type": "DetrImageProcessor"}, "image_processor_type='DetrImageProcessor'")])
+def test_yolos_preprocessor_settings_refused(tmp_path, settings, match):
+    _write_pre(tmp_path, {**YOLOS_BASE, **settings}, YOLOS_CFG)
+    with pytest.raises(ValueError) as e:
+        vit.YolosDetector(tmp_path)  # refused before any weight is read
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: preprocessor_config.json: ") and match in msg, msg
+
+
+@pytest.mark.parametrize("settings", [
+    {"size": {"max_height": 70, "max_width": 90}, "resample": 3, "rescale_factor": 1 / 127.5,
+     "image_mean": 0.5},
+    {"size": {"max_height": 70, "max_width": 90}, "do_pad": False, "do_normalize": False}])
+def test_yolos_detections_with_settings(tmp_path, settings):
+    """The whole detector against the reference with non-default settings. The reference pads the
+    four images into one batch; without padding it cannot batch different sizes, so each image is
+    its own run (our detector batches the images of one resized shape together)."""
+    ref, _ = _save_yolos(tmp_path)
+    _write_pre(tmp_path, {**YOLOS_BASE, **settings})
+    proc = transformers.YolosImageProcessorPil.from_pretrained(tmp_path)
+    det = vit.YolosDetector(tmp_path, threshold=0.0)
+    images = _frames(6, [(50, 70), (90, 40), (50, 70), (33, 33)])
+    got = det.detect(images, people_only=False)
+    want = []
+    for ims in [images] if proc.do_pad else [[im] for im in images]:
+        with torch.no_grad():
+            out = ref(pixel_values=torch.as_tensor(np.stack(proc(ims)["pixel_values"])).float())
+        sizes = [im.shape[:2] for im in ims]
+        want += proc.post_process_object_detection(out, threshold=0.0, target_sizes=sizes)
+    for (s, lab, b), w in zip(got, want, strict=True):
+        assert torch.equal(lab, w["labels"]) and len(lab) == 10
+        torch.testing.assert_close(s, w["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b, w["boxes"], atol=1e-4, rtol=0)
+
+
+VITPOSE_PRE = [  # settings the reference ViTPose processor applies ...
+    {}, {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False},
+    {"rescale_factor": 0.01, "image_mean": 0.4, "image_std": [0.3, 0.2, 0.1]},
+    {"normalize_factor": 150.0}, {"size": [64, 48]},
+    # ... and those it reads but never applies, or that concern the caller's arrays
+    {"do_resize": True, "resample": 0, "do_pad": True, "pad_size": {"height": 100, "width": 100},
+     "do_center_crop": True, "crop_size": {"height": 8, "width": 8}, "do_convert_rgb": True,
+     "default_to_square": False, "image_processor_type": "VitPoseImageProcessor"}]
+
+
+@pytest.mark.parametrize("settings", VITPOSE_PRE, ids=lambda d: ",".join(d) or "defaults")
+def test_vitpose_preprocessor_settings_parity(tmp_path, ref_scipy, settings):
+    """Crops identical to the reference processor's; keypoints decoded as the reference decodes
+    heatmaps, with the centre / scale the crop was taken with (the reference's
+    post_process_pose_estimation assumes normalize_factor 200)."""
+    ref, _ = _save_vitpose(tmp_path)
+    _write_pre(tmp_path, {"size": {"height": 64, "width": 48}, **settings})
+    proc = ref_vitpose_proc.VitPoseImageProcessorPil.from_pretrained(tmp_path)
+    pose = vit.ViTPoseEstimator(tmp_path)
+    image, xywh = _frames(4, [(60, 80)])[0], [10.3, 5.7, 30.9, 50.2]
+    want = proc([image], boxes=[[xywh]], return_tensors="pt")["pixel_values"]  # maybe uint8
+    crops = pose.preprocess(image[None], np.array([xywh]))[0]
+    assert crops.dtype == torch.float32 and torch.equal(crops, want.float())
+    with torch.no_grad():
+        hm = ref(crops).heatmaps.numpy()
+    nf = settings.get("normalize_factor", 200.0)
+    center, scale = ref_vitpose_proc.box_to_center_and_scale(xywh, 48, 64, nf)
+    kp_want, sc_want = proc.keypoints_from_heatmaps(hm, center[None], scale[None])
+    kp, sc = pose([image], np.array([xywh[:2] + [xywh[0] + xywh[2], xywh[1] + xywh[3]]]))
+    np.testing.assert_allclose(kp[0], kp_want[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sc[0], sc_want[0, :, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"do_affine_transform": False}, "do_affine_transform=False"),
+    ({"size": {"height": 32, "width": 48}}, "size={'height': 32, 'width': 48} differs"),
+    ({"size": {"shortest_edge": 64}}, "size="), ({"size": 64}, "size=64 differs"),
+    ({"size": 64, "default_to_square": False}, "size=64 is not"),
+    ({"normalize_factor": "200"}, "normalize_factor='200'"), ({"do_normalize": 1}, "do_normalize=1"),
+    ({"image_std": [0.5, 0.5, 0.5, 0.5]}, "image_std=[0.5, 0.5, 0.5, 0.5]"),
+    ({"do_normalise": False}, "do_normalise=False"),
+    ({"image_processor_type": "YolosImageProcessor"}, "image_processor_type='YolosImageProcessor'")])
+def test_vitpose_preprocessor_settings_refused(tmp_path, settings, match):
+    cfg = {"model_type": "vitpose",
+           "backbone_config": {"model_type": "vitpose_backbone", "image_size": [64, 48]}}
+    _write_pre(tmp_path, {"size": {"height": 64, "width": 48}, **settings}, cfg)
+    with pytest.raises(ValueError) as e:
+        vit.ViTPoseEstimator(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: preprocessor_config.json: ") and match in msg, msg
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+@pytest.mark.parametrize("bb", [
+    None, {}, {"out_indices": [-2]}, {"out_indices": [0]}, {"out_indices": [1, 3]},
+    {"out_features": ["stage1", "stage2"]}, {"out_features": ["stem"]},
+    {"out_indices": [2], "out_features": ["stage2"]},
+    {"image_size": 48, "patch_size": 8, "mlp_ratio": 2, "num_experts": 2, "part_features": 4,
+     "hidden_act": "gelu_new", "layer_norm_eps": 1e-6, "qkv_bias": False, "hidden_dropout_prob": 0.1,
+     "initializer_range": 1.0}])
+def test_vitpose_config_fields(bb):
+    """config.json read as transformers reads it: the stage the head sees (out_indices,
+    out_features, the default backbone's stage 4), the sizes and the MLP layout; dropout and init
+    are training-only."""
+    cfg = {"model_type": "vitpose", "num_labels": 5, "scale_factor": 2, "use_simple_decoder": False}
+    if bb is not None:
+        cfg["backbone_config"] = {"model_type": "vitpose_backbone", "num_hidden_layers": 3,
+                                  "hidden_size": 32, "num_attention_heads": 2, **bb}
+    ref = transformers.VitPoseConfig.from_dict(cfg)
+    rb = ref.backbone_config
+    c = vit.ViTPoseConfig.from_hf(cfg, {"size": list(_pair(rb.image_size))})
+    assert c.out_index == rb.out_indices[-1] % (rb.num_hidden_layers + 1)
+    assert (c.image_size, c.patch_size) == (_pair(rb.image_size), _pair(rb.patch_size))
+    assert (c.num_keypoints, c.scale_factor, c.use_simple_decoder) == (ref.num_labels, 2, False)
+    for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "mlp_ratio", "num_experts",
+              "part_features", "hidden_act", "layer_norm_eps", "qkv_bias", "num_channels"):
+        assert getattr(c, k) == getattr(rb, k), k
+
+
+@pytest.mark.parametrize("bb", [{"out_features": ["stage1"]}, {"out_indices": [0]}])
+def test_vitpose_out_stage_parity(tmp_path, bb):
+    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32,
+                                            num_hidden_layers=2, num_attention_heads=2, **bb)
+    cfg = transformers.VitPoseConfig(backbone_config=bc, num_labels=17)
+    ref = transformers.VitPoseForPoseEstimation(cfg).eval()
+    _randomize(ref, 1, std=0.2)
+    ref.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        got, want = vit.ViTPose.from_pretrained(tmp_path)(x), ref(x).heatmaps
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bb,match", [
+    ({"model_type": "vit"}, "backbone_config.model_type='vit'"),
+    ({"out_indices": [4]}, "out_indices=[4]"),
+    ({"out_indices": 2}, "out_indices=2"), ({"out_indices": [True]}, "out_indices=[True]"),
+    ({"out_features": ["stage9"]}, "out_features=['stage9']"),
+    ({"out_indices": [1], "out_features": ["stage2"]}, "disagree"),
+    ({"num_channels": 4}, "num_channels=4"),
+    ({"hidden_act": "silu"}, "hidden_act 'silu'")])
+def test_vitpose_config_refused(bb, match):
+    bc = {"model_type": "vitpose_backbone", "num_hidden_layers": 3, **bb}
+    with pytest.raises(ValueError) as e:
+        vit.ViTPoseConfig.from_hf({"model_type": "vitpose", "backbone_config": bc})
+    assert match in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precision: bf16 trunks (the pipeline's choice on a GPU), float32 heads and decoding
+
+
+def test_yolos_bf16_trunk_keeps_fp32_heads_and_boxes(tmp_path):
+    """The trunk in bf16, here on the CPU: the heads still run in float32, so the boxes on a
+    1920x1080 frame stay within 0.1 px of the float32 model's, where a bf16 box head rounds each
+    normalised coordinate to 2^-9 (up to ~3.75 px per edge at this width; 4.1 px on these boxes
+    with the old all-bf16 model). A mildly random trunk and a box head whose last layer reads the
+    features weakly keep the trunk's own bf16 rounding (weight-dependent) out of the comparison."""
+    ref, _ = _save_yolos(tmp_path, std=0.05)
+    with torch.no_grad():
+        last = ref.bbox_predictor.layers[-1]
+        last.weight.mul_(0.02)
+        last.bias.copy_(torch.logit(torch.tensor([0.5371, 0.4123, 0.3317, 0.6629])))
+    ref.save_pretrained(tmp_path)
+    frame = _frames(5, [(1080, 1920)])
+    f32 = vit.YolosDetector(tmp_path, threshold=0.0)
+    b16 = vit.YolosDetector(tmp_path, dtype=torch.bfloat16, threshold=0.0)
+    (s32, _, box32), (s16, _, box16) = f32.detect(frame, False)[0], b16.detect(frame, False)[0]
+    assert len(box32) == len(box16) == 10
+    err = (box16 - box32).abs().max().item()
+    assert err < 0.1, f"boxes differ by {err:.3f} px"
+    torch.testing.assert_close(s16, s32, atol=0.05, rtol=0)  # the class head reads bf16 features
+    m = b16.model
+    heads = [*m.class_labels_classifier.parameters(), *m.bbox_predictor.parameters()]
+    assert {p.dtype for p in m.vit.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in heads} == {torch.float32}
+    pixels, _ = vit.yolos_preprocess(frame, m.c)
+    with torch.no_grad():
+        assert [t.dtype for t in m(pixels)] == [torch.float32, torch.float32]
+
+
+def test_vitpose_bf16_backbone_keeps_fp32_head(tmp_path):
+    _save_vitpose(tmp_path, simple=False)
+    f32 = vit.ViTPose.from_pretrained(tmp_path)
+    b16 = vit.ViTPose.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    head = [t for t in [*b16.head.parameters(), *b16.head.buffers()] if t.is_floating_point()]
+    assert {p.dtype for p in b16.backbone.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in head} == {torch.float32}
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        hm, want = b16(x), f32(x)
+    assert hm.dtype == torch.float32
+    torch.testing.assert_close(hm, want, atol=0.05 * float(want.abs().max()), rtol=0)
