@@ -15,8 +15,10 @@ Gradient descent (Adam, PyTorch) minimises, over the clip:
 four hypotheses of the body's facing (yaws) are fitted at once as a batch and the lowest loss wins; optionally
 (flip_steps > 0) a depth-flip search (each limb, the hip/shoulder axis, the spine, the whole body mirrored in depth,
 all refined together as one batch; every flip that lowers the loss is kept) tries the mirror minima of a monocular
-view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Angles are
-then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d).
+view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Each
+hypothesis returns its lowest iterate, so a refine (init=) never ends above its start by its own objective.
+Angles are then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d). objective() evaluates the
+same terms at any pose; its residual (a typical frame's relative 2D error) is the pipeline's FIT_COLLAPSE check.
 Measured (python fit3d.py: 17 mocap clips x 40 frames, 2 px noise, 10% joints dropped, true focal): angle RMSE
 59.9 deg, mean bone direction error 24.5 deg (62.0 / 25.5 without the gravity prior; the original pipeline: 74.6).
 The floor of the angle convention is ~29 deg (1 cm of noise on the true 3D, see the singularity test). Refining
@@ -35,9 +37,10 @@ gradient descent on the angles themselves would stall exactly on the most common
 remains the way to turn angles back into joints; the fitted pose satisfies FK(IK(pose), template=pose) == pose.
 
 Lifter interface (FitLifter here, lifter.LearnedLifter, or your own): `lifter(kp2d (T, 17, 2) H36M pixels,
-scores (T, 17), width, height) -> pose3d (T, 17, 3)` camera frame, metres.
+scores (T, 17), width, height) -> pose3d (T, 17, 3)` camera frame, metres; optionally `lifter.lift(...) -> (pose3d,
+info)`, whose focal / loss / loss_init / kept the pipeline records.
 
-Command: python fit3d.py   # fit mocap projected through random cameras (noise, dropped joints), print the errors
+Command: python fit3d.py [--seeds 4]  # fit mocap seen by random cameras (noise, dropped joints): errors, FIT_COLLAPSE
 """
 
 import argparse

@@ -11,8 +11,9 @@ by 180 deg). Motion capture says which leans are likely given the 2D motion of t
 the "learned lifter behind the existing interface" of pipeline.md, small enough to train on a laptop CPU.
 
 Honest numbers need held-out motions: `python lifter.py cv` trains one model per fold without that fold's motions and
-scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases). The shipped
-mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / CMU .bvh files) for real videos.
+scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases); `cv --unseen DIR`
+trains on all the shipped mocap and scores the mocap files of DIR (motions from other captures) the same way. The
+shipped mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / .bvh files) for real videos.
 
 Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
 (centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
@@ -27,6 +28,7 @@ in the refine. What limits it is the 17 motions: each fold learns from 12-13 of 
 Commands:
   python lifter.py train --out runs/lifter.safetensors    # all shipped mocap, ~1 min on 2 CPU cores
   python lifter.py cv                                      # leave-motions-out: lifter / lifter + fit / fit alone
+  python lifter.py cv --unseen DIR                         # the same on DIR's mocap, never trained on
   python pipeline.py --videos DIR --out DIR --lifter runs/lifter.safetensors
 """
 

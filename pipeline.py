@@ -12,9 +12,9 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
   4. sticky IoU tracker both ways from the anchor (IoU >= 0.5, or >= 0.2 for the only detection overlapping the last
      box, so flips are kept; area ratio <= 2.5, <= 3 consecutive misses, runs of >= 20 samples), gaps inside the run
      interpolated (track.py);
-  5. 2D pose through a PoseEstimator (COCO-17 -> Human3.6M-17 conversion when it outputs COCO);
+  5. 2D pose through a PoseEstimator (keypoints without evidence masked; COCO-17 -> Human3.6M-17 when COCO);
   6. 3D + 22 angles through a Lifter; the default is fit3d.FitLifter (gradient descent on a kinematic body, no weights);
-  7. deterministic checks (original thresholds, our definitions where the original's are unpublished; track.py);
+  7. deterministic checks (original thresholds, ours where unpublished, and FIT_COLLAPSE for the 3D; track.py);
   8. VLM judge {tracking_consistent, motion_matches} on skeleton-overlay frames and an imperative caption, through
      vlm.py's VLMClient (OpenAI-compatible HTTP with urllib, or our qwen3vl.py on a local checkpoint); failures are
      recorded;
@@ -132,9 +132,8 @@ class PoseEstimator:
 
 def coco_to_h36m(kp, sc, floor=0.0):
     """COCO-17 (N, 17, 2) + scores (N, 17) -> Human3.6M-17, the original's synthesis of pelvis, spine, thorax, head
-    (pipeline.md 1.5). A keypoint scoring <= floor has no evidence (ViTPose: its heatmap peak; at <= 0 its location
-    is arbitrary): it gets score 0, so does every joint built from it, and a score-0 joint sits on the mean of the
-    frame's scored joints, so no arbitrary location moves anything."""
+    (pipeline.md 1.5). A keypoint scoring <= floor (no evidence) gets score 0, so does every joint built from it, and
+    score-0 joints sit on the mean of the frame's scored ones: no arbitrary location moves anything."""
     kp, sc = np.asarray(kp, np.float64), np.asarray(sc, np.float64)
     sc = np.where(np.isfinite(sc) & np.isfinite(kp).all(-1) & (sc > floor), sc, 0.0)
     out, s = np.zeros_like(kp), np.zeros_like(sc)
@@ -233,7 +232,7 @@ def process_segment(dec, s, e, job, cfg, detector, pose_estimator, lifter, vlm):
     fmt = getattr(pose_estimator, "keypoint_format", "coco")
     core_ok = track.core_coverage(sc, fmt, cfg.low_conf)
     kp_h, sc_h = coco_to_h36m(kp, sc, cfg.kp_floor) if fmt == "coco" else (kp, np.where(sc > cfg.kp_floor, sc, 0))
-    try:  # a lifter with .lift also says its focal and, for a refine, whether the init or the refined pose was kept
+    try:  # .lift also says the focal and, for a refine, whether the init or the refined pose was kept
         pose3d, info = lifter.lift(kp_h, sc_h, W, H) if hasattr(lifter, "lift") else (lifter(kp_h, sc_h, W, H), {})
         pose3d = np.asarray(pose3d, np.float64)
         if pose3d.shape != (len(cf), 17, 3) or not np.isfinite(pose3d).all():

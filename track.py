@@ -29,8 +29,8 @@ above max(median + 6 MAD, 0.5), a low-confidence frame a mean joint score < 0.3.
 < 0.1 and area ratio > 2 between consecutive detected boxes; a covered frame has >= 3 of 5 core joints (nose,
 shoulders, hips) > 0.3, but indexed in the estimator's own layout (upstream applied COCO indices to Human3.6M
 keypoints). LOW_MOTION is ours: peak root-relative joint speed >= 0.3 body heights / s (upstream's 3.0 "m/s" was
-on unitless model output). The limits are fields of pipeline.PipelineConfig, passed in as `cfg`; this file does not
-import pipeline.
+on unitless model output). FIT_COLLAPSE is ours: the 3D pose's fit3d.objective residual (computed by pipeline.py)
+<= 0.05. The limits are fields of pipeline.PipelineConfig, passed in as `cfg`; this file does not import pipeline.
 
 No commands of its own: pipeline.py runs it (python pipeline.py --help), bench/pipeline.py times it,
 tests/test_track.py tests it.
