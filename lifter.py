@@ -11,8 +11,9 @@ by 180 deg). Motion capture says which leans are likely given the 2D motion of t
 the "learned lifter behind the existing interface" of pipeline.md, small enough to train on a laptop CPU.
 
 Honest numbers need held-out motions: `python lifter.py cv` trains one model per fold without that fold's motions and
-scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases). The shipped
-mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / CMU .bvh files) for real videos.
+scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases); `cv --unseen DIR`
+trains on all the shipped mocap and scores the mocap files of DIR (motions from other captures) the same way. The
+shipped mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / .bvh files) for real videos.
 
 Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
 (centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
@@ -27,6 +28,7 @@ in the refine. What limits it is the 17 motions: each fold learns from 12-13 of 
 Commands:
   python lifter.py train --out runs/lifter.safetensors    # all shipped mocap, ~1 min on 2 CPU cores
   python lifter.py cv                                      # leave-motions-out: lifter / lifter + fit / fit alone
+  python lifter.py cv --unseen DIR                         # the same on DIR's mocap, never trained on
   python pipeline.py --videos DIR --out DIR --lifter runs/lifter.safetensors
 """
 
@@ -254,15 +256,57 @@ class LearnedLifter:
         return fit3d._bone_chain(torch.from_numpy(d), lengths, root).numpy()
 
     def __call__(self, kp2d, scores, width, height):
+        return self.lift(kp2d, scores, width, height)[0]
+
+    def lift(self, kp2d, scores, width, height):
+        """-> (pose3d, info): info as fit3d.fit_clip's, with loss_init (the fit's objective at the net's pose) and
+        kept ("refined", or "init" when the refine found nothing lower: the net's pose is returned)."""
         pose = self.initial_pose(kp2d, scores, width, height)
+        f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
         if self.refine is None:
-            return pose
+            return pose, {"focal": f, "kept": "init"}
         f = self.focal or self.refine.focal_scale * max(width, height)
-        return fit3d.fit_clip(kp2d, scores, width, height, f, self.refine, init=pose)
+        return fit3d.fit_clip(kp2d, scores, width, height, f, self.refine, return_info=True, init=pose)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # leave-motions-out evaluation on fit3d's benchmark
+
+
+# BVH rigs other than CMU's, read by demo.load_bvh with another site table until a general rig loader lands:
+# the Human3.6M joints by bone name (Mixamo-style and MocapBank-style names); the head top is put 0.16 m past the
+# head joint along the neck, toes and face (rendering only) on the ankles and head
+_BVH_RIGS = {"LeftUpLeg": ["Hips", "RightUpLeg", "RightLeg", "RightFoot", "LeftUpLeg", "LeftLeg", "LeftFoot", "Spine1",
+                           "Neck", "Head", "Head", "LeftArm", "LeftForeArm", "LeftHand", "RightArm", "RightForeArm",
+                           "RightHand"],
+             "LeftCollar": ["Hips", "RightHip", "RightKnee", "RightAnkle", "LeftHip", "LeftKnee", "LeftAnkle", "Chest2",
+                            "Neck", "Head", "Head", "LeftShoulder", "LeftElbow", "LeftWrist", "RightShoulder",
+                            "RightElbow", "RightWrist"]}
+
+
+def load_mocap(path):
+    """One mocap file -> demo.Motion: DeepMimic .txt, AMP .npz, BVH (CMU skeleton, or the rigs of _BVH_RIGS with
+    their units told by the thigh's length). The one place this file reads mocap, so a new loader goes here."""
+    import demo
+    path = Path(path)
+    loaders = {".txt": demo.load_deepmimic, ".npz": demo.load_amp, ".bvh": demo.load_bvh}
+    if path.suffix not in loaders:
+        raise ValueError(f"{path}: not a mocap file this loader reads (.txt DeepMimic, .npz AMP, .bvh)")
+    if path.suffix == ".bvh":
+        import re
+        names = re.findall(r"(?:ROOT|JOINT)\s+(\S+)", path.read_text().split("MOTION")[0])
+        pre = names[0][:-len("Hips")] if names and names[0].endswith("Hips") else ""  # e.g. "mixamorig:"
+        rig = next((r for k, r in _BVH_RIGS.items() if pre + k in names), None)
+        if rig is not None:
+            j = {n: i for i, n in enumerate(names)}
+            bare = demo.load_bvh(path, 1.0, [(pre + "Hips", 0, 0, 0)] * demo.NUM_SITES)  # file units
+            thigh = np.linalg.norm(bare.offsets[j[pre + rig[5]]])
+            scale = min((1.0, demo.CMU_SCALE, 0.0254, 0.01, 0.001), key=lambda u: abs(math.log(thigh * u / 0.43)))
+            neck = bare.offsets[j[pre + "Head"]]
+            sites = [(pre + n, 0.0, 0.0, 0.0) for n in rig]
+            sites[10] = (pre + "Head", *(neck / np.linalg.norm(neck) * 0.16 / scale))
+            return demo.load_bvh(path, scale, sites + [sites[3], sites[6], sites[9]])
+    return loaders[path.suffix](path)
 
 
 def load_motions(mocap_dir=None):
@@ -270,41 +314,93 @@ def load_motions(mocap_dir=None):
     import demo
     if mocap_dir is None:
         return [(key, demo.load_motion(file)) for key, file, _, _ in demo.MOTIONS]
-    loaders = {".txt": demo.load_deepmimic, ".npz": demo.load_amp, ".bvh": demo.load_bvh}
-    files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in loaders)
+    if not Path(mocap_dir).is_dir():
+        raise FileNotFoundError(f"{mocap_dir}: not a folder")
+    files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in (".txt", ".npz", ".bvh"))
     if not files:
-        raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh (CMU) mocap files")
-    return [(p.stem, loaders[p.suffix](p)) for p in files]
+        raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh mocap files")
+    return [(p.stem, load_mocap(p)) for p in files]
+
+
+def _score(lift, fit_cfg, case, pairs, rows):
+    """One clip three ways: the lifter alone, lifter + fit, the fit alone; rows get each one's bone direction error,
+    the fit alone's residual (what FIT_COLLAPSE checks) and which pose the refine kept."""
+    name, kp, sc, gt, focal, W, H = case
+    lift.focal = focal
+    fit, fit_info = fit3d.fit_clip(kp, sc, W, H, focal, fit_cfg, return_info=True)
+    refined, info = lift.lift(kp, sc, W, H)
+    poses = {"lifter": lift.initial_pose(kp, sc, W, H), "lifter+fit": refined, "fit": fit}
+    for method, pose in poses.items():
+        pairs[method].append((pose, gt))
+    rows.append({"motion": name, **{m: fit3d.pose_errors([(p, gt)])["bone_dir_err_deg"] for m, p in poses.items()},
+                 "fit_residual": fit3d.objective(fit, kp, sc, W, H, focal, fit_cfg)["residual"],
+                 "kept": info.get("kept")})
+
+
+def _report(pairs, rows, return_poses):
+    scores = {method: fit3d.pose_errors(p) for method, p in pairs.items()}
+    if not return_poses:
+        return scores, rows
+    return scores, rows, [(r["motion"], {m: pairs[m][i][0] for m in pairs}, pairs["fit"][i][1])
+                          for i, r in enumerate(rows)]
 
 
 def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0,
                    drop=0.1, progress=True, return_poses=False):
     """fit3d's benchmark (mocap_cases) scored three ways, each clip by a lifter trained WITHOUT its motion (motion i of
     demo.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
-    -> {method: fit3d.pose_errors dict}, and with return_poses the poses [(motion, {method: pose}, truth)]."""
+    -> ({method: fit3d.pose_errors dict}, per-clip rows (see _score)), and with return_poses also the poses
+    [(motion, {method: pose}, truth)]."""
     import demo
     cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
     keys = [m[0] for m in demo.MOTIONS]
     cases = list(fit3d.mocap_cases(n_clips, seed, frames, noise_px, drop))
     motions = load_motions()
-    pairs = {"lifter": [], "lifter+fit": [], "fit": []}
-    names = []
+    pairs, rows = {"lifter": [], "lifter+fit": [], "fit": []}, []
     for k in range(folds):
         held = [c for c in cases if keys.index(c[0]) % folds == k]
         if not held:
             continue
         net = train_lifter([m for i, (_, m) in enumerate(motions) if i % folds != k], cfg, progress)
         lift = LearnedLifter(net, cfg, refine=refine)
-        for name, kp, sc, gt, focal, W, H in held:
-            names.append(name)
-            lift.focal = focal
-            pairs["lifter"].append((lift.initial_pose(kp, sc, W, H), gt))
-            pairs["lifter+fit"].append((lift(kp, sc, W, H), gt))
-            pairs["fit"].append((fit3d.fit_clip(kp, sc, W, H, focal, fit_cfg), gt))
-    scores = {method: fit3d.pose_errors(p) for method, p in pairs.items()}
-    if not return_poses:
-        return scores
-    return scores, [(n, {m: pairs[m][i][0] for m in pairs}, pairs["fit"][i][1]) for i, n in enumerate(names)]
+        for case in held:
+            _score(lift, fit_cfg, case, pairs, rows)
+    return _report(pairs, rows, return_poses)
+
+
+def unseen_validate(unseen_dir, cfg=None, fit_cfg=None, refine=REFINE, clips_per_motion=6, seed=0, frames=40,
+                    noise_px=2.0, drop=0.1, progress=True, return_poses=False):
+    """Motions the lifter never saw: one lifter trained on ALL the shipped mocap, each mocap file of unseen_dir
+    (load_mocap) seen in clips_per_motion random windows through fit3d.view_mocap's cameras, noise and dropped
+    joints (the benchmark's protocol), scored three ways. -> as cross_validate."""
+    cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
+    unseen = load_motions(unseen_dir)
+    lift = LearnedLifter(train_lifter([m for _, m in load_motions()], cfg, progress), cfg, refine=refine)
+    rng = np.random.default_rng(seed)
+    pairs, rows = {"lifter": [], "lifter+fit": [], "fit": []}, []
+    for name, m in unseen:
+        for _ in range(clips_per_motion):
+            kp, sc, gt, cam = fit3d.view_mocap(rng, m, frames, noise_px, drop)
+            _score(lift, fit_cfg, (name, kp, sc, gt, cam.focal, cam.width, cam.height), pairs, rows)
+    return _report(pairs, rows, return_poses)
+
+
+def print_results(res, rows, collapse_limit):
+    """The scores, how FIT_COLLAPSE (residual > collapse_limit) sorts the fit alone's clips, what the refine kept,
+    and the bone direction errors per motion."""
+    for name, r in res.items():
+        print(f"{name:11s}", "  ".join(f"{k[:-4]} {v:5.1f}" for k, v in r.items()))
+    bad = np.array([r["fit"] > 40 for r in rows], bool)
+    flag = np.array([r["fit_residual"] > collapse_limit for r in rows], bool)
+    print(f"FIT_COLLAPSE (fit alone, residual > {collapse_limit}): flags {(flag & bad).sum()} of the {bad.sum()} "
+          f"clips whose bone direction error is > 40 deg, {(flag & ~bad).sum()} of the other {(~bad).sum()}")
+    print(f"the refine kept the lifter's own pose on {sum(r['kept'] == 'init' for r in rows)} of {len(rows)} clips; "
+          f"lifter+fit is worse than the lifter alone on {sum(r['lifter+fit'] > r['lifter'] for r in rows)}")
+    for motion in dict.fromkeys(r["motion"] for r in rows):
+        mine = [r for r in rows if r["motion"] == motion]
+        print(f"  {motion[:20]:20s} bone direction error (deg):", "  ".join(
+            f"{m} {np.mean([r[m] for r in mine]):5.1f}" for m in ("fit", "lifter", "lifter+fit")),
+            f" ({len(mine)} clips, worst fit {max(r['fit'] for r in mine):.1f})")
 
 
 def plot_poses(path, cases, frames=(0, 13, 26, 39), size=150):
@@ -353,6 +449,9 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="out/lifter_cv.png", help="cv: a picture of held-out clips' poses")
     ap.add_argument("--plot-motions", default="walk,backflip,punch", help="cv: which clips the picture shows")
+    ap.add_argument("--unseen", default=None, help="cv: a folder of mocap files (.txt / .npz / .bvh) never trained "
+                    "on: train on all the shipped mocap and score these instead of leaving motions out")
+    ap.add_argument("--unseen-clips", type=int, default=6, help="cv --unseen: random windows per file")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     lcfg = LifterConfig(clips=args.clips, steps=args.steps, hidden=args.hidden, window=args.window, seed=args.seed)
@@ -363,9 +462,13 @@ if __name__ == "__main__":
         save_lifter(net, lcfg, args.out)
         print(f"lifter trained on {len(named)} motions in {time.time() - t0:.0f} s -> {args.out}")
     else:
-        res, cases = cross_validate(args.folds, lcfg, progress=not args.no_progress, return_poses=True)
-        for name, r in res.items():
-            print(f"{name:11s}", "  ".join(f"{k[:-4]} {v:5.1f}" for k, v in r.items()))
+        import pipeline  # the FIT_COLLAPSE limit
+        if args.unseen:
+            res, rows, cases = unseen_validate(args.unseen, lcfg, clips_per_motion=args.unseen_clips,
+                                               progress=not args.no_progress, return_poses=True)
+        else:
+            res, rows, cases = cross_validate(args.folds, lcfg, progress=not args.no_progress, return_poses=True)
+        print_results(res, rows, pipeline.PipelineConfig.max_fit_residual)
         show = [c for c in cases if c[0] in args.plot_motions.split(",")] or cases[:3]
         print("poses:", plot_poses(args.plot, show))
         print(f"{time.time() - t0:.0f} s")

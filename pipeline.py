@@ -12,9 +12,9 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
   4. sticky IoU tracker both ways from the anchor (IoU >= 0.5, or >= 0.2 for the only detection overlapping the last
      box, so flips are kept; area ratio <= 2.5, <= 3 consecutive misses, runs of >= 20 samples), gaps inside the run
      interpolated (track.py);
-  5. 2D pose through a PoseEstimator (COCO-17 -> Human3.6M-17 conversion when it outputs COCO);
+  5. 2D pose through a PoseEstimator (keypoints without evidence masked; COCO-17 -> Human3.6M-17 when COCO);
   6. 3D + 22 angles through a Lifter; the default is fit3d.FitLifter (gradient descent on a kinematic body, no weights);
-  7. deterministic checks (original thresholds, our definitions where the original's are unpublished; track.py);
+  7. deterministic checks (original thresholds, ours where unpublished, and FIT_COLLAPSE for the 3D; track.py);
   8. VLM judge {tracking_consistent, motion_matches} on skeleton-overlay frames and an imperative caption, through
      vlm.py's VLMClient (OpenAI-compatible HTTP with urllib, or our qwen3vl.py on a local checkpoint); failures are
      recorded;
@@ -55,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import fit3d  # stage 6's default lifter, and the residual that tells a collapsed fit (FIT_COLLAPSE)
 import track  # stages 3-4 and 7: target person, sticky IoU tracker, deterministic checks
 import video  # stages 1-2: decode, hard cuts, segments; writing and the rendered demo videos
 # stage 8 and the oracle picker's prompt + parsing live in vlm.py; names, not `import vlm`, because `vlm` is the
@@ -91,6 +92,10 @@ class PipelineConfig:
     min_peak_speed: float = 0.3    # body heights / s of the fastest root-relative joint (ours; upstream 3.0 "m/s")
     min_box_area: float = 0.08     # median box area as a fraction of the frame
     low_conf: float = 0.3          # per-joint / per-frame confidence threshold
+    max_fit_residual: float = 0.05  # FIT_COLLAPSE: fit3d.objective's residual; calibrated with fit3d.py (README)
+    # keypoints scoring <= this are masked (score 0), with the joints coco_to_h36m builds from them. ViTPose's score
+    # is its heatmap's peak: <= 0 = no evidence, the location arbitrary; 0.05 = where the fit already ignores one
+    kp_floor: float = 0.05
     judge_frames: int = 6          # overlay frames sent to the judge (upstream)
     caption_frames: int = 8        # frames sent to the captioner
     vlm_max_side: int = 640        # images to the VLM: max side, JPEG q75 (upstream)
@@ -125,10 +130,12 @@ class PoseEstimator:
         raise NotImplementedError
 
 
-def coco_to_h36m(kp, sc):
+def coco_to_h36m(kp, sc, floor=0.0):
     """COCO-17 (N, 17, 2) + scores (N, 17) -> Human3.6M-17, the original's synthesis of pelvis, spine, thorax, head
-    (pipeline.md 1.5)."""
+    (pipeline.md 1.5). A keypoint scoring <= floor (no evidence) gets score 0, so does every joint built from it, and
+    score-0 joints sit on the mean of the frame's scored ones: no arbitrary location moves anything."""
     kp, sc = np.asarray(kp, np.float64), np.asarray(sc, np.float64)
+    sc = np.where(np.isfinite(sc) & np.isfinite(kp).all(-1) & (sc > floor), sc, 0.0)
     out, s = np.zeros_like(kp), np.zeros_like(sc)
     for h, c in {9: 0, 11: 5, 14: 6, 12: 7, 15: 8, 13: 9, 16: 10, 4: 11, 1: 12, 5: 13, 2: 14, 6: 15, 3: 16}.items():
         out[:, h], s[:, h] = kp[:, c], sc[:, c]
@@ -143,7 +150,12 @@ def coco_to_h36m(kp, sc):
     out[:, 9] -= (out[:, 9] - sh) / 4
     s[:, 0], s[:, 8] = sc[:, 11:13].mean(1), sc[:, 5:7].mean(1)
     s[:, 7], s[:, 10] = (s[:, 0] + s[:, 8]) / 2, sc[:, 1:5].mean(1)
-    return out, s
+    built_from = {0: [11, 12], 7: [0, 1, 2, 5, 6, 11, 12], 8: [0, 1, 2, 5, 6], 9: [0, 5, 6], 10: [0, 1, 2, 3, 4]}
+    for h, src in built_from.items():
+        s[:, h] *= (sc[:, src] > 0).all(1)
+    ok = s > 0
+    mean = np.where(ok[..., None], out, 0.0).sum(1) / np.maximum(ok.sum(1), 1)[:, None]
+    return np.where(ok[..., None] | ~ok.any(1)[:, None, None], out, mean[:, None]), s
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,17 +231,20 @@ def process_segment(dec, s, e, job, cfg, detector, pose_estimator, lifter, vlm):
         raise ValueError(f"pose estimator returned {kp.shape} / {sc.shape} for {len(cf)} boxes")
     fmt = getattr(pose_estimator, "keypoint_format", "coco")
     core_ok = track.core_coverage(sc, fmt, cfg.low_conf)
-    kp_h, sc_h = coco_to_h36m(kp, sc) if fmt == "coco" else (kp, sc)
-    try:
-        pose3d = np.asarray(lifter(kp_h, sc_h, W, H), np.float64)
+    kp_h, sc_h = coco_to_h36m(kp, sc, cfg.kp_floor) if fmt == "coco" else (kp, np.where(sc > cfg.kp_floor, sc, 0))
+    try:  # .lift also says the focal and, for a refine, whether the init or the refined pose was kept
+        pose3d, info = lifter.lift(kp_h, sc_h, W, H) if hasattr(lifter, "lift") else (lifter(kp_h, sc_h, W, H), {})
+        pose3d = np.asarray(pose3d, np.float64)
         if pose3d.shape != (len(cf), 17, 3) or not np.isfinite(pose3d).all():
             raise ValueError(f"lifter output shape {pose3d.shape} or non-finite values")
     except Exception as ex:
         return {**rec, "status": f"LIFT_FAIL:{type(ex).__name__}", "detail": str(ex)[:200]}, None
+    rec["lift"] = {k: info[k] for k in ("kept", "loss", "loss_init") if k in info}
+    residual = fit3d.objective(pose3d, kp_h, sc_h, W, H, info.get("focal"))["residual"]
     # 0 when called from process_video (segments are cut at the same threshold), so HARD_CUTS passes by
     # construction there; recomputed on the clip's own frames so a caller passing its own (s, e) is still checked
     n_cuts = len(video.detect_cuts(video.gray_histograms(cf), cfg.cut_threshold))
-    checks, issues = track.run_checks(boxes, sc_h, pose3d, W, H, cfg, n_cuts, core_ok, raw_valid)
+    checks, issues = track.run_checks(boxes, sc_h, pose3d, W, H, cfg, n_cuts, core_ok, raw_valid, residual)
     rec.update(status="TRACKED", checks=checks, issues=issues, prog_good=not issues)
     clip = {"i0": s + a, "i1": s + b + 1, "boxes": boxes, "kp2d": kp_h, "scores": sc_h, "pose3d": pose3d}
     if vlm is not None:  # caption first: without a given instruction the judge checks the motion against it
@@ -551,7 +566,6 @@ def main(argv=None):
         return 0
     if not args.out or not (args.videos or args.manifest):
         ap.error("--out and --videos (or --manifest) are required")
-    import fit3d
     cfg = PipelineConfig()
     try:
         jobs = list_videos(args.videos or None, args.manifest or None)

@@ -29,8 +29,8 @@ above max(median + 6 MAD, 0.5), a low-confidence frame a mean joint score < 0.3.
 < 0.1 and area ratio > 2 between consecutive detected boxes; a covered frame has >= 3 of 5 core joints (nose,
 shoulders, hips) > 0.3, but indexed in the estimator's own layout (upstream applied COCO indices to Human3.6M
 keypoints). LOW_MOTION is ours: peak root-relative joint speed >= 0.3 body heights / s (upstream's 3.0 "m/s" was
-on unitless model output). The limits are fields of pipeline.PipelineConfig, passed in as `cfg`; this file does not
-import pipeline.
+on unitless model output). FIT_COLLAPSE is ours: the 3D pose's fit3d.objective residual (computed by pipeline.py)
+<= 0.05. The limits are fields of pipeline.PipelineConfig, passed in as `cfg`; this file does not import pipeline.
 
 No commands of its own: pipeline.py runs it (python pipeline.py --help), bench/pipeline.py times it,
 tests/test_track.py tests it.
@@ -139,11 +139,12 @@ def _robust_threshold(x, floor):
     return max(med + 6 * 1.4826 * np.median(np.abs(x - med)), floor)
 
 
-def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=None, raw_valid=None):
+def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=None, raw_valid=None,
+               fit_residual=None):
     """Every check of a clip: {name: {"value", "limit", "ok"}}, and the list of failing issue codes.
     boxes (T, 4) tracked (gaps filled); kp_scores (T, 17); pose3d (T, 17, 3) metres; core_ok (T,) bool: >= 3 of
     the 5 core joints (nose, shoulders, hips in the estimator's own layout) confident; raw_valid (T,) bool: the box
-    came from a detection (not interpolated). Definitions:
+    came from a detection (not interpolated); fit_residual: fit3d.objective's residual of pose3d. Definitions:
       HARD_CUTS       a cut inside the clip                     (upstream: has_hard_cuts)
       TOO_SHORT       T < min_frames
       BBOX_JUMPS      centre moves > 0.5 x mean box diagonal     ratio of transitions > 0.05
@@ -155,7 +156,10 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
       LOW_COVERAGE    frames with >= 3 of 5 core joints > 0.3 (COCO indices before conversion, fixing upstream)
                       ratio < 0.4
       LOW_MOTION      peak (3-frame median) root-relative joint speed < 0.3 body heights / s
-      SMALL_BBOX      median box area < 8% of the frame"""
+      SMALL_BBOX      median box area < 8% of the frame
+      FIT_COLLAPSE    (with fit_residual) the 3D pose cannot match the 2D: residual > 0.05, i.e. a typical frame's
+                      joints off by > 5% of the person's 2D size after the fit (ours, calibrated on the fit's
+                      mocap benchmark: pipeline.PipelineConfig.max_fit_residual)"""
     T = len(boxes)
     b = np.asarray(boxes, np.float64)
     area = np.maximum(box_area(b), 1e-9)
@@ -195,6 +199,8 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
     put("LOW_MOTION", speed.max(), cfg.min_peak_speed, speed.max() >= cfg.min_peak_speed)
     med_area = float(np.median(area)) / (width * height)
     put("SMALL_BBOX", med_area, cfg.min_box_area, med_area >= cfg.min_box_area)
+    if fit_residual is not None:
+        put("FIT_COLLAPSE", fit_residual, cfg.max_fit_residual, fit_residual <= cfg.max_fit_residual)
     return out, [k for k, v in out.items() if not v["ok"]]
 
 

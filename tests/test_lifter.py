@@ -124,9 +124,11 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
 
     monkeypatch.setattr(lifter, "train_lifter", spy)
     fast = fit3d.FitConfig(steps=5, yaws=(0.0,))
-    res, cases = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast, refine=dataclasses.replace(fast, w_init=0.1),
-                                       n_clips=4, frames=6, progress=False, return_poses=True)
+    res, rows, cases = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast, refine=dataclasses.replace(fast, w_init=0.1),
+                                             n_clips=4, frames=6, progress=False, return_poses=True)
     assert set(res) == {"lifter", "lifter+fit", "fit"} and all(np.isfinite(r["rmse_deg"]) for r in res.values())
+    assert [r["motion"] for r in rows] == [c[0] for c in cases]
+    assert all(r["kept"] in ("init", "refined") and r["fit_residual"] > 0 for r in rows)
     assert len(cases) == 4 and all(p.shape == gt.shape == (6, 17, 3) for _, poses, gt in cases for p in poses.values())
     from PIL import Image
     png = lifter.plot_poses(tmp_path / "cv.png", cases[:2], frames=(0, 5), size=60)
@@ -182,3 +184,89 @@ def test_lifter_file_from_another_version_is_a_clear_error(trained, tmp_path):
     save_file(state, str(bad), metadata={"lifter_config": json.dumps({**dataclasses.asdict(TINY), "heads": 4})})
     with pytest.raises(ValueError, match="heads"):
         lifter.load_lifter(bad)
+
+
+def test_refine_never_ends_above_the_lifters_own_pose(trained):
+    # the refine's objective at its result never exceeds its value at the lifter's pose (the init); a refine that
+    # cannot improve (here Adam's steps are absurdly large, so every step overshoots) returns the init itself
+    net, _ = trained
+    _, kp, sc, gt, f, W, H = _case()
+    for refine, kept in ((dataclasses.replace(lifter.REFINE, steps=60), "refined"),
+                         (dataclasses.replace(lifter.REFINE, steps=10, lr=50.0), "init")):
+        lift = lifter.LearnedLifter(net, TINY, focal=f, refine=refine)
+        init = lift.initial_pose(kp, sc, W, H)
+        pose, info = lift.lift(kp, sc, W, H)
+        assert info["kept"] == kept and info["loss"] <= info["loss_init"]
+        # loss_init is the fit's objective evaluated at the lifter's output, and loss the one at the result
+        assert info["loss_init"] == pytest.approx(fit3d.objective(init, kp, sc, W, H, f, refine)["total"], rel=1e-9)
+        # (objective() takes the elevation prior's mean, the refine its fitted elevation: a tiny gravity term apart)
+        assert info["loss"] == pytest.approx(fit3d.objective(pose, kp, sc, W, H, f, refine)["total"]
+                                             + refine.w_init * info["losses"]["init"], rel=1e-3)
+        if kept == "init":
+            np.testing.assert_allclose(pose, init, atol=1e-9)
+    # without the best-iterate rule the same absurd refine ends far above its start
+    clip = fit3d._Clip(kp, sc, W, H, f, dataclasses.replace(lifter.REFINE, lr=50.0))
+    *_, total_last, _, _, start = clip.optimize(clip.params_of_pose(init), 10, keep_best=False)
+    assert float(total_last[0]) > float(start[0])
+
+
+def _bvh(path, rig):
+    """A BVH file of rig [(name, (parent, offset) or None for the root)], 2 frames at rest (all channels 0)."""
+    out = []
+
+    def emit(parent, ind):
+        for name, link in rig:
+            if link is not None and link[0] == parent:
+                out.extend([ind + f"JOINT {name}", ind + "{", ind + "  OFFSET %g %g %g" % link[1],
+                            ind + "  CHANNELS 3 Zrotation Xrotation Yrotation"])
+                emit(name, ind + "  ")
+                out.append(ind + "}")
+    emit(rig[0][0], "  ")
+    n_ch = 6 + 3 * (len(rig) - 1)
+    path.write_text("\n".join(["HIERARCHY", f"ROOT {rig[0][0]}", "{", "  OFFSET 0 0 0", "  CHANNELS 6 Xposition "
+                               "Yposition Zposition Zrotation Xrotation Yrotation", *out, "}", "MOTION", "Frames: 2",
+                               "Frame Time: 0.033333", *[" ".join(["0"] * n_ch)] * 2]) + "\n")
+
+
+def test_load_mocap_reads_a_mixamo_style_rig_in_centimetres(tmp_path):
+    # Hips -> legs (UpLeg, Leg, Foot), Spine -> Spine1 -> Spine2 -> Neck -> Head, arms (Arm, ForeArm, Hand), with a
+    # "mixamorig:" prefix and in centimetres: the Human3.6M joints land where the rig puts them, in metres
+    rig = [("Hips", None), ("LeftUpLeg", ("Hips", (10, 0, 0))), ("LeftLeg", ("LeftUpLeg", (0, -43, 0))),
+           ("LeftFoot", ("LeftLeg", (0, -42, 0))), ("RightUpLeg", ("Hips", (-10, 0, 0))),
+           ("RightLeg", ("RightUpLeg", (0, -43, 0))), ("RightFoot", ("RightLeg", (0, -42, 0))),
+           ("Spine", ("Hips", (0, 10, 0))), ("Spine1", ("Spine", (0, 12, 0))), ("Spine2", ("Spine1", (0, 12, 0))),
+           ("Neck", ("Spine2", (0, 15, 0))), ("Head", ("Neck", (0, 10, 0))),
+           ("LeftArm", ("Spine2", (17, 10, 0))), ("LeftForeArm", ("LeftArm", (28, 0, 0))),
+           ("LeftHand", ("LeftForeArm", (25, 0, 0))), ("RightArm", ("Spine2", (-17, 10, 0))),
+           ("RightForeArm", ("RightArm", (-28, 0, 0))), ("RightHand", ("RightForeArm", (-25, 0, 0)))]
+    _bvh(tmp_path / "m.bvh", [("mixamorig:" + n, link and ("mixamorig:" + link[0], link[1])) for n, link in rig])
+    m = lifter.load_mocap(tmp_path / "m.bvh")
+    pts = demo.sample_motion(m, np.zeros(1))[0][0, :17]
+    rel = pts - pts[0]
+    np.testing.assert_allclose(rel[[4, 5, 6]], [[0.1, 0, 0], [0.1, -0.43, 0], [0.1, -0.85, 0]], atol=1e-9)  # left leg
+    np.testing.assert_allclose(rel[[7, 8, 9, 10]], [[0, 0.22, 0], [0, 0.49, 0], [0, 0.59, 0], [0, 0.75, 0]], atol=1e-9)
+    np.testing.assert_allclose(rel[[11, 12, 13]], [[0.17, 0.44, 0], [0.45, 0.44, 0], [0.70, 0.44, 0]], atol=1e-9)
+    np.testing.assert_allclose(rel[[14, 1]], [[-0.17, 0.44, 0], [-0.1, 0, 0]], atol=1e-9)
+    with pytest.raises(ValueError, match="not a mocap file"):
+        lifter.load_mocap(tmp_path / "m.fbx")
+
+
+def test_unseen_protocol_trains_on_all_shipped_motions_and_scores_only_the_folder(monkeypatch, tmp_path):
+    import shutil
+    trained_on = []
+    real = lifter.train_lifter
+
+    def spy(motions, cfg=None, progress=True):
+        trained_on.append(len(motions))
+        return real(motions[:1], dataclasses.replace(TINY, steps=2, clips=1), progress)
+
+    monkeypatch.setattr(lifter, "train_lifter", spy)
+    shutil.copy(demo.ASSET_DIR / "ad_jumping_jacks.bvh", tmp_path / "jacks.bvh")
+    fast = fit3d.FitConfig(steps=5, yaws=(0.0,))
+    res, rows = lifter.unseen_validate(tmp_path, TINY, fast, dataclasses.replace(fast, w_init=0.1),
+                                       clips_per_motion=2, frames=6, progress=False)
+    assert trained_on == [len(demo.MOTIONS)]  # one model, on every shipped motion
+    assert [r["motion"] for r in rows] == ["jacks", "jacks"] and set(res) == {"lifter", "lifter+fit", "fit"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt"):
+        lifter.unseen_validate(tmp_path / "empty", TINY, progress=False)

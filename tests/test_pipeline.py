@@ -140,6 +140,119 @@ def test_coco_to_h36m_asymmetric_pose_follows_the_spec():
     np.testing.assert_allclose(s[0, [0, 8, 7, 10, 9]], [s0, s8, (s0 + s8) / 2, sc[1:5].mean(), sc[0]])
 
 
+def _coco_of(h36m):
+    """Human3.6M 2D (T, 17, 2) -> COCO-17: the limbs as they are, a face around the Human3.6M nose (joint 9)."""
+    coco = np.zeros_like(h36m)
+    for c, h in {5: 11, 6: 14, 7: 12, 8: 15, 9: 13, 10: 16, 11: 4, 12: 1, 13: 5, 14: 2, 15: 6, 16: 3}.items():
+        coco[:, c] = h36m[:, h]
+    coco[:, :5] = h36m[:, 9:10] + np.array([[0, 0], [3, -2], [-3, -2], [6, 0], [-6, 0]])
+    return coco
+
+
+def test_coco_to_h36m_masks_keypoints_without_evidence():
+    coco = np.zeros((1, 17, 2))
+    coco[0] = [[50, 20], [47, 18], [53, 18], [44, 19], [56, 19], [40, 35], [60, 35], [38, 55], [62, 55], [37, 72],
+               [63, 72], [44, 80], [56, 80], [44, 110], [56, 110], [44, 140], [56, 140]]
+    moved = coco.copy()
+    moved[0, 0] = [300, -90]  # a nose without evidence sits anywhere (ViTPose: the previous crop's heatmap)
+    for nose_score in (0.0, 0.04):  # no evidence, and below the floor
+        sc = np.full((1, 17), 0.9)
+        sc[0, 0] = nose_score
+        h, s = pipeline.coco_to_h36m(coco, sc, floor=0.05)
+        h2, s2 = pipeline.coco_to_h36m(moved, sc, floor=0.05)
+        np.testing.assert_array_equal(h, h2)  # the nose moves nothing: not the head, not the thorax
+        np.testing.assert_array_equal(s, s2)
+        assert (s[0, [7, 8, 9, 10]] == 0).all()  # spine, thorax, nose, head are built from it: masked too
+        assert (s[0, [0, 1, 2, 3, 4, 5, 6, 11, 12, 13, 14, 15, 16]] == 0.9).all()
+        np.testing.assert_allclose(h[0, [0, 11, 14]], [[50, 80], coco[0, 5], coco[0, 6]])
+    sc = np.full((1, 17), 0.9)
+    sc[0, 3] = 0.0  # an ear: only the head is built from it
+    s = pipeline.coco_to_h36m(coco, sc)[1]
+    assert s[0, 10] == 0 and (np.delete(s[0], 10) > 0).all()
+    sc[0, 3] = 0.06  # above the floor, the nose is evidence again and does move the thorax
+    sc[0, 0] = 0.06
+    assert not np.allclose(pipeline.coco_to_h36m(coco, sc, 0.05)[0][0, 8], pipeline.coco_to_h36m(moved, sc, 0.05)[0][0, 8])
+
+
+def test_a_keypoint_below_the_floor_has_no_influence_on_the_fit():
+    _, kp, sc, _, f, W, H = next(fit3d.mocap_cases(1, 2, 12, 1.0, 0.0))
+    coco, cfg = _coco_of(kp), pipeline.PipelineConfig()
+    sc_c = np.full((len(kp), 17), 0.9)
+    far = coco.copy()
+    far[:, 0] += [120.0, -60.0]  # the nose somewhere else entirely
+    fast = fit3d.FitConfig(steps=30, yaws=(0.0, 180.0))
+    poses = {}
+    for score in (cfg.kp_floor * 0.6, 0.5):
+        sc_c[:, 0] = score
+        poses[score] = [fit3d.fit_clip(*pipeline.coco_to_h36m(c, sc_c, cfg.kp_floor), W, H, f, fast) for c in (coco, far)]
+    np.testing.assert_array_equal(*poses[cfg.kp_floor * 0.6])  # below the floor: bit-identical fits
+    assert not np.allclose(*poses[0.5], atol=1e-3)  # with evidence the nose does steer the fit
+
+
+class _CocoPose(video.GroundTruthPose):
+    """The ground-truth 2D as a COCO estimator would give it, with a nose that has no evidence and a wild location."""
+
+    keypoint_format = "coco"
+
+    def __call__(self, images, boxes, keys):
+        kp, sc = super().__call__(images, boxes, keys)
+        coco = _coco_of(kp)
+        coco[:, 0] = [5.0, 5.0]
+        sc = np.repeat(sc[:, :1], 17, 1)
+        sc[:, 0] = 0.0
+        return coco, sc
+
+
+def _turned(pose):
+    """A constructed collapse: the body turned 90 deg about the camera's vertical through its pelvis, as a fit
+    settled in a wrong facing; it cannot match the 2D."""
+    root = pose[:, :1]
+    rel = pose - root
+    return root + np.stack([rel[..., 2], rel[..., 1], -rel[..., 0]], -1)
+
+
+class _Turned(fit3d.FitLifter):
+    """The fit, collapsed as _turned; records the scores the pipeline handed it."""
+
+    seen = []
+
+    def lift(self, kp2d, scores, width, height):
+        type(self).seen.append(np.array(scores))
+        pose, info = super().lift(kp2d, scores, width, height)
+        return _turned(pose), info
+
+
+def test_fit_collapse_check_and_masked_keypoints_in_the_pipeline(demo_videos, tmp_path):
+    cfg = pipeline.PipelineConfig()
+    _, kp, sc, gt, f, W, H = next(fit3d.mocap_cases(1, 0, 20, 2.0, 0.1))
+    good = fit3d.fit_clip(kp, sc, W, H, f, fit3d.FitConfig(steps=150))
+    residual = {name: fit3d.objective(p, kp, sc, W, H, f)["residual"]
+                for name, p in (("truth", gt), ("fit", good), ("turned", _turned(good)))}
+    assert residual["truth"] < cfg.max_fit_residual and residual["fit"] < cfg.max_fit_residual
+    assert residual["turned"] > 2 * cfg.max_fit_residual, residual
+    # in the pipeline: a collapsed fit is a failing named check; --keep checks drops it, --keep all keeps it
+    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")[:1]
+    side = video.SidecarCache(jobs)
+    det, pose = video.GroundTruthDetector(side), _CocoPose(side)
+    for keep, lifter in (("checks", _Turned(fit3d.FitConfig(steps=60))), ("all", _Turned(fit3d.FitConfig(steps=60))),
+                         ("checks", fit3d.FitLifter(fit3d.FitConfig(steps=60)))):
+        out = tmp_path / f"{keep}-{type(lifter).__name__}"
+        (rec,) = pipeline.run(jobs, out, cfg, det, pose, lifter, keep=keep, progress=False)
+        tracked = [g for g in rec["segments"] if g["status"] == "TRACKED"]
+        assert tracked and all(g["lift"]["loss"] > 0 for g in tracked)
+        collapsed = isinstance(lifter, _Turned)
+        for g in tracked:
+            check = g["checks"]["FIT_COLLAPSE"]
+            assert check["limit"] == cfg.max_fit_residual and check["ok"] == (check["value"] <= check["limit"])
+            assert check["ok"] != collapsed and ("FIT_COLLAPSE" in g["issues"]) == collapsed
+            assert g["written"] == (keep == "all" or not g["issues"])
+        if collapsed and keep == "checks":
+            assert rec["written"] == 0 and all("FIT_COLLAPSE" in r["reason"] for r in rec["rejected"])
+    # the nose had no evidence: the fit got it, and the spine, thorax and head built from it, at score 0
+    assert _Turned.seen and all((s[:, [7, 8, 9, 10]] == 0).all() and (s[:, [0, 1, 11]] > 0).any()
+                                for s in _Turned.seen)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. 2D -> 3D fit on real mocap projected through random cameras
 
@@ -315,7 +428,7 @@ def demo_videos(tmp_path_factory):
 
 def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
     out = tmp_path / "out"
-    rc = pipeline.main(["--manifest", str(demo_videos / "manifest.jsonl"), "--out", str(out), "--fit-steps", "40",
+    rc = pipeline.main(["--manifest", str(demo_videos / "manifest.jsonl"), "--out", str(out), "--fit-steps", "60",
                         "--fit-flip-steps", "0", "--no-progress"])
     assert rc == 0
     records = pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl")
@@ -503,7 +616,7 @@ def test_list_videos_and_shards(demo_videos, tmp_path):
     out = tmp_path / "out"
     seen = []
     for k in range(2):
-        pipeline.main(["--videos", str(demo_videos), "--out", str(out), "--shard", f"{k}/2", "--fit-steps", "20",
+        pipeline.main(["--videos", str(demo_videos), "--out", str(out), "--shard", f"{k}/2", "--fit-steps", "60",
                        "--fit-flip-steps", "0", "--no-progress"])
         recs = pipeline.read_records(out / "status" / f"shard-{k:05d}-of-00002.jsonl")
         assert all(pipeline.shard_of(r["video_id"], 2) == k for r in recs)

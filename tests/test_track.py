@@ -152,11 +152,14 @@ def test_checks_flag_exactly_the_injected_faults():
     faults["TOO_SHORT"] = dict(boxes=boxes[:15], sc=sc[:15], pose=pose[:15])
     faults["HARD_CUTS"] = dict(n_cuts=1)
     faults["LOW_COVERAGE"] = dict(core_ok=np.arange(40) < 10)
+    faults["FIT_COLLAPSE"] = dict(fit_residual=0.08)  # the 3D fit cannot match the 2D
     for name, kw in faults.items():
-        args = dict(boxes=boxes, sc=sc, pose=pose, n_cuts=0, core_ok=None, raw_valid=None)
+        args = dict(boxes=boxes, sc=sc, pose=pose, n_cuts=0, core_ok=None, raw_valid=None, fit_residual=0.02)
         args.update(kw)
-        _, issues = track.run_checks(args["boxes"], args["sc"], args["pose"], 320, 240, cfg, args["n_cuts"],
-                                        args["core_ok"], args["raw_valid"])
+        checks, issues = track.run_checks(args["boxes"], args["sc"], args["pose"], 320, 240, cfg, args["n_cuts"],
+                                          args["core_ok"], args["raw_valid"], args["fit_residual"])
+        assert checks["FIT_COLLAPSE"] == {"value": args["fit_residual"], "limit": cfg.max_fit_residual,
+                                          "ok": args["fit_residual"] <= cfg.max_fit_residual}
         if name == "SIZE_SPIKES":
             issues = [i for i in issues if i != "IOU_BREAKS"]
         assert issues == [name], (name, issues)
