@@ -596,20 +596,22 @@ def main(argv=None):
         if bare:
             print(f"note: {bare} of {len(jobs)} videos have no <video>.gt.npz sidecar; the stand-in perception finds "
                   "nobody in them (use --detector and --pose for real videos)", file=sys.stderr)
-    if args.detector or args.pose:  # the real models (vit.py); both are needed together
+    if args.detector or args.pose:  # the real models (yolos.py, vitpose.py); both or neither
         if not (args.detector and args.pose):
             ap.error("--detector and --pose go together")
         import torch
-        import vit
-        # bf16 trunks on a GPU (nearly all the compute; vit.py keeps heads and decoding float32);
+        import vitpose
+        import yolos
+        # bf16 trunks on a GPU (nearly all the compute; the heads and decoding stay float32);
         # float32 trunks make a GPU run's boxes match a CPU run's, bf16 ones differ by their rounding
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
             args.perception_dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if dtype == torch.float32:  # no TF32 either (cuDNN convolutions default to it)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        detector = vit.YolosDetector(args.detector, device=device, dtype=dtype, threshold=cfg.det_conf,
-                                     batch_size=16, workers=min(8, os.cpu_count() or 1))
-        pose = vit.ViTPoseEstimator(args.pose, device=device, dtype=dtype, dataset_index=0)
+        detector = yolos.YolosDetector(args.detector, device=device, dtype=dtype,
+                                       threshold=cfg.det_conf, batch_size=16,
+                                       workers=min(8, os.cpu_count() or 1))
+        pose = vitpose.ViTPoseEstimator(args.pose, device=device, dtype=dtype, dataset_index=0)
     try:
         records = run(jobs, args.out, cfg, detector, pose, lifter, vlm, shard, args.resume, keep,
                       not args.no_progress, args.retry_failed)

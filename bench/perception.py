@@ -1,6 +1,7 @@
 """
-Benchmark of vit.py perception: frames/s of YOLOS person detection and ViTPose top-down pose (one box per frame),
-end to end (pre-processing + model + post-processing) and the model alone.
+Benchmark of the pipeline's perception (yolos.py, vitpose.py): frames/s of YOLOS person detection
+and ViTPose top-down pose (one box per frame), end to end (pre-processing + model + post-processing)
+and the model alone.
 
 Without checkpoints it builds random-weight models in the Hugging Face layout (config.json + model.safetensors) from
 the presets below (the architectures of the public checkpoints) and loads them through the normal loader; with
@@ -24,6 +25,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vit  # noqa: E402
+import vitpose  # noqa: E402
+import yolos  # noqa: E402
 
 # Architectures of the public checkpoints (hidden, layers, heads, ...); weights are random here.
 YOLOS_PRESETS = {
@@ -63,8 +66,9 @@ def write_random_checkpoint(model, folder, config, renames, seed=0):
 def random_yolos(folder, preset, shortest, longest):
     cfg = {"model_type": "yolos", "patch_size": 16, "num_detection_tokens": 100,
            "id2label": {str(i): ("person" if i == 1 else f"c{i}") for i in range(91)}, **YOLOS_PRESETS[preset]}
-    c = vit.YolosConfig.from_hf(cfg)
-    write_random_checkpoint(vit.Yolos(c), folder, cfg, vit.TRUNK_RENAMES + vit.YOLOS_MLP_RENAMES)
+    c = yolos.YolosConfig.from_hf(cfg)
+    renames = vit.TRUNK_RENAMES + yolos.YOLOS_MLP_RENAMES
+    write_random_checkpoint(yolos.Yolos(c), folder, cfg, renames)
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": shortest, "max_size": longest}))
 
 
@@ -72,7 +76,8 @@ def random_vitpose(folder, preset):
     bb = {"image_size": [256, 192], "patch_size": [16, 16], "out_indices": [-1], **POSE_PRESETS[preset]}
     cfg = {"model_type": "vitpose", "backbone_config": bb, "use_simple_decoder": True,
            "id2label": {str(i): f"kp{i}" for i in range(17)}}
-    write_random_checkpoint(vit.ViTPose(vit.ViTPoseConfig.from_hf(cfg)), folder, cfg, vit.TRUNK_RENAMES)
+    write_random_checkpoint(vitpose.ViTPose(vitpose.ViTPoseConfig.from_hf(cfg)), folder, cfg,
+                            vit.TRUNK_RENAMES)
 
 
 def sync(device):
@@ -124,14 +129,14 @@ def main():
     if not pose_path:
         pose_path = tmp / "pose"
         random_vitpose(pose_path, pose_preset)
-    det = vit.YolosDetector(det_path, a.device, dtype, batch_size=a.frames, workers=a.workers)
-    pose = vit.ViTPoseEstimator(pose_path, a.device, dtype, batch_size=a.frames)
+    det = yolos.YolosDetector(det_path, a.device, dtype, batch_size=a.frames, workers=a.workers)
+    pose = vitpose.ViTPoseEstimator(pose_path, a.device, dtype, batch_size=a.frames)
 
     rs = np.random.RandomState(0)
     frames = [rs.randint(0, 256, (H, W, 3)).astype(np.uint8) for _ in range(a.frames)]
     boxes = np.tile([[W * 0.3, H * 0.1, W * 0.6, H * 0.95]], (a.frames, 1))
     c = det.model.c
-    pixels, _ = vit.yolos_preprocess(frames, c, a.device)
+    pixels, _ = yolos.yolos_preprocess(frames, c, a.device)
     crops, _, _ = pose.preprocess(np.stack(frames), np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1))
     with torch.no_grad():
         t_det = timed(lambda: det(frames), a.device, a.repeats)

@@ -21,8 +21,9 @@ import fit3d
 import pipeline
 import qwen3vl
 import video
-import vit
+import vitpose
 import vlm
+import yolos
 from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
 
 transformers = pytest.importorskip("transformers")
@@ -220,7 +221,8 @@ def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp
     boxes = np.tile(np.array([x1, y1, x2, y2], np.float32), (T, 1))
     np.testing.assert_allclose(clip.boxes, boxes, atol=1e-3)
     dec = video.decode_video(vid)
-    kp, sc = vit.ViTPoseEstimator(pose)(dec.frames, clip.boxes.astype(np.float64))  # the detector's float32 boxes
+    # the detector's float32 boxes
+    kp, sc = vitpose.ViTPoseEstimator(pose)(dec.frames, clip.boxes.astype(np.float64))
     kp_h, sc_h = pipeline.coco_to_h36m(kp, sc)
     np.testing.assert_allclose(json.loads(clip.extra["kp2d_h36m"]), kp_h, atol=0.051)
     np.testing.assert_allclose(json.loads(clip.extra["kp2d_score"]), sc_h, atol=5.1e-4)
@@ -253,9 +255,10 @@ def test_tracked_segment_failing_a_check_is_recorded_and_not_kept(videos, qwen_d
 def test_device_auto_is_shared_by_perception_and_vlm(monkeypatch, tmp_path):
     """--device auto resolves once: cuda when there is one, for the perception models AND the local
     VLM (which used to stay on the CPU by default); --vlm-device moves the VLM alone. On cuda the
-    ViT trunks are bf16 unless --perception-dtype says otherwise (vit.py keeps their heads float32,
-    tests/test_vit.py); float32 turns TF32 off. Checked through pipeline.main with cuda reported present and the model
-    classes replaced by recorders; the run stops once the models are built."""
+    ViT trunks are bf16 unless --perception-dtype says otherwise (yolos.py and vitpose.py keep their
+    heads float32, tests/test_yolos.py, tests/test_vitpose.py); float32 turns TF32 off. Checked
+    through pipeline.main with cuda reported present and the model classes replaced by recorders;
+    the run stops once the models are built."""
     for cuda, dev in ((True, "cuda"), (False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
         assert pipeline.resolve_devices("auto", "") == (dev, dev)
@@ -279,8 +282,8 @@ def test_device_auto_is_shared_by_perception_and_vlm(monkeypatch, tmp_path):
         raise Built
 
     monkeypatch.setattr(pipeline, "LocalQwen3VL", vlm_backend)
-    monkeypatch.setattr(vit, "YolosDetector", detector)
-    monkeypatch.setattr(vit, "ViTPoseEstimator", pose)
+    monkeypatch.setattr(yolos, "YolosDetector", detector)
+    monkeypatch.setattr(vitpose, "ViTPoseEstimator", pose)
     (tmp_path / "a.mp4").write_bytes(b"")
     argv = ["--videos", str(tmp_path), "--out", str(tmp_path / "out"), "--detector", "D",
             "--pose", "P", "--vlm-local", "Q"]
