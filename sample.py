@@ -9,11 +9,14 @@ person's box drawn in green (--box; a clip's own boxes; else the whole frame), r
 "Task: {task}. Instruction: {instruction}", and the current pose as state (a clip's ground truth; --state FILE.npy;
 else a standing pose). --rollout S re-queries every S steps along the whole source as a robot would (state = the
 ground truth when known, else the pose the robot reached: the previous prediction) and reports per-call latency.
+--server URL sends every model call to a policy server (serve.py) instead of loading --ckpt: a clip's frames travel
+as their stored JPEG (same pixels, same seeded noise: the same numbers as a local run), other frames as JPEG q95.
 
     python sample.py                                     # runs/tiny's latest checkpoint, a validation clip of data/demo
     python sample.py --ckpt CKPT --video run.mp4 --instruction "Jog in place." --task jogging --start 2.0
     python sample.py --ckpt CKPT --frames DIR --fps 30 --instruction "..." --box 40 10 300 240
     python sample.py --ckpt CKPT --clip data/demo/clips/ab/ID.safetensors --rollout 8 --view 45 15
+    python sample.py --server http://127.0.0.1:8000 --rollout 8      # the model behind `python serve.py`
 Videos need PyAV (pip install av); frame folders and clips do not. Writes OUT/prediction.{json,npy}, OUT/sample.png
 (strip), OUT/sample.gif, and with --rollout OUT/rollout.{json,npy,gif} (default OUT: out/sample).
 """
@@ -30,6 +33,7 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as ev
+from policy_client import PolicyClient
 from model import VisionCache, VLAModel, prompt_text
 
 FPS = 10.0  # the model's control rate
@@ -53,11 +57,12 @@ STANDING_POSE3D = np.array([
 
 class Source:
     """frames: list of PIL at 10 Hz; boxes (T, 4), angles (T, 22) ground truth, pose3d (T, 17, 3), task and
-    instruction (the prompt's two parts): or None when the source does not have them."""
+    instruction (the prompt's two parts), jpegs (the frames' JPEG bytes): or None when the source does not have
+    them."""
 
-    def __init__(self, name, frames, boxes=None, angles=None, task=None, instruction=None, pose3d=None):
+    def __init__(self, name, frames, boxes=None, angles=None, task=None, instruction=None, pose3d=None, jpegs=None):
         self.name, self.frames, self.boxes, self.angles = name, frames, boxes, angles
-        self.task, self.instruction, self.pose3d = task, instruction, pose3d
+        self.task, self.instruction, self.pose3d, self.jpegs = task, instruction, pose3d, jpegs
 
 
 def resample_indices(times, fps=FPS):
@@ -99,9 +104,10 @@ def load_frames_dir(path, fps=FPS):
 
 def load_clip(path):
     cf = data.ClipFile(path)
-    return Source(cf.meta["clip_id"], cf.frames(range(cf.num_frames)), cf.read("boxes"),
+    jpegs = cf.frame_bytes(range(cf.num_frames))
+    return Source(cf.meta["clip_id"], [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs], cf.read("boxes"),
                   cf.read("angles").astype(np.float64), cf.meta["action_class"], cf.meta["description"],
-                  cf.read("pose3d").astype(np.float64))
+                  cf.read("pose3d").astype(np.float64), jpegs)
 
 
 def default_clip(root="data/demo"):
@@ -131,12 +137,8 @@ class Predictor:
 
     def __call__(self, src, t, task, instruction, state, box=None):
         cfg = self.model.config
-        if t < CONTEXT or t > len(src.frames):
-            raise SystemExit(f"--start must leave {CONTEXT} frames before it: frame {t} of {len(src.frames)} at 10 Hz")
-        frames = src.frames[t - CONTEXT:t]  # the no-leak rule: only frames before now
-        boxes = [box] * CONTEXT if box is not None else (
-            src.boxes[t - CONTEXT:t] if src.boxes is not None else [full_box(im) for im in frames])
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)  # same source + seed + t -> same prediction
+        frames, boxes = window(src, t, box)
+        g = torch.Generator().manual_seed(noise_seed(self.seed, t))  # same source + seed + t -> same prediction
         noise = torch.randn((cfg.action_horizon, cfg.action_dim), generator=g)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
@@ -146,6 +148,40 @@ class Predictor:
         sync()
         self.latency_ms.append(1000 * (time.perf_counter() - t0))
         return pred
+
+
+class RemotePredictor:
+    """Predictor's calls sent to a policy server (serve.py). The server draws the noise from the same seed, so a
+    clip (sent as its stored JPEG bytes) gives the numbers a local Predictor gives. latency_ms: the round trip."""
+
+    def __init__(self, url, diffusion_steps=None, seed=0):
+        self.client, self.steps, self.seed = PolicyClient(url), diffusion_steps, seed
+        self.latency_ms, self.server_ms = [], []
+
+    def __call__(self, src, t, task, instruction, state, box=None):
+        frames, boxes = window(src, t, box)
+        if src.jpegs is not None:
+            frames = src.jpegs[t - CONTEXT:t]
+        out = self.client.act(frames, boxes, task, instruction, state, seed=noise_seed(self.seed, t),
+                              steps=self.steps)
+        self.latency_ms.append(out["round_trip_ms"])
+        self.server_ms.append(out["timing"]["server_ms"])
+        return out["angles"].astype(np.float64)
+
+
+def window(src, t, box=None):
+    """The model's view at time t: the CONTEXT frames before it (the no-leak rule) and their boxes (--box, else the
+    source's, else the whole frame)."""
+    if t < CONTEXT or t > len(src.frames):
+        raise SystemExit(f"--start must leave {CONTEXT} frames before it: frame {t} of {len(src.frames)} at 10 Hz")
+    frames = src.frames[t - CONTEXT:t]
+    boxes = [box] * CONTEXT if box is not None else (
+        src.boxes[t - CONTEXT:t] if src.boxes is not None else [full_box(im) for im in frames])
+    return frames, np.asarray(boxes, np.float64)
+
+
+def noise_seed(seed, t):
+    return seed * 1_000_003 + t
 
 
 def full_box(im):
@@ -311,6 +347,8 @@ def get_args(argv=None):
     ap.add_argument("--diffusion-steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampler noise")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--server", default=None, metavar="URL",
+                    help="a policy server (python serve.py) to run the model calls on instead of --ckpt")
     ap.add_argument("--out", default="out/sample", help="output folder")
     return ap.parse_args(argv)
 
@@ -349,7 +387,8 @@ def run(model, args):
         state = src.angles[t]
     else:
         state = np.asarray(data.pose3d_to_angles(STANDING_POSE3D), np.float64)
-    predict = Predictor(model, args.device, args.diffusion_steps, args.seed)
+    predict = (RemotePredictor(args.server, args.diffusion_steps, args.seed) if args.server else
+               Predictor(model, args.device, args.diffusion_steps, args.seed))
     pred = predict(src, t, task, instruction, state, box)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +423,8 @@ def run(model, args):
         roll = {"S": args.rollout, "frames": times.tolist(), "calls_at_frame": calls, "latency": stats,
                 "latency_ms": predict.latency_ms[1:], "joint_names": list(data.JOINT_NAMES),
                 "angles_rad": traj.tolist(), "state": "ground truth" if src.angles is not None else "own prediction"}
+        if args.server:
+            roll["server"], roll["server_ms"] = args.server, predict.server_ms[1:]
         gt_roll = src.angles[times] if src.angles is not None else None
         if gt_roll is not None:
             keep = (times - t) % args.rollout != 0  # restart frames are the given state
@@ -412,6 +453,9 @@ def main(argv=None):
         except ImportError:
             raise SystemExit("reading a video needs PyAV, which is not installed: pip install av "
                              "(or pass --frames DIR with extracted frames, or --clip FILE)") from None
+    if args.server:
+        print(f"policy server {args.server}")
+        return run(None, args)
     ckpt = ev.resolve_checkpoint(args.ckpt)
     print(f"checkpoint {ckpt}")
     return run(VLAModel.from_pretrained(ckpt, device=args.device), args)
