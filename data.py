@@ -406,6 +406,23 @@ QUALITY_FLAGS = ("prog_good", "vlm_good", "strict")
 _ARRAYS = {"boxes": (np.float32, (4,)), "pose3d": (np.float32, (17, 3)), "angles": (np.float32, (22,)),
            "src_frame_index": (np.int64, ()), "src_time": (np.float64, ())}
 CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+# Arrays that must be finite everywhere: one NaN angle turns every later training step into NaN. Boxes may be NaN
+# (= unknown, drawn as nothing) but never infinite.
+_FINITE = ("pose3d", "angles", "src_time")
+
+
+def nonfinite_rows(name, arr):
+    """Row indices of `arr` (one of _ARRAYS) that break its finiteness rule (see _FINITE), as a list."""
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return []
+    bad = ~np.isfinite(arr) if name in _FINITE else np.isinf(arr) if name == "boxes" else np.zeros(arr.shape, bool)
+    return np.flatnonzero(bad.reshape(len(arr), -1).any(1)).tolist() if arr.ndim else []
+
+
+def _rows_text(rows, first=0):
+    shown = ", ".join(str(first + r) for r in rows[:8])
+    return f"{len(rows)} frame{'s' if len(rows) > 1 else ''} ({shown}{', ...' if len(rows) > 8 else ''})"
 
 
 def split_of(clip_id):
@@ -474,6 +491,9 @@ def write_clip(root, clip):
             raise ValueError(f"clip {clip.clip_id}: {name} has shape {arr.shape}, expected {(T, *tail)} "
                              f"(T = {T} frames)")
         arrays[name] = np.ascontiguousarray(arr, dtype=dtype)
+        if bad := nonfinite_rows(name, arrays[name]):
+            what = "infinite values" if name == "boxes" else "non-finite values"
+            raise ValueError(f"clip {clip.clip_id}: {name} has {what} at {_rows_text(bad)}; not written")
     for i, fr in enumerate(clip.frames_jpeg):
         if not isinstance(fr, (bytes, bytearray)) or fr[:2] != b"\xff\xd8":
             raise ValueError(f"clip {clip.clip_id}: frame {i} is not JPEG bytes")
@@ -511,14 +531,20 @@ def _read_header(path):
 
 
 class _Reader:
-    """An open clip file (one safe_open); use through ClipFile.open(). Reads only the slices asked for."""
+    """An open clip file (one safe_open); use through ClipFile.open(). Reads only the slices asked for, and refuses
+    non-finite values (a file written by something other than write_clip), naming the clip, array and frames."""
 
-    def __init__(self, handle):
-        self.h = handle
+    def __init__(self, handle, path):
+        self.h, self.path = handle, path
         self._offsets = None
 
     def read(self, name, start=None, stop=None):
-        return self.h.get_slice(name)[start:stop]
+        arr = self.h.get_slice(name)[start:stop]
+        if bad := nonfinite_rows(name, arr):
+            first = range(self.h.get_slice(name).get_shape()[0])[start:stop].start if len(arr) else 0
+            raise ValueError(f"clip {self.path.stem} ({self.path}): {name} has "
+                             f"{'infinite' if name == 'boxes' else 'non-finite'} values at {_rows_text(bad, first)}")
+        return arr
 
     def frame_bytes(self, indices):
         if self._offsets is None:
@@ -585,7 +611,7 @@ class _ReaderContext:
 
     def __enter__(self):
         self.cm = safe_open(str(self.path), framework="numpy")
-        return _Reader(self.cm.__enter__())
+        return _Reader(self.cm.__enter__(), self.path)
 
     def __exit__(self, *exc):
         return self.cm.__exit__(*exc)

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
-from model import collate_inputs, frame_image, prompt_text
+from model import collate_inputs, frame_image, prompt_text, use_tf32
 
 HORIZON = 16  # predicted steps per call (1.6 s at 10 Hz)
 CONTEXT = 4  # frames before "now" given to the model
@@ -488,6 +488,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="out/eval", help="folder for eval.json and the plots")
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda":
+        use_tf32(True)  # as training: bf16 autocast, TF32 for what stays fp32
 
     if args.data == "data/demo" and not (Path(args.data) / data.INDEX_FILE).is_file():
         print(f"building the demo dataset in {args.data} (once)")  # as train.py does

@@ -19,6 +19,7 @@ import argparse
 import collections
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -344,6 +345,28 @@ class VisionCache:
 # The model
 
 
+def use_tf32(enabled: bool = True):
+    """TF32 for the fp32 matmuls on CUDA (what autocast leaves in fp32, and fp32 runs); off gives exact fp32. The
+    entry points that use a GPU (train, eval, sample) turn it on. Only torch's newer per-backend switch is touched
+    when it exists: mixing it with the legacy allow_tf32 flag makes torch refuse to report the precision."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = enabled
+
+
+def frozen_checksum(model: nn.Module) -> float:
+    """Sum of |w| over the frozen floating parameters, each rounded to bf16 and summed in float64: the same number
+    whether they are held in fp32 or bf16, on any device. A trainable-only folder records it, so that a base rebuilt
+    from another folder or seed is an error rather than a silently different model."""
+    total = torch.zeros((), dtype=torch.float64)
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if not p.requires_grad and p.is_floating_point():
+            total += p.detach().to(torch.bfloat16).double().abs().sum().cpu()
+    return float(total)
+
+
 def cast_frozen_(module: nn.Module, dtype):
     """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train stay fp32, since AdamW
     updates of ~1e-5 on weights of ~0.02 would round away in bf16 (its spacing there is ~1e-4). Buffers (rotary
@@ -560,9 +583,12 @@ class VLAModel(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
-    def save_pretrained(self, out, merge_lora_weights: bool = False, trainable_only: bool = False):
+    def save_pretrained(self, out, merge_lora_weights: bool = False, trainable_only: bool = False, base=None):
         """OUT/model.safetensors + OUT/config.json (+ the processor files), written atomically. With
-        merge_lora_weights the adapters are folded into the base weights and the saved config has use_lora=False."""
+        merge_lora_weights the adapters are folded into the base weights and the saved config has use_lora=False.
+        trainable_only: only the tensors that train; `base` records where the frozen rest comes from, so that
+        from_pretrained can rebuild it: {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under
+        torch.manual_seed(seed)) or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
@@ -576,8 +602,10 @@ class VLAModel(nn.Module):
             sd = {k: v for k, v in sd.items() if k in keep}
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(
-            {"mimic_format": 1, "trainable_only": trainable_only, "model_config": cfg}, indent=2)))
+        meta = {"mimic_format": 1, "trainable_only": trainable_only, "model_config": cfg}
+        if trainable_only:
+            meta.update(base=base, frozen_checksum=frozen_checksum(self))
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         if self._processor_folder is not None:
             for name in qwen3vl.PROCESSOR_FILES:
                 src = self._processor_folder / name
@@ -589,7 +617,8 @@ class VLAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, device="cpu", backbone_dtype=None, base=None):
         """Load a folder written by save_pretrained / `python convert.py`. Strict: every key must match.
-        A trainable-only folder needs `base`, the model (or folder) that provides the frozen weights."""
+        A trainable-only folder takes its frozen weights from `base` (a model or a full folder), by default from
+        the base it records (save_pretrained), and checks them against the recorded checksum."""
         folder = Path(folder)
         meta = json.loads((folder / "config.json").read_text())
         cfg = dict(meta["model_config"])
@@ -597,15 +626,24 @@ class VLAModel(nn.Module):
             cfg["qwen_model_name"] = str(folder)  # tokenizer + preprocessor travel with the converted folder
         config = VLAConfig(**cfg)
         if meta.get("trainable_only"):
-            model = base if isinstance(base, VLAModel) else (cls.from_pretrained(base) if base else None)
+            base = base if base is not None else meta.get("base")
+            if isinstance(base, dict):
+                model = _build_base(cls, config, base, folder)
+            else:
+                model = base if isinstance(base, VLAModel) else (cls.from_pretrained(base) if base else None)
             if model is None:
-                raise ValueError(f"{folder} holds only the trainable weights: pass base= (a model or a full folder)")
+                raise ValueError(f"{folder} holds only the trainable weights and records no base: pass base= "
+                                 f"(a model or a full folder)")
             sd = load_safetensors(folder / "model.safetensors")
             missing = sorted(set(model.trainable_state_dict()) - set(sd))
             unknown = sorted(set(sd) - set(model.state_dict()))
             if missing or unknown:
                 raise KeyError(f"{folder}: missing {missing}, unknown {unknown}")
             model.load_state_dict({**model.state_dict(), **sd}, strict=True)
+            want = meta.get("frozen_checksum")
+            if want is not None and not math.isclose(got := frozen_checksum(model), want, rel_tol=1e-9):
+                raise ValueError(f"{folder}: the frozen weights of base {base if isinstance(base, dict) else 'given'} "
+                                 f"are not the ones it was trained with (checksum {got!r}, recorded {want!r})")
             cast_frozen_(model.qwen_model, backbone_dtype)
             return model.to(device)
         with torch.device("meta"):
@@ -618,6 +656,19 @@ class VLAModel(nn.Module):
     def reinit_buffers(self):
         """Non-persistent buffers (rotary inverse frequencies) are garbage after a meta-device build: recompute."""
         self.qwen_model.init_buffers()
+
+
+def _build_base(cls, config: VLAConfig, base: dict, folder):
+    """The model whose frozen weights a trainable-only folder was trained on, from its recorded `base`."""
+    if "qwen" in base:
+        return cls(replace(config, qwen_model_name=base["qwen"]))  # reads that Qwen3-VL folder's weights
+    if "init_seed" in base:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(int(base["init_seed"]))
+            return cls(config)
+    if "folder" in base:
+        return cls.from_pretrained(base["folder"])
+    raise ValueError(f"{folder}: unknown base record {base!r} (expected qwen, init_seed or folder)")
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as ev
+from model import VisionCache, VLAModel, prompt_text, use_tf32
 from policy_client import PolicyClient
-from model import VisionCache, VLAModel, prompt_text
 
 FPS = 10.0  # the model's control rate
 CONTEXT, HORIZON = ev.CONTEXT, ev.HORIZON
@@ -447,6 +447,8 @@ def run(model, args):
 
 def main(argv=None):
     args = get_args(argv)
+    if torch.device(args.device).type == "cuda":
+        use_tf32(True)  # as training: bf16 autocast, TF32 for what stays fp32
     if args.video:  # fail before loading a model when the video reader is missing
         try:
             import av  # noqa: F401

@@ -8,16 +8,21 @@ The same file runs on one CPU/GPU and under torchrun:
     torchrun --nproc_per_node=4 train.py --preset mimic-4b --qwen ... --data ... --total-batch 512 --batch-size 8
     python train.py --resume runs/tiny                # continue exactly where the last checkpoint stopped
 
-Released recipe (mimic.md 5): LoRA r128/a128 on the LLM, frozen vision, bf16 autocast on GPU with fp32 master
-weights, AdamW (wd 0.01), warmup + cosine, grad clip 1.0, total batch 512 = per-device batch x accumulation x world.
-DataLoader workers do all CPU work (JPEG decode, box drawing, Qwen3-VL patching, tokenisation).
+Released recipe: LoRA r128/a128 on the LLM, frozen vision, on a GPU the frozen weights in bf16 and everything
+that trains in fp32 under bf16 autocast, AdamW (wd 0.01), warmup + cosine, grad clip 1.0, total batch 512 =
+per-device batch x accumulation x world. DataLoader workers do all CPU work (JPEG decode, box drawing, tokens,
+M-RoPE positions) and ship uint8 frames; the loop does not wait for the GPU (metrics are read back every --log-every
+steps) and never applies a non-finite loss or gradient (it stops, or skips with --on-nonfinite skip).
 
 Checkpoints: OUT/ckpt-<step>/{model.safetensors, config.json, state.pt}, written to a temporary folder and renamed;
-state.pt (optimizer, scheduler, step, RNG, data position) is read back with weights_only=True. The last
---keep-last are kept. Metrics: OUT/metrics.jsonl (+ wandb with --wandb).
+state.pt (optimizer, scheduler, step, data position) is read back with weights_only=True. LoRA runs save only what
+trains (the frozen rest is the Qwen3-VL folder the checkpoint names). The last --keep-last are kept. Metrics:
+OUT/metrics.jsonl (+ wandb with --wandb).
 """
 
 import argparse
+import datetime
+import inspect
 import json
 import math
 import os
@@ -33,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import BATCH_KEYS, PRESETS, VLAConfig, VLAModel, atomic_write, load_safetensors
+from model import (BATCH_KEYS, PRESETS, VLAConfig, VLAModel, atomic_write, backbone_config, load_safetensors,
+                   use_tf32)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -49,7 +55,8 @@ def get_args(argv=None):
                                                         "there if it is the default and missing")
     ap.add_argument("--out", default="runs/tiny", help="checkpoints, metrics.jsonl")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=16, help="micro-batch per device")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="micro-batch per device (default: the largest divisor of total-batch / world <= 16)")
     ap.add_argument("--total-batch", type=int, default=16, help="samples per optimizer step over all devices")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (released recipe: 1e-5)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
@@ -66,33 +73,76 @@ def get_args(argv=None):
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--keep-last", type=int, default=2)
-    ap.add_argument("--save-trainable-only", action="store_true", help="checkpoints hold only trainable tensors")
+    save = ap.add_mutually_exclusive_group()
+    save.add_argument("--save-trainable-only", action="store_true",
+                      help="checkpoints hold only the tensors that train (default for LoRA runs)")
+    save.add_argument("--save-full", action="store_true", help="checkpoints hold every tensor (default otherwise)")
     ap.add_argument("--resume", nargs="?", const="auto", default=None,
                     help="resume from the latest checkpoint in --out (or a given ckpt folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10,
+                    help="read the loss and gradient norm back from the device every N steps (one wait each)")
+    ap.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                    help="a step with a non-finite loss or gradient is never applied; then stop (default) or go on")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic GPU kernels: a rerun or resume repeats the same bits, somewhat slower")
+    ap.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                    help="auto: nccl when each local rank has its own GPU, else gloo")
+    ap.add_argument("--dist-timeout", type=float, default=60.0,
+                    help="minutes a rank waits in a collective (rank 0 may be saving or validating)")
     ap.add_argument("--final-eval-windows", type=int, default=200, help="windows in the closing rolling eval (0: skip)")
     ap.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (off by default)")
     ap.add_argument("--stop-after", type=int, default=None, help="exit after this step (testing resume)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        args.batch_size, args.accum = batch_split(args.total_batch, world, args.batch_size)
+    except ValueError as e:
+        if int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(2) from None  # rank 0 says it, once
+        ap.error(str(e))
+    if args.log_every < 1:
+        ap.error(f"--log-every must be >= 1, got {args.log_every}")
+    return args
+
+
+def batch_split(total, world, micro=None, max_micro=16):
+    """-> (micro-batch per device, accumulation steps) with total = micro x accum x world. Without a given micro,
+    the largest divisor of total / world up to max_micro. Impossible combinations raise, naming the numbers."""
+    if total < 1 or (micro is not None and micro < 1):
+        raise ValueError(f"--total-batch {total} and --batch-size {micro} must be positive")
+    if total % world:
+        raise ValueError(f"--total-batch {total} does not divide over {world} processes")
+    per_rank = total // world
+    if micro is None:
+        micro = max(d for d in range(1, min(per_rank, max_micro) + 1) if per_rank % d == 0)
+    elif per_rank % micro:
+        raise ValueError(f"--total-batch {total} over {world} processes is {per_rank} samples each, which "
+                         f"--batch-size {micro} does not divide (total = batch-size x accumulation x processes)")
+    return micro, per_rank // micro
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Distributed setup (the nanoGPT idiom: RANK in the environment means torchrun)
 
 
-def setup_distributed():
+def setup_distributed(backend="auto", timeout_min=60.0):
+    """-> (ddp, rank, world, device). A rank uses GPU LOCAL_RANK modulo the GPUs it sees, so a scheduler that shows
+    each task only its own GPU works, and several ranks may share one GPU (then over gloo: NCCL refuses that)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return ddp, rank, world, device
+    if not ddp:
+        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local % torch.cuda.device_count()}")
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        own_gpu = device.type == "cuda" and local_world <= torch.cuda.device_count()
+        backend = "nccl" if own_gpu else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 
 def print0(*a, **k):
@@ -167,14 +217,26 @@ def collate(items):
     return b
 
 
-def loader(dataset, sampler, batch_size, num_workers, drop_last=True):
-    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+def loader(dataset, sampler, batch_size, num_workers, drop_last=True, pin_memory=False):
+    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG. Pinned batches let
+    # the copies to the GPU run asynchronously (non_blocking).
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator(),
-                                       prefetch_factor=4 if num_workers else None)
+                                       prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
 
 
-def batches(dataset, args, rank, world, micro, pos):
+def to_device(batch, device):
+    """The flow-matching targets of a batch on `device` without waiting (model inputs move inside the model)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in ("actions", "state", "t", "noise")}
+
+
+def step_seed(seed, rank, step):
+    """Seed of the global RNGs (dropout masks) for optimizer step `step` on `rank`. Randomness is a function of
+    (seed, rank, step), so a resumed run draws on every rank what the uninterrupted run drew, with nothing saved."""
+    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (1 << 63)
+
+
+def batches(dataset, args, rank, world, micro, pos, pin_memory=False):
     """Endless micro-batches. pos = {"epoch", "sample"}: this rank's samples consumed in the epoch; advanced by the
     caller as batches are USED (workers prefetch ahead, so the sampler can't know)."""
     if len(dataset) // world < micro:  # otherwise no epoch ever yields a batch and this would loop forever
@@ -183,7 +245,7 @@ def batches(dataset, args, rank, world, micro, pos):
     while True:
         order = ShardedOrder(len(dataset), rank, world, args.seed, pos["epoch"], pos["sample"])
         if len(order) >= micro:
-            yield from loader(dataset, order, micro, args.num_workers)
+            yield from loader(dataset, order, micro, args.num_workers, pin_memory=pin_memory)
         pos["epoch"], pos["sample"] = pos["epoch"] + 1, 0
 
 
@@ -191,17 +253,16 @@ def batches(dataset, args, rank, world, micro, pos):
 # Checkpoints
 
 
-def save_checkpoint(out: Path, step, raw_model, optimizer, scheduler, pos, args, keep_last):
-    """Write OUT/ckpt-<step> atomically: a temp folder first, renamed when complete; then prune old ones."""
+def save_checkpoint(out: Path, step, raw_model, optimizer, scheduler, pos, args, keep_last, base=None):
+    """Write OUT/ckpt-<step> atomically: a temp folder first, renamed when complete; then prune old ones. No RNG
+    state: dropout masks come from step_seed. A trainable-only checkpoint records `base` (build_model)."""
     final = out / f"ckpt-{step:07d}"
     tmp = out / f".tmp-ckpt-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw_model.save_pretrained(tmp, trainable_only=args.save_trainable_only)
+    trainable_only = args.save_trainable_only or (raw_model.config.use_lora and not args.save_full)
+    raw_model.save_pretrained(tmp, trainable_only=trainable_only, base=base)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "data_epoch": pos["epoch"], "data_sample": pos["sample"], "rng_cpu": torch.get_rng_state(),
-             "args": json.dumps(vars(args))}
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
+             "data_epoch": pos["epoch"], "data_sample": pos["sample"], "args": json.dumps(vars(args))}
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -212,13 +273,46 @@ def save_checkpoint(out: Path, step, raw_model, optimizer, scheduler, pos, args,
     return final
 
 
+def latest_checkpoint(out) -> Path:
+    """OUT/latest.json's checkpoint folder, or None."""
+    latest = Path(out) / "latest.json"
+    return Path(out) / json.loads(latest.read_text())["checkpoint"] if latest.is_file() else None
+
+
 def find_resume(args) -> Path:
-    if args.resume != "auto":
-        return Path(args.resume)
-    latest = Path(args.out) / "latest.json"
-    if not latest.is_file():
-        return None
-    return Path(args.out) / json.loads(latest.read_text())["checkpoint"]
+    return Path(args.resume) if args.resume != "auto" else latest_checkpoint(args.out)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(config: VLAConfig, device: torch.device, seed: int):
+    """-> (model on the CPU, base record). Random initialisation under `seed`, the same on every rank. On a GPU the
+    frozen parameters are bf16 (as released) and everything that trains stays fp32 (AdamW updates of ~1e-5 round
+    away in bf16), whatever is frozen: LoRA or not. The base record says where the frozen weights come from (the
+    Qwen3-VL folder, or the seed), so that a trainable-only checkpoint can be loaded anywhere."""
+    torch.manual_seed(seed)
+    model = VLAModel(config, backbone_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    folder = backbone_config(config)[1]
+    return model, ({"qwen": str(folder)} if folder is not None else {"init_seed": seed})
+
+
+def build_optimizer(model, args):
+    """AdamW over the parameters that train (all fp32): matrices with weight decay, norm weights and biases
+    without (as nanoGPT). Fused: one kernel per step, and it can skip a step on the device (found_inf, in main)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if bad:
+        raise ValueError(f"trainable parameters must be fp32 (AdamW updates round away in bf16): {bad[:5]}")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+class NonFinite(SystemExit):
+    """Training stopped on a non-finite loss or gradient (nothing was applied or saved after it)."""
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -227,12 +321,18 @@ def find_resume(args) -> Path:
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, world, device = setup_distributed()
-    if device.type == "cpu":
+    if args.deterministic:  # before any CUDA work: cuBLAS reads this when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel warn
+        torch.backends.cudnn.benchmark = False
+    ddp, rank, world, device = setup_distributed(args.dist_backend, args.dist_timeout)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        use_tf32(True)
+    else:
         # DataLoader workers need cores too: oversubscribed OpenMP threads spin and can slow a CPU step 10x
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.num_workers))
     master = rank == 0
-    torch.manual_seed(args.seed + rank)  # per-rank seeds (dropout); flow t / noise belong to the samples (FlowSamples)
     np.random.seed(args.seed + rank)
     out = Path(args.out)
     if master:
@@ -255,11 +355,12 @@ def main(argv=None):
         cfg.update(json.loads(args.model_config))  # an unknown field is an error naming it (VLAConfig)
     config = VLAConfig(**cfg)
     resume = find_resume(args) if args.resume else None
-    on_gpu = device.type == "cuda"
-    # bf16 frozen backbone on GPU (as released), fp32 everywhere on CPU; trainable tensors stay fp32 (master weights)
-    model = VLAModel(config, backbone_dtype=torch.bfloat16 if on_gpu and config.use_lora else None)
-    if resume is not None:  # a trainable-only checkpoint is completed by the freshly loaded frozen weights
-        model.load_state_dict({**model.state_dict(), **load_safetensors(resume / "model.safetensors")}, strict=True)
+    model, base = build_model(config, device, args.seed)
+    if resume is not None:
+        if json.loads((resume / "config.json").read_text()).get("trainable_only"):
+            VLAModel.from_pretrained(resume, base=model)  # into `model`, checking its frozen weights' checksum
+        else:
+            model.load_state_dict(load_safetensors(resume / "model.safetensors"), strict=True)
     model.to(device)
     raw_model = model
     encode = raw_model.encoder()
@@ -273,14 +374,9 @@ def main(argv=None):
     # rank 0 only, with no collective inside, so skipping them cannot leave another rank waiting.
     has_val = len(val_set) > 0
 
-    assert args.total_batch % (args.batch_size * world) == 0, "--total-batch must divide by batch-size x world"
-    accum = args.total_batch // (args.batch_size * world)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norm weights and biases: no weight decay (as nanoGPT)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=on_gpu)
+    accum = args.accum
+    optimizer = build_optimizer(raw_model, args)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def lr_lambda(step):  # linear warmup, then cosine down to min_lr_ratio
         if step < args.warmup:
@@ -295,13 +391,14 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, pos = state["step"], {"epoch": state["data_epoch"], "sample": state["data_sample"]}
-        torch.set_rng_state(state["rng_cpu"])
-        if on_gpu and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
         print0(f"resumed from {resume} at step {start_step}")
     if ddp:
-        model = DDP(model, device_ids=[device.index] if on_gpu else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+        # no buffer broadcast before every forward (the rotary tables are computed, the same everywhere; newer
+        # torch names the option forward_sync_buffers); gradients live in the all-reduce buckets instead of a
+        # second fp32 copy
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True, **no_sync)
     wandb = DummyWandb()
     if args.wandb and master:
         import wandb as _wandb  # optional dependency, only when asked for
@@ -321,62 +418,114 @@ def main(argv=None):
         losses = []
         order = [(-1, i) for i in range(min(len(val_set), args.eval_batches * args.batch_size))]
         with torch.no_grad():
-            for b in loader(val_set, order, args.batch_size, args.num_workers, drop_last=False):
-                with autocast:
-                    loss = raw_model(inputs=model_inputs(b), actions=b["actions"], robot_state=b["state"],
-                                     timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"].item()
+            for b in loader(val_set, order, args.batch_size, args.num_workers, drop_last=False, pin_memory=on_gpu):
+                with raw_model.autocast():
+                    t = to_device(b, device)
+                    loss = raw_model(inputs=model_inputs(b), actions=t["actions"], robot_state=t["state"],
+                                     timesteps=t["t"], noise=t["noise"])["loss"].item()
                 losses.append((loss * len(b["t"]), len(b["t"])))  # per-window mean: the last batch may be short
         raw_model.train()
         return sum(l for l, _ in losses) / sum(n for _, n in losses)
 
     # --- loop ---
-    stream = batches(train_set, args, rank, world, args.batch_size, pos)
+    stream = batches(train_set, args, rank, world, args.batch_size, pos, pin_memory=on_gpu)
     metrics = open(out / "metrics.jsonl", "a") if master else None
     bar = tqdm(total=args.steps, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
+    pending = []  # steps whose loss / gradient norm are still on the device: read back together by flush()
+    clock = {"t": time.time()}
+
+    def flush():
+        """Read the pending steps' numbers back (one wait for the device), log them, and act on a non-finite one."""
+        if not pending:
+            return
+        values = torch.stack([torch.stack([p["loss"], p["grad_norm"].float()]) for p in pending]).tolist()
+        now = time.time()
+        sps = args.total_batch * len(pending) / max(now - clock["t"], 1e-9)
+        clock["t"] = now
+        bad = []
+        for p, (loss, grad_norm) in zip(pending, values):
+            ok = math.isfinite(loss) and math.isfinite(grad_norm)
+            log = {"step": p["step"], "loss": loss if ok else None, "lr": p["lr"],
+                   "grad_norm": grad_norm if ok else None, "samples_per_s": sps}
+            if not ok:
+                log["skipped"] = True
+                bad.append((p, loss, grad_norm))
+            if master:
+                metrics.write(json.dumps(log) + "\n")
+                wandb.log(log, step=p["step"])
+        if master:
+            metrics.flush()
+            loss, _ = values[-1]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending[-1]['lr']:.2e}", sps=f"{sps:.1f}")
+        pending.clear()
+        for p, loss, grad_norm in bad:  # the same steps on every rank: loss and gradients are all-reduced
+            samples = p["samples"]
+            if ddp:
+                every = [None] * world
+                dist.all_gather_object(every, samples)
+                samples = [s for rank_samples in every for s in rank_samples]
+            msg = (f"step {p['step']}: non-finite loss {loss} / gradient norm {grad_norm}; the update was not "
+                   f"applied. Its samples (clip@window start, ~ = mirrored): {', '.join(samples)}")
+            if args.on_nonfinite == "stop":  # every rank stops; rank 0 says why
+                latest = latest_checkpoint(out)
+                raise NonFinite(f"{msg}\nstopped; nothing was saved after it; the last good checkpoint is "
+                                f"{latest if latest is not None else '(none yet)'}" if master else 1)
+            bar.write(f"warning: {msg}; skipped (--on-nonfinite skip)")
+
     model.train()
-    t0 = time.time()
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
-        if master and has_val and (last_step or (step > 0 and step % args.eval_every == 0)):
+        stop = last_step or (args.stop_after is not None and step >= args.stop_after)
+        evaluate = has_val and (last_step or (step > 0 and step % args.eval_every == 0))
+        save = step > start_step and (last_step or step % args.save_every == 0)
+        if stop or evaluate or save or step % args.log_every == 0:  # the same steps on every rank
+            flush()
+        if master and evaluate:
             vl = val_loss()
             log = {"step": step, "val_loss": vl}
             metrics.write(json.dumps(log) + "\n")
             metrics.flush()
             wandb.log(log, step=step)
             bar.write(f"step {step}: val loss {vl:.4f}")
-        if master and step > start_step and (last_step or step % args.save_every == 0):
-            path = save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, args, args.keep_last)
-            bar.write(f"saved {path}")
-        if last_step or (args.stop_after is not None and step >= args.stop_after):
+            clock["t"] = time.time()  # samples/s counts training time only
+        if save:
+            if master:
+                path = save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, args, args.keep_last, base)
+                bar.write(f"saved {path}")
+            if ddp:  # the others wait here (under --dist-timeout), not inside an all-reduce that may time out
+                dist.barrier()
+            clock["t"] = time.time()
+        if stop:
             break
-        loss_sum = 0.0
+        torch.manual_seed(step_seed(args.seed, rank, step))
+        loss_sum = torch.zeros((), device=device)
+        samples = []
         for micro in range(accum):
             b = next(stream)
             pos["sample"] += args.batch_size
+            samples += [f"{c}@{s}{'~' if f else ''}" for c, s, f in zip(b["clip_id"], b["start"].tolist(),
+                                                                         b["flipped"].tolist())]
+            t = to_device(b, device)
             # DDP: all-reduce gradients only on the last micro-step of the accumulation
             sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
-            with sync, autocast:
-                loss = model(inputs=model_inputs(b), actions=b["actions"].to(device), robot_state=b["state"].to(device),
-                             timesteps=b["t"].to(device), noise=b["noise"].to(device))["loss"]
+            with sync, raw_model.autocast():
+                loss = model(inputs=model_inputs(b), actions=t["actions"], robot_state=t["state"],
+                             timesteps=t["t"], noise=t["noise"])["loss"]
                 (loss / accum).backward()
-            loss_sum += loss.detach()
+            loss_sum += loss.detach().float()
         if ddp:  # log the global batch's loss, not rank 0's shard (equal to what one process would log)
             dist.all_reduce(loss_sum)
             loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        # A non-finite loss or gradient must never reach the weights. Fused AdamW skips its update on the device
+        # when found_inf is 1 (the protocol torch.amp.GradScaler uses), so this needs no wait for the GPU.
+        optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if master:
-            dt = time.time() - t0
-            t0 = time.time()
-            loss_val = (loss_sum / accum).item()
-            log = {"step": step + 1, "loss": loss_val, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "samples_per_s": args.total_batch / max(dt, 1e-9)}
-            metrics.write(json.dumps(log) + "\n")
-            wandb.log(log, step=step + 1)
-            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{log['lr']:.2e}", sps=f"{log['samples_per_s']:.1f}")
-            bar.update(1)
+        pending.append({"step": step + 1, "loss": loss_sum / accum, "grad_norm": grad_norm,
+                        "lr": scheduler.get_last_lr()[0], "samples": samples})
+        bar.update(1)
     bar.close()
     if master:
         metrics.close()
@@ -399,7 +548,8 @@ def plot_losses(metrics_path, png_path, bins=15):
     train, val = {}, {}
     for line in Path(metrics_path).read_text().splitlines():
         r = json.loads(line)
-        (train if "loss" in r else val)[r["step"]] = r.get("loss", r.get("val_loss"))
+        if r.get("loss", r.get("val_loss")) is not None:  # a skipped (non-finite) step is logged as null
+            (train if "loss" in r else val)[r["step"]] = r.get("loss", r.get("val_loss"))
     if not train:
         return None
     steps = sorted(train)
