@@ -503,6 +503,8 @@ def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_si
                             record(row.clip_id, "ok", "", path)
                         except SkipVideo as e:
                             record(row.clip_id, "skipped", str(e), path)
+                        except ValueError as e:  # e.g. write_clip refusing infinite boxes: this row only
+                            record(row.clip_id, "skipped", f"BAD_VALUES: {e}", path)
                         bar.update(1)
                         bar.set_postfix(ok=counts["ok"], missing=counts["missing"], skipped=counts["skipped"])
     bar.close()

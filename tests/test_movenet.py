@@ -219,3 +219,20 @@ def test_gap_keeps_longest_run_and_one_decode_serves_two_rows(dataset):
     assert [decode_code(j) for j in c2.frames_jpeg] == [*range(30, 75, 3), 74]
     with pytest.raises(movenet.SkipVideo, match="TOO_SHORT"):
         movenet.build_clip(rows[1], samplers[rows[1].clip_id], info, movenet.ImportConfig(min_frames=20))
+
+
+def test_a_row_with_infinite_values_is_skipped_with_the_reason(dataset, tmp_path):
+    """write_clip refuses non-finite arrays; the importer records that row as skipped and goes on."""
+    rng = np.random.default_rng(3)
+    good, _ = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64, 48)
+    bad, t = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64, 48,
+                      yt="aaaaaaaaaaa")
+    bb = t["bb"].copy()
+    bb[10:] = np.inf
+    bad = dict(bad, clip_id="iiiiiiiiiii_000010_000020", bboxes=z(bb, "<f4"))
+    pq.write_table(pa.Table.from_pylist([bad, good]), tmp_path / "x.parquet")
+    s = movenet.import_movenet(tmp_path / "x.parquet", dataset["vids"], tmp_path / "o", progress=False)
+    assert s["this_run"]["ok"] == 1 and s["this_run"]["skipped"] == 1
+    skipped = dict(line.split("\t", 1) for line in (tmp_path / "o" / "skipped.txt").read_text().splitlines())
+    assert skipped["iiiiiiiiiii_000010_000020"].startswith("BAD_VALUES") and "boxes" in skipped[
+        "iiiiiiiiiii_000010_000020"]
