@@ -367,6 +367,7 @@ def main(argv=None):
             dist.all_reduce(loss_sum)
             loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # this update's lr, logged with its loss (scheduler.step() moves it on)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -374,7 +375,7 @@ def main(argv=None):
             dt = time.time() - t0
             t0 = time.time()
             loss_val = (loss_sum / accum).item()
-            log = {"step": step + 1, "loss": loss_val, "lr": scheduler.get_last_lr()[0],
+            log = {"step": step + 1, "loss": loss_val, "lr": lr,
                    "grad_norm": float(grad_norm), "samples_per_s": args.total_batch / max(dt, 1e-9)}
             metrics.write(json.dumps(log) + "\n")
             wandb.log(log, step=step + 1)
