@@ -551,8 +551,10 @@ def atomic_write(path, write):
 
 
 def load_safetensors(path) -> dict:
+    # clone: get_tensor's memory can be misaligned for SIMD, and a model assigned those tensors (from_pretrained)
+    # computed results that differ in the last bit from the same weights in freshly allocated memory
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k).clone() for k in f.keys()}
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor, is_param: bool):

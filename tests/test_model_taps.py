@@ -1,7 +1,8 @@
-"""Which backbone layers the VLA reads and which released keys it takes (model.py): the 4B's kept / tap / deep-tap
-layers, the deep features equal to those named layers' outputs of an independent full-depth backbone, released keys
-at and above the early-exit cut, and what trains in which dtype. A randomly initialised head cannot tell a wrong
-layer or a swapped concatenation from the right one, so these are checked on the features themselves."""
+"""Which backbone layers the VLA reads and which released keys it takes (model.py): the 4B's kept
+layers, the deep features equal to the named layers' outputs of an independent full-depth backbone,
+released keys at and above the early-exit cut, what trains and in which dtype. A randomly
+initialised head cannot tell a wrong layer or a swapped concatenation from the right one, so these
+are checked on the features themselves."""
 
 import warnings
 from dataclasses import replace
@@ -17,50 +18,54 @@ from test_model import frames, perturb_lora, released_state_dict, tiny_config, t
 def test_4b_preset_keeps_layers_0_to_17():
     config = VLAConfig(**PRESETS["mimic-4b"])
     qcfg, _ = backbone_config(config)
-    assert qcfg.text.num_hidden_layers == 36 and config.kept_layers(36) == 18  # int(36 * 0.5): layers 0..17
+    assert qcfg.text.num_hidden_layers == 36 and config.kept_layers(36) == 18  # int(36 * 0.5)
 
 
 def test_deep_features_are_the_named_layers_of_the_full_backbone():
-    """At the 4B's depth (36 layers, toy width): vl = layer 17's output and deep = concat(layer 8, layer 17), in
-    that order, equal to the hidden states of a full-depth backbone holding the same weights (hidden_states[i + 1]
-    is layer i's output); the mask is the attention mask, so padding is left out."""
+    """At the 4B's depth (36 layers, toy width): vl = layer 17's output and deep = concat(layer 8,
+    layer 17), in that order, equal to the hidden states of a full-depth backbone holding the same
+    weights (hidden_states[i + 1] is layer i's output); the mask is the attention mask."""
     qcfg = {**TINY_QWEN, "text_config": {**TINY_QWEN["text_config"], "num_hidden_layers": 36}}
     torch.manual_seed(0)
     m = VLAModel(tiny_config(image_size=64, qwen_config=qcfg)).eval()
     assert m.config.hidden_layer_fraction == VLAConfig(**PRESETS["mimic-4b"]).hidden_layer_fraction
-    assert len(m.qwen_model.model.language_model.layers) == 18 and (m.kept, m.tap, m.deep_tap) == (18, 17, 8)
-    texts = ["Task: walk. Instruction: Walk.", "Task: a longer class. Instruction: Jump twice, then walk away."]
+    assert len(m.qwen_model.model.language_model.layers) == 18
+    assert (m.kept, m.tap, m.deep_tap) == (18, 17, 8)
+    texts = ["Task: walk. Instruction: Walk.",
+             "Task: a longer class. Instruction: Jump twice, then walk away."]
     inputs = m.encode([frames(0, size=64), frames(1, size=64)], texts)
     assert not inputs["attention_mask"].all()  # the short prompt is padded
-    full = qwen3vl.Qwen3VL(qwen3vl.Qwen3VLConfig.from_hf(qcfg)).eval()  # all 36 layers + final norm
+    full = qwen3vl.Qwen3VL(qwen3vl.Qwen3VLConfig.from_hf(qcfg)).eval()  # 36 layers + final norm
     res = full.load_state_dict(m.qwen_model.state_dict(), strict=False)
-    assert not res.unexpected_keys and all(".layers." in k or k.endswith(".norm.weight") for k in res.missing_keys)
+    assert not res.unexpected_keys
+    assert all(".layers." in k or k.endswith(".norm.weight") for k in res.missing_keys)
     with torch.no_grad():
         vl, deep, mask = m.features(inputs)
         hs = full(**inputs, output_hidden_states=True).hidden_states
     assert len(hs) == 37
     torch.testing.assert_close(vl, hs[18], rtol=0, atol=1e-6)
     torch.testing.assert_close(deep, torch.cat([hs[9], hs[18]], dim=-1), rtol=0, atol=1e-6)
-    assert not torch.allclose(hs[9], hs[10], atol=1e-3)  # neighbouring layers differ: the check has teeth
+    assert not torch.allclose(hs[9], hs[10], atol=1e-3)  # neighbouring layers differ: teeth
     assert torch.equal(mask, inputs["attention_mask"].bool())
 
 
 def _rename_layer(sd, src, dst):
     tag = f".language_model.layers.{src}."
-    return {k.replace(tag, f".language_model.layers.{dst}."): v.clone() for k, v in sd.items() if tag in k}
+    return {k.replace(tag, f".language_model.layers.{dst}."): v.clone()
+            for k, v in sd.items() if tag in k}
 
 
 def test_released_keys_at_and_above_the_cut_are_ignored_and_below_it_reported():
-    """The released checkpoint holds all 36 decoder layers; the early-exit model builds layers 0..kept-1. Keys of
-    layers kept, kept + 1, ... (and 10+, two digits) are ignored by design, silently even in strict mode; an
-    unknown key inside a kept layer is still reported by name."""
+    """The released checkpoint holds all 36 decoder layers; the early-exit model builds layers
+    0..kept-1. Keys of layers kept, kept + 1, ... (two-digit ones too) are ignored by design,
+    silently even when strict; an unknown key inside a kept layer is still reported by name."""
     torch.manual_seed(0)
     src = VLAModel(tiny_lora_config()).eval()
     perturb_lora(src)
     kept = len(src.qwen_model.model.language_model.layers)
     assert kept == 2  # int(4 * 0.5)
     released = {k.removeprefix("module."): v for k, v in released_state_dict(src).items()}
-    for layer in (kept, kept + 1, 10, 35):  # the cut itself, above it, and two-digit indices
+    for layer in (kept, kept + 1, 10, 35):  # the cut itself, above it, two-digit indices
         released.update(_rename_layer(released, 0, layer))
     torch.manual_seed(1)
     dst = VLAModel(tiny_lora_config()).eval()
@@ -76,8 +81,8 @@ def test_released_keys_at_and_above_the_cut_are_ignored_and_below_it_reported():
 
 
 def test_trainable_tensors_stay_fp32_under_a_bf16_backbone():
-    """bf16 frozen backbone (the GPU recipe), fp32 master weights for whatever trains: LoRA adapters and the head;
-    the loss comes out fp32 and reaches the adapters."""
+    """bf16 frozen backbone (the GPU recipe), fp32 master weights for what trains (LoRA adapters,
+    the head); the loss comes out fp32 and reaches the adapters."""
     torch.manual_seed(0)
     m = VLAModel(tiny_lora_config(image_size=64), backbone_dtype=torch.bfloat16)
     trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
@@ -93,17 +98,21 @@ def test_trainable_tensors_stay_fp32_under_a_bf16_backbone():
     assert all(trainable[n].grad is not None for n in trainable if ".lora_A" in n)
 
 
-@pytest.mark.parametrize("freeze_vision,freeze_llm", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("freeze_vision,freeze_llm",
+                         [(True, True), (False, True), (True, False), (False, False)])
 def test_freeze_flags_decide_what_trains(freeze_vision, freeze_llm):
     torch.manual_seed(0)
-    m = VLAModel(replace(tiny_lora_config(), freeze_vision_encoder=freeze_vision, freeze_qwen_layers=freeze_llm))
-    names = {n for n, p in m.named_parameters() if p.requires_grad}
-    lm, vis = "qwen_model.model.language_model.", "qwen_model.model.visual."
-    assert all(n in names for n, _ in m.named_parameters() if ".lora_" in n or n.startswith("action_head."))
-    assert any(n.startswith(lm) and ".lora_" not in n for n in names) == (not freeze_llm)
-    # the vision tower trains unless frozen, except the DeepStack levels added after the tap layer (they
-    # cannot reach the features)
-    vision = {n for n, _ in m.named_parameters() if n.startswith(vis) and ".deepstack_merger_list." not in n}
-    assert (vision <= names) == (not freeze_vision) and (vision & names == set()) == freeze_vision
-    levels = {n.split(".")[4] for n in names if ".deepstack_merger_list." in n}
-    assert levels == (set() if freeze_vision else {"0"})  # tap 1: level 0 is added before it, level 1 after
+    m = VLAModel(replace(tiny_lora_config(), freeze_vision_encoder=freeze_vision,
+                         freeze_qwen_layers=freeze_llm))
+    named = dict(m.named_parameters())
+    trains = {n for n, p in named.items() if p.requires_grad}
+    assert all(n in trains for n in named if ".lora_" in n or n.startswith("action_head."))
+    llm = {n for n in named if n.startswith("qwen_model.model.language_model.") and ".lora_" not in n}
+    assert (llm <= trains, llm & trains == set()) == (not freeze_llm, freeze_llm)
+    # the vision tower trains unless frozen, except the DeepStack levels that are added after the
+    # tap layer (they cannot reach the features): with tap 1, level 0 trains and level 1 never
+    vision = {n for n in named if n.startswith("qwen_model.model.visual.")
+              and ".deepstack_merger_list." not in n}
+    assert (vision <= trains, vision & trains == set()) == (not freeze_vision, freeze_vision)
+    levels = {n.split(".")[4] for n in trains if ".deepstack_merger_list." in n}
+    assert levels == (set() if freeze_vision else {"0"})
