@@ -551,8 +551,8 @@ def atomic_write(path, write):
 
 
 def load_safetensors(path) -> dict:
-    # clone: get_tensor's memory can be misaligned for SIMD, and a model assigned those tensors (from_pretrained)
-    # computed results that differ in the last bit from the same weights in freshly allocated memory
+    # clone: get_tensor's memory can be misaligned for SIMD, and a model assigned those tensors
+    # (from_pretrained) computed last-bit differences from the same weights in aligned memory
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k).clone() for k in f.keys()}
 

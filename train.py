@@ -367,7 +367,7 @@ def main(argv=None):
             dist.all_reduce(loss_sum)
             loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        lr = scheduler.get_last_lr()[0]  # this update's lr, logged with its loss (scheduler.step() moves it on)
+        lr = scheduler.get_last_lr()[0]  # this update's lr, logged with its loss and grad norm
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
