@@ -520,11 +520,12 @@ def main(argv=None):
         # A non-finite loss or gradient must never reach the weights. Fused AdamW skips its update on the device
         # when found_inf is 1 (the protocol torch.amp.GradScaler uses), so this needs no wait for the GPU.
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        lr = scheduler.get_last_lr()[0]  # this update's lr, logged with its loss and grad norm
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         pending.append({"step": step + 1, "loss": loss_sum / accum, "grad_norm": grad_norm,
-                        "lr": scheduler.get_last_lr()[0], "samples": samples})
+                        "lr": lr, "samples": samples})
         bar.update(1)
     bar.close()
     if master:

@@ -202,3 +202,66 @@ def test_sole_overlap_rule_follows_a_flip_but_not_into_a_crowd():
         dets.append(_det((ax, 50, ax + 40, 150), (bx, 55, bx + 40, 150)))
     boxes, _ = track.sticky_track(dets, 0, dets[0][0, :4], sole_iou=0.2)
     np.testing.assert_allclose(boxes[:, 0], 20 + 3 * np.arange(41))
+
+
+def test_sole_overlap_rule_needs_exactly_one_overlapping_detection():
+    # the backflip above next to a bystander standing beside its path: each frame has a detection
+    # of IoU in [0.2, 0.5) with the last box and another one overlapping it, so the rule must stay
+    # off and the upstream 0.5 rule decide (else the track may take the bystander's box)
+    T, anchor = 21, 10
+    flip, crowd = [], []
+    for t in range(T):
+        w, h = (40, 100) if t % 2 == 0 else (100, 40)
+        cx = 60 + 8 * t
+        flip.append(_det((cx - w / 2, 120 - h / 2, cx + w / 2, 120 + h / 2)))
+        crowd.append(np.concatenate([flip[-1], _det((100, 60, 180, 180))]))  # + the bystander
+    box = crowd[anchor][0, :4]
+    for t in (anchor - 1, anchor + 1):  # what the rule sees first, both ways
+        iou = track.box_iou(box[None], crowd[t][:, :4])[0]
+        assert 0.2 <= iou.max() < 0.5 and (iou > 0).sum() == 2, iou
+    with_rule = track.sticky_track(crowd, anchor, box, sole_iou=0.2)
+    upstream = track.sticky_track(crowd, anchor, box)
+    assert with_rule[1] == upstream[1] == (anchor, anchor)
+    np.testing.assert_array_equal(with_rule[0], upstream[0])
+    # alone, the same target is followed whole: the bystander is what switches the rule off
+    assert track.sticky_track(flip, anchor, box, sole_iou=0.2)[1] == (0, T - 1)
+
+
+def test_checks_pass_exactly_at_their_limits():
+    """Each limit is inclusive: a value equal to it passes, one more event fails."""
+    cfg = pipeline.PipelineConfig()
+
+    def ok(name, boxes, sc, pose, core_ok=None):
+        return track.run_checks(boxes, sc, pose, 320, 240, cfg, core_ok=core_ok)[0][name]["ok"]
+
+    def switch(base, other, n, every=8):  # n lasting switches between two box tracks
+        b = base.copy()
+        for k in range(n):
+            b[4 + every * k:] = (other if k % 2 == 0 else base)[4 + every * k:]
+        return b
+
+    boxes, sc, pose = _clean_clip(41)  # 40 transitions
+    moved = boxes + [150, 0, 150, 0]  # a centre jump of 150 px > half the 197 px box diagonal
+    assert ok("BBOX_JUMPS", switch(boxes, moved, 2), sc, pose)  # 2 / 40 = 0.05
+    assert not ok("BBOX_JUMPS", switch(boxes, moved, 3), sc, pose)
+    far = np.tile([260.0, 0, 300, 40], (41, 1))  # IoU 0 and a 9x smaller area: an IoU break
+    assert ok("IOU_BREAKS", switch(boxes, far, 4), sc, pose)  # 4 / 40 = 0.1
+    assert not ok("IOU_BREAKS", switch(boxes, far, 5), sc, pose)
+    boxes, sc, pose = _clean_clip(40)
+    s = sc.copy()
+    s[:16] = 0.1
+    assert ok("LOW_CONFIDENCE", boxes, s, pose)  # 16 / 40 = 0.4
+    s[16] = 0.1
+    assert not ok("LOW_CONFIDENCE", boxes, s, pose)
+    assert ok("LOW_COVERAGE", boxes, sc, pose, core_ok=np.arange(40) < 16)  # 16 / 40 = 0.4
+    assert not ok("LOW_COVERAGE", boxes, sc, pose, core_ok=np.arange(40) < 15)
+    assert ok("TOO_SHORT", boxes[:20], sc[:20], pose[:20])
+    assert not ok("TOO_SHORT", boxes[:19], sc[:19], pose[:19])
+    eight = np.tile([100.0, 40, 164, 136], (40, 1))  # 64 x 96 px = 8% of 320 x 240
+    assert ok("SMALL_BBOX", eight, sc, pose)
+    assert not ok("SMALL_BBOX", eight - [0, 0, 1, 0], sc, pose)
+    boxes, sc, pose = _clean_clip(101)  # 100 transitions
+    c, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2 * np.sqrt(3)
+    grown = np.concatenate([c - half, c + half], 1)  # 3x the area, same centre: IoU 1/3, no jump
+    assert ok("SIZE_SPIKES", switch(boxes, grown, 3, every=20), sc, pose)  # 3 / 100 = 0.03
+    assert not ok("SIZE_SPIKES", switch(boxes, grown, 4, every=20), sc, pose)

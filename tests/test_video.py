@@ -198,3 +198,24 @@ def test_rendered_demo_cut_has_a_clear_margin(tmp_path):
     assert video.detect_cuts(video.gray_histograms(d.frames)) == [cut + 1] and cut + 1 == 40  # 40 + 52 samples
     assert corr[cut] < 0.25 and np.delete(corr, cut).min() > 0.9
     assert _consecutive_correlations(video.decode_video(walk).frames).min() > 0.9  # the single-shot video: no cut
+
+
+def test_luminance_uses_bt601_weights_on_rgb():
+    # pure red / green / blue frames land in the BT.601 bins 0.299 / 0.587 / 0.114 x 255 (feeding
+    # RGB to a BGR conversion swaps red and blue)
+    red, green, blue = (np.zeros((8, 8, 3), np.uint8) for _ in range(3))
+    red[..., 0], green[..., 1], blue[..., 2] = 255, 255, 255
+    hist = video.gray_histograms([red, green, blue])
+    assert hist.argmax(1).tolist() == [76, 149, 29] and np.allclose(hist.max(1), 1)
+    # so red next to a grey of red's luminance is one shot, blue next to a grey of blue's too, and
+    # between the two pairs is a cut
+    grey76 = np.full((8, 8, 3), (76, 77, 76), np.uint8)
+    grey29 = np.full((8, 8, 3), (29, 30, 29), np.uint8)
+    assert video.detect_cuts(video.gray_histograms([red, grey76, blue, grey29])) == [2]
+
+
+def test_segments_of_exactly_min_len_are_kept():
+    kept, dropped = video.split_segments(59, [20, 39], 20)
+    assert kept == [(0, 20), (39, 59)] and dropped == [(20, 39, "SHORT_SEGMENT:19")]
+    assert video.split_segments(20, [], 20) == ([(0, 20)], [])
+    assert video.split_segments(19, [], 20) == ([], [(0, 19, "SHORT_SEGMENT:19")])
