@@ -621,8 +621,11 @@ class VLAModel(nn.Module):
                                "must not train; load a fresh model to train")
         return super().train(mode)
 
+    @torch.inference_mode()
     def _optimized_actions(self, inputs, robot_state, noise, steps, cache):
-        """forward() after optimize_for_inference: (B, H, A) actions."""
+        """forward() after optimize_for_inference: (B, H, A) actions. Every tensor handed to a compiled function is
+        a fresh inference-mode copy on the device, whoever made the input: a tensor made outside inference mode
+        would not match the compiled graph's guards and would compile it again."""
         inf = self._inference
         dev = self.action_head.future_tokens.device
         hd = self.action_head.future_tokens.dtype
@@ -633,13 +636,14 @@ class VLAModel(nn.Module):
         flat = frames.reshape(-1, *frames.shape[2:])
         B = frames.shape[0]
         shape = (B, self.config.action_horizon, self.config.action_dim)
-        noise = torch.randn(shape, device=dev, dtype=hd) if noise is None else noise.to(dev, hd)
+        noise = torch.randn(shape, device=dev, dtype=hd) if noise is None else noise.to(dev, hd, copy=True)
         with self.autocast():
             emb, levels = cache.encode(flat, self._optimized_vision) if cache is not None else \
                 self._optimized_vision(flat)
-            args = [inputs[k].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "visual_rows")]
-            args += [emb, levels, inputs["attention_mask"].to(dev, non_blocking=True).bool(),
-                     robot_state.to(dev, hd), noise, steps or self.config.diffusion_steps]
+            args = [inputs[k].to(dev, non_blocking=True, copy=True) for k in ("input_ids", "position_ids",
+                                                                               "visual_rows")]
+            args += [emb, levels, inputs["attention_mask"].to(dev, non_blocking=True, copy=True).bool(),
+                     robot_state.to(dev, hd, copy=True), noise, steps or self.config.diffusion_steps]
             return self._compiled_call(inf.step, *args)
 
     def _optimized_vision(self, frames):
@@ -648,7 +652,8 @@ class VLAModel(nn.Module):
         dev = self.action_head.future_tokens.device
         if inf.mode is None:
             return self._vision_on_device(frames.to(dev, non_blocking=True), self._lut(dev))
-        outs = [self._compiled_call(inf.vision, f[None].to(dev, non_blocking=True), self._lut(dev)) for f in frames]
+        outs = [self._compiled_call(inf.vision, f[None].to(dev, non_blocking=True, copy=True), self._lut(dev))
+                for f in frames]
         return torch.cat([o[0] for o in outs]), [torch.cat(lv) for lv in zip(*(o[1] for o in outs))]
 
     def _compiled_call(self, fn, *args):
