@@ -250,16 +250,19 @@ class ActionHead(nn.Module):
 
     # --- context: once per sample / per training step ---------------------------------------------------------
 
-    def encode_context(self, vl_tokens: torch.Tensor, deep: torch.Tensor, vl_mask: torch.Tensor) -> VLContext:
+    def encode_context(self, vl_tokens: torch.Tensor, deep: torch.Tensor, vl_mask: torch.Tensor,
+                       check_mask: bool = True) -> VLContext:
         """vl_tokens (B, S, Q) backbone layer-17 output; deep (B, S, 2Q) concat(layer 8, layer 17) outputs, or None
-        when cfg.deep_features is False; vl_mask (B, S) bool, True = real token (every sample needs one)."""
+        when cfg.deep_features is False; vl_mask (B, S) bool, True = real token (every sample needs one).
+        check_mask=False skips that check (it reads the mask back to the host: a sync on a GPU), for callers that
+        checked a host copy of the mask already."""
         cfg = self.cfg
         B, S, Q = vl_tokens.shape
         if Q != cfg.qwen_hidden_size:
             raise ValueError(f"vl_tokens last dim {Q} != qwen_hidden_size {cfg.qwen_hidden_size}")
         if vl_mask.dtype != torch.bool or tuple(vl_mask.shape) != (B, S):
             raise ValueError(f"vl_mask must be bool of shape {(B, S)}, got {vl_mask.dtype} {tuple(vl_mask.shape)}")
-        if not bool(vl_mask.any(1).all()):
+        if check_mask and not bool(vl_mask.any(1).all()):
             raise ValueError("vl_mask: a sample has no real token (all False)")
         dtype = self.action_pos_embed.dtype  # the head runs in its own dtype (fp32), whatever the backbone's
         vl = self.qwen_projection(vl_tokens.to(dtype))  # (B, S, D)
@@ -287,7 +290,10 @@ class ActionHead(nn.Module):
             raise ValueError(f"expected state {(B, cfg.action_dim)} and x_t {(B, cfg.action_horizon, cfg.action_dim)}"
                              f", got {tuple(state.shape)} and {tuple(x_t.shape)}")
         dtype = self.action_pos_embed.dtype
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(B)
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=x_t.device, dtype=torch.float32).expand(B)
+        else:  # a solver's Python float: filled on the device (as_tensor would copy it from the host every call)
+            t = torch.full((B,), float(t), dtype=torch.float32, device=x_t.device)
         c = self.time_embed(t)  # (B, D)
         tokens = torch.cat([
             self.state_encoder(state.to(dtype))[:, None],  # (B, 1, D)
@@ -329,11 +335,11 @@ class ActionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, vl_tokens, deep, vl_mask, state, steps: int = 1, method: str = "euler", noise=None,
-               generator: torch.Generator = None) -> torch.Tensor:
+               generator: torch.Generator = None, check_mask: bool = True) -> torch.Tensor:
         """Integrate from x0 = noise (default N(0, I) from `generator`) at t = 0 to t = 1 -> actions (B, H, A).
         The VL context is encoded once and reused by every velocity call. Call .eval() first (dropout)."""
         cfg = self.cfg
-        ctx = self.encode_context(vl_tokens, deep, vl_mask)
+        ctx = self.encode_context(vl_tokens, deep, vl_mask, check_mask)
         B = vl_tokens.shape[0]
         shape = (B, cfg.action_horizon, cfg.action_dim)
         dtype = self.action_pos_embed.dtype

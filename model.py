@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qwen3vl
-from dit import ActionHead, DiTConfig
+from dit import ActionHead, Attention, DiTConfig
 from lora import apply_lora, lora_modules
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -300,6 +300,22 @@ def collate_inputs(items, pad_token_id=0) -> dict:
 BATCH_KEYS = ("frames", "input_ids", "attention_mask", "position_ids", "visual_rows")  # collate_inputs' output
 
 
+def pad_inputs(inputs: dict, multiple: int, pad_token_id: int = 0) -> dict:
+    """A collate_inputs batch right-padded to the next multiple of `multiple` tokens (static shapes for a compiled
+    step: a new instruction of similar length reuses it). Padded slots get mask 0 and position 0 as collate's own
+    padding does; their token id is irrelevant (masked); visual_rows are re-indexed for the longer rows."""
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    Lb = -(-L // multiple) * multiple
+    if Lb == L:
+        return inputs
+    pad = torch.nn.functional.pad
+    rows = inputs["visual_rows"]
+    return {**inputs, "input_ids": pad(ids, (0, Lb - L), value=pad_token_id),
+            "attention_mask": pad(inputs["attention_mask"], (0, Lb - L)),
+            "position_ids": pad(inputs["position_ids"], (0, Lb - L)), "visual_rows": rows // L * Lb + rows % L}
+
+
 class VisionCache:
     """Per-frame vision-tower outputs (merged tokens and every DeepStack level) for the rolling control loop: at
     10 Hz the 4-frame window slides by one frame, so 3 of its 4 frames were encoded one call earlier. Keyed by the
@@ -367,6 +383,17 @@ def frozen_checksum(model: nn.Module) -> float:
     return float(total)
 
 
+@dataclass
+class InferenceSettings:
+    """What VLAModel.optimize_for_inference applied."""
+    dtype: torch.dtype  # weights cast to it and autocast to it; None: unchanged
+    merged: bool  # LoRA folded into the base weights
+    mode: str  # torch.compile mode, or None (not compiled)
+    bucket: int  # text padded to a multiple of this many tokens (1: no padding)
+    step: object  # VLAModel._inference_step, compiled or not
+    vision: object  # VLAModel._vision_on_device, compiled or not
+
+
 def cast_frozen_(module: nn.Module, dtype):
     """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train stay fp32, since AdamW
     updates of ~1e-5 on weights of ~0.02 would round away in bf16 (its spacing there is ~1e-4). Buffers (rotary
@@ -418,6 +445,7 @@ class VLAModel(nn.Module):
         self.action_head = ActionHead(DiTConfig.from_vla(asdict(config)))
         self._processor = self._encoder = None
         self._luts = {}  # device -> the (256, 3) pixel table on it
+        self._inference = None  # InferenceSettings once optimize_for_inference has run
         tok_dir = Path(config.qwen_model_name or ".")
         self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
 
@@ -471,11 +499,19 @@ class VLAModel(nn.Module):
         """frames (N, S, S, 3) uint8 -> the vision tower's (tokens (N*T, Q), [DeepStack levels (N*T, Q)]),
         patched on the model's device."""
         dev = self.action_head.future_tokens.device
+        return self._vision_on_device(frames.to(dev, non_blocking=True), self._lut(dev))
+
+    def _lut(self, dev):
         if dev not in self._luts:
             self._luts[dev] = qwen3vl.pixel_lut(self.processor.image_config).to(dev)
-        pv, grid = qwen3vl.pixel_values_from_frames(frames.to(dev, non_blocking=True), self.processor.image_config,
-                                                    self._luts[dev])
-        return self.qwen_model.model.visual(pv, grid)
+        return self._luts[dev]
+
+    def _vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
+        """encode_frames' body for frames already on the device (what compile=True traces, once per frame)."""
+        cfg = self.processor.image_config
+        pv, _ = qwen3vl.pixel_values_from_frames(frames, cfg, lut)
+        n, h, w, _ = frames.shape
+        return self.qwen_model.model.visual(pv, [(1, h // cfg.patch_size, w // cfg.patch_size)] * n)
 
     def features(self, inputs: dict, cache: VisionCache = None):
         """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run.
@@ -494,8 +530,12 @@ class VLAModel(nn.Module):
 
     def autocast(self):
         """The one precision rule for training and inference: bf16 autocast on CUDA (as the released model was
-        trained and should be run), full fp32 on the CPU."""
+        trained and should be run), full fp32 on the CPU. After optimize_for_inference(dtype=...): autocast to
+        that dtype on any device (none for float32)."""
         dev = self.action_head.future_tokens.device
+        dtype = self._inference.dtype if self._inference is not None else None
+        if dtype is not None:
+            return torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
     # --- training / inference -----------------------------------------------------------------------------------
@@ -511,6 +551,8 @@ class VLAModel(nn.Module):
             raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
         if inputs is None:
             inputs = self.encode(images, instructions)
+        if self._inference is not None and (actions is None or not compute_loss):
+            return {"actions": self._optimized_actions(inputs, robot_state, noise, steps, cache)}
         dev = self.action_head.future_tokens.device
         vl, deep, mask = self.features(inputs, cache)
         head_dtype = self.action_head.future_tokens.dtype
@@ -543,6 +585,126 @@ class VLAModel(nn.Module):
             out = self(inputs=inputs, robot_state=torch.from_numpy(encode_angles(state)).float()[None], compute_loss=False,
                        noise=noise, steps=steps, cache=cache)["actions"]
         return decode_angles(out[0].float().cpu().numpy())
+
+    # --- optimized inference ------------------------------------------------------------------------------------
+
+    def optimize_for_inference(self, dtype=None, merge_lora: bool = True, compile=False, bucket: int = None):
+        """Make this model faster for inference, in place (and in eval mode); returns self. predict(),
+        model(inputs=...) and everything built on them take the optimized path with no other change.
+
+        merge_lora: fold every LoRA update into its base weight once (exact up to fp32 rounding): no adapter
+            matmuls or casts per layer. Such a model must never train again: .train() raises.
+        dtype: e.g. torch.bfloat16 (GPU, or a CPU with bf16 support). The backbone's weights are cast to it; so are
+            the head's matrices, while its norms, the embeddings added to its residual stream and the flow state
+            stay fp32, and every call runs under autocast(dtype). That is the training precision rule (fp32 head
+            under bf16 autocast) with the casts made once instead of per call: the same numbers (tested). None
+            keeps the weights and the rule of autocast() (bf16 autocast on CUDA, fp32 on the CPU).
+        compile: True, or a torch.compile mode ("reduce-overhead": CUDA graphs). Compiles, with static shapes and
+            no graph break, the vision tower for one frame and the step from token ids + image embeddings to
+            actions (decoder layers 0..tap, then the head's sampler), with no host-device sync inside. Each new
+            shape compiles on its first call (seconds to minutes); a failure raises, never falls back.
+        bucket: right-pad the text to a multiple of this many tokens (default: 32 when compiling, else none), so a
+            new instruction of similar length reuses the compiled step. Padding changes no real token's output
+            (causal attention never looks ahead; the head masks it) beyond rounding."""
+        if self._inference is not None:
+            raise RuntimeError("optimize_for_inference was already applied to this model")
+        mode = (compile if isinstance(compile, str) else "default") if compile else None
+        bucket = bucket if bucket is not None else 32 if mode is not None else 1
+        if bucket < 1:
+            raise ValueError(f"bucket must be a positive number of tokens, got {bucket}")
+        if mode is not None and not hasattr(torch, "compile"):
+            raise RuntimeError(f"compile={compile!r} needs torch.compile (torch >= 2.0), not torch {torch.__version__}")
+        self.eval()
+        merged = bool(merge_lora and lora_modules(self.qwen_model))
+        for m in lora_modules(self.qwen_model).values() if merged else ():
+            m.merge()
+        if dtype is not None:
+            self._cast_for_inference(dtype)
+        step, vision = self._inference_step, self._vision_on_device
+        if mode is not None:
+            step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+            vision = torch.compile(vision, fullgraph=True, dynamic=False, mode=mode)
+        self._inference = InferenceSettings(dtype, merged, mode, bucket, step, vision)
+        return self
+
+    def _cast_for_inference(self, dtype):
+        """Backbone weights -> dtype (LoRA adapters stay fp32, as peft keeps them); head: the matrices of its
+        linear layers and attention -> dtype, everything else fp32 (what bf16 autocast computes with)."""
+        for name, p in self.qwen_model.named_parameters():
+            if p.is_floating_point() and not name.endswith((".lora_A", ".lora_B")):
+                p.data = p.data.to(dtype)
+        for m in self.action_head.modules():
+            params = ((m.weight, m.bias) if isinstance(m, nn.Linear) else
+                      (m.in_proj_weight, m.in_proj_bias) if isinstance(m, Attention) else ())
+            for p in params:
+                p.data = p.data.to(dtype)
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "_inference", None) is not None:
+            raise RuntimeError("this model was optimized for inference (LoRA merged, weights cast or compiled): it "
+                               "must not train; load a fresh model to train")
+        return super().train(mode)
+
+    @torch.inference_mode()
+    def _optimized_actions(self, inputs, robot_state, noise, steps, cache):
+        """forward() after optimize_for_inference: (B, H, A) actions. Every tensor handed to a compiled function is
+        a fresh inference-mode copy on the device, whoever made the input: a tensor made outside inference mode
+        would not match the compiled graph's guards and would compile it again."""
+        inf = self._inference
+        dev = self.action_head.future_tokens.device
+        hd = self.action_head.future_tokens.dtype
+        if not bool(inputs["attention_mask"].any(1).all()):  # on the host here (collate_inputs): no device sync
+            raise ValueError("attention_mask: a sample has no real token")
+        inputs = pad_inputs(inputs, inf.bucket)
+        frames = inputs["frames"]
+        flat = frames.reshape(-1, *frames.shape[2:])
+        B = frames.shape[0]
+        shape = (B, self.config.action_horizon, self.config.action_dim)
+        noise = torch.randn(shape, device=dev, dtype=hd) if noise is None else noise.to(dev, hd, copy=True)
+        with self.autocast():
+            emb, levels = cache.encode(flat, self._optimized_vision) if cache is not None else \
+                self._optimized_vision(flat)
+            args = [inputs[k].to(dev, non_blocking=True, copy=True) for k in ("input_ids", "position_ids",
+                                                                               "visual_rows")]
+            args += [emb, levels, inputs["attention_mask"].to(dev, non_blocking=True, copy=True).bool(),
+                     robot_state.to(dev, hd, copy=True), noise, steps or self.config.diffusion_steps]
+            return self._compiled_call(inf.step, *args)
+
+    def _optimized_vision(self, frames):
+        """frames (N, S, S, 3) uint8 on the host -> (tokens, [levels]); compiled: one frame per call (one shape)."""
+        inf = self._inference
+        dev = self.action_head.future_tokens.device
+        if inf.mode is None:
+            return self._vision_on_device(frames.to(dev, non_blocking=True), self._lut(dev))
+        outs = [self._compiled_call(inf.vision, f[None].to(dev, non_blocking=True, copy=True), self._lut(dev))
+                for f in frames]
+        return torch.cat([o[0] for o in outs]), [torch.cat(lv) for lv in zip(*(o[1] for o in outs))]
+
+    def _compiled_call(self, fn, *args):
+        """fn(*args), uncompiled as is; compiled: a failure names torch.compile, and outputs are copied out (a CUDA
+        graph's outputs are overwritten by its next replay)."""
+        if self._inference.mode is None:
+            return fn(*args)
+        if self.action_head.future_tokens.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied: reuse them
+        try:
+            out = fn(*args)
+        except Exception as e:
+            raise RuntimeError(f"torch.compile (mode {self._inference.mode!r}) failed on this platform: {e}; "
+                               f"optimize_for_inference(compile=False) runs the same step uncompiled") from e
+        return (out[0].clone(), [lv.clone() for lv in out[1]]) if isinstance(out, tuple) else out.clone()
+
+    def _inference_step(self, input_ids, position_ids, visual_rows, emb, levels, mask, state, noise, steps: int):
+        """Token ids + image embeddings -> actions (B, H, A), on the device with no host sync: what compile=True
+        traces. The attention mask is not passed to the backbone: padding is on the right, and causal attention
+        never lets a real token see it (same numbers as the masked path); the head masks padding itself."""
+        out = self.qwen_model(input_ids=input_ids, position_ids=position_ids, image_embeds=(emb, levels),
+                              visual_rows=visual_rows, hidden_layers=(self.deep_tap, self.tap))
+        vl = out.layer_outputs[self.tap]
+        deep = torch.cat([out.layer_outputs[self.deep_tap], vl], dim=-1) if self.config.use_deepstack_features else None
+        hd = self.action_head.future_tokens.dtype
+        return self.action_head.sample(vl.to(hd), deep.to(hd) if deep is not None else None, mask, state, steps=steps,
+                                       noise=noise, method=self.config.sampler, check_mask=False)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 
@@ -589,6 +751,9 @@ class VLAModel(nn.Module):
         trainable_only: only the tensors that train; `base` records where the frozen rest comes from, so that
         from_pretrained can rebuild it: {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under
         torch.manual_seed(seed)) or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
+        if self._inference is not None:
+            raise ValueError("save_pretrained: save the model before optimize_for_inference (its weights are merged "
+                             "or cast now; a merged LoRA would be applied twice on load)")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)

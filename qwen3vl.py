@@ -349,9 +349,10 @@ class VisionModel(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches.
+        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches (a tensor, or a list of
+        (t, h, w): torch.compile can trace a list, not a tensor's tolist()).
         Returns (embeds (N/4, O), [deepstack level j (N/4, O) for each tap])."""
-        grids = [tuple(g) for g in grid_thw.tolist()]
+        grids = [tuple(g) for g in (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw)]
         m = self.cfg.spatial_merge_size
         if any(h % m or w % m for _, h, w in grids):
             raise ValueError(f"grid_thw {grids}: h and w must be multiples of spatial_merge_size {m}")
