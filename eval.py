@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
-from model import collate_inputs, frame_image, prompt_text, use_tf32
+from model import use_tf32
+from model_io import collate_inputs, frame_image, prompt_text
 
 HORIZON = 16  # predicted steps per call (1.6 s at 10 Hz)
 CONTEXT = 4  # frames before "now" given to the model

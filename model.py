@@ -7,17 +7,15 @@ flow-matching action head that predicts 16 future steps of 22 joint angles (as 4
         -> vl tokens = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) outputs (B, S, 5120)
         -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
 
-The model's input is defined once, here (prompt_text, frame_image, InputEncoder, collate_inputs): training,
-evaluation, sampling and serving all build it with these. This file, qwen3vl.py, lora.py and dit.py import nothing
-else of the repo, so the four can be copied on their own.
+Its input and output conventions live in model_io.py (training, evaluation, sampling and serving all use them). This
+file, model_io.py, qwen3vl.py, lora.py and dit.py import nothing else of the repo: the five can be copied on their
+own. inference.py adds the fast path for a control loop (vision cache, merged LoRA, dtype, torch.compile).
 
     python model.py describe --preset mimic-4b     # parameter breakdown on the meta device (no memory)
     python convert.py --help                       # the released checkpoint.pth -> a safetensors folder
 """
 
 import argparse
-import collections
-import hashlib
 import json
 import math
 import os
@@ -31,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qwen3vl
-from dit import ActionHead, Attention, DiTConfig
+from dit import ActionHead, DiTConfig
 from lora import apply_lora, lora_modules
+from model_io import InputEncoder, collate_inputs, decode_angles, encode_angles, frame_image, prompt_text
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -192,172 +190,6 @@ def build_processor(config: VLAConfig, folder, qcfg):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The model's input, defined once: what the released model saw in training
-
-
-def encode_angles(a):
-    """(..., 22) -> (..., 44) interleaved [sin a1, cos a1, sin a2, cos a2, ...] (numpy or torch)."""
-    if isinstance(a, torch.Tensor):
-        return torch.stack([torch.sin(a), torch.cos(a)], -1).flatten(-2)
-    a = np.asarray(a)
-    return np.stack([np.sin(a), np.cos(a)], -1).reshape(*a.shape[:-1], 2 * a.shape[-1])
-
-
-def decode_angles(x):
-    """(..., 44) interleaved sin/cos -> (..., 22) radians in [-pi, pi] via atan2 (numpy or torch)."""
-    if isinstance(x, torch.Tensor):
-        return torch.atan2(x[..., 0::2], x[..., 1::2])
-    x = np.asarray(x)
-    return np.arctan2(x[..., 0::2], x[..., 1::2])
-
-
-def prompt_text(task: str, instruction: str) -> str:
-    """The text after the images: the action class, then the imperative instruction."""
-    return f"Task: {task}. Instruction: {instruction}"
-
-
-def draw_box(image, box, width=3, color=(0, 255, 0)):
-    """Draw the target box in place, `width` px centred on the box edges as OpenCV's thick lines are; coordinates
-    truncated to int and clamped to the frame (as the original). A NaN box draws nothing."""
-    box = np.asarray(box, dtype=np.float64)
-    if not np.all(np.isfinite(box)):
-        return image
-    w, h = image.size
-    x1, y1, x2, y2 = (int(v) for v in box)
-    x1, x2 = (min(max(v, 0), w - 1) for v in (x1, x2))
-    y1, y2 = (min(max(v, 0), h - 1) for v in (y1, y2))
-    if x2 < x1 or y2 < y1:  # an inverted box: nothing sensible to draw
-        return image
-    r = width // 2
-    ImageDraw.Draw(image).rectangle([x1 - r, y1 - r, x2 + r, y2 + r], outline=color, width=width)
-    return image
-
-
-def frame_image(frame, box, image_size: int, mirror: bool = False) -> Image.Image:
-    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3)) in RGB, the target
-    person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn green 3 px, optionally mirrored (the flip
-    augmentation mirrors frame and box together), then resized to image_size^2 (aspect ratio not kept)."""
-    im = frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
-    im = draw_box(im.copy() if im is frame else im, box)  # never draw on the caller's image
-    if mirror:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return im.resize((image_size, image_size), Image.BILINEAR)
-
-
-class InputEncoder:
-    """(images, text) -> one sample's model input: the frames as uint8 (F, S, S, 3), the token ids of the chat
-    prompt (one user turn: the F images, then the text; generation prompt; no system turn), their M-RoPE positions
-    (3, L) and the positions of the image tokens. Pixels are patched on the model's device (uint8 crosses the bus,
-    and DataLoader workers' shared memory holds 16x less than float patches with their temporal copy); positions
-    are computed here, on the CPU, so a training or control step has no host-device sync. Picklable: runs in
-    DataLoader workers."""
-
-    def __init__(self, processor, qwen_config, image_size):
-        self.processor, self.qwen_config, self.image_size = processor, qwen_config, image_size
-        self.pad_token_id = processor.pad_token_id
-        ic = processor.image_config
-        kept = qwen3vl.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
-                                    ic.max_pixels)
-        if kept != (image_size, image_size):  # frames are patched as they are (pixel_values_from_frames)
-            raise ValueError(f"the processor would resize {image_size}x{image_size} frames to {kept}: image_size must "
-                             f"be a multiple of {ic.patch_size * ic.merge_size} within its min/max_pixels")
-        self.grid = (1, image_size // ic.patch_size, image_size // ic.patch_size)
-
-    def __call__(self, images, text) -> dict:
-        S = self.image_size
-        images = [im if im.size == (S, S) else im.resize((S, S), Image.BILINEAR) for im in images]
-        frames = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (F, S, S, 3)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                    add_generation_prompt=True)
-        grids = torch.tensor([self.grid] * len(images))
-        ids = torch.tensor(self.processor.token_ids(prompt, grids), dtype=torch.int64)  # (L,)
-        position_ids, _ = qwen3vl.rope_index(self.qwen_config, ids[None], grids)  # (3, 1, L)
-        image_positions = (ids == self.processor.image_token_id).nonzero().squeeze(1)
-        return {"frames": frames, "input_ids": ids, "position_ids": position_ids[:, 0],
-                "image_positions": image_positions}
-
-
-INPUT_KEYS = ("frames", "input_ids", "position_ids", "image_positions")
-
-
-def collate_inputs(items, pad_token_id=0) -> dict:
-    """InputEncoder outputs -> a batch: frames (B, F, S, S, 3) uint8; input_ids (B, L) right-padded with
-    pad_token_id; attention_mask (B, L), 0 on padding; position_ids (3, B, L), 0 on padding (as rope_index gives
-    for masked slots); visual_rows (N,) the flat indices b * L + s of all image tokens, batch-major."""
-    L = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), L), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((len(items), L), dtype=torch.int64)
-    pos = torch.zeros((3, len(items), L), dtype=torch.int64)
-    for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[b, :n], mask[b, :n], pos[:, b, :n] = it["input_ids"], 1, it["position_ids"]
-    rows = torch.cat([it["image_positions"] + b * L for b, it in enumerate(items)])
-    return {"frames": torch.stack([it["frames"] for it in items]), "input_ids": ids, "attention_mask": mask,
-            "position_ids": pos, "visual_rows": rows}
-
-
-BATCH_KEYS = ("frames", "input_ids", "attention_mask", "position_ids", "visual_rows")  # collate_inputs' output
-
-
-def pad_inputs(inputs: dict, multiple: int, pad_token_id: int = 0) -> dict:
-    """A collate_inputs batch right-padded to the next multiple of `multiple` tokens (static shapes for a compiled
-    step: a new instruction of similar length reuses it). Padded slots get mask 0 and position 0 as collate's own
-    padding does; their token id is irrelevant (masked); visual_rows are re-indexed for the longer rows."""
-    ids = inputs["input_ids"]
-    B, L = ids.shape
-    Lb = -(-L // multiple) * multiple
-    if Lb == L:
-        return inputs
-    pad = torch.nn.functional.pad
-    rows = inputs["visual_rows"]
-    return {**inputs, "input_ids": pad(ids, (0, Lb - L), value=pad_token_id),
-            "attention_mask": pad(inputs["attention_mask"], (0, Lb - L)),
-            "position_ids": pad(inputs["position_ids"], (0, Lb - L)), "visual_rows": rows // L * Lb + rows % L}
-
-
-class VisionCache:
-    """Per-frame vision-tower outputs (merged tokens and every DeepStack level) for the rolling control loop: at
-    10 Hz the 4-frame window slides by one frame, so 3 of its 4 frames were encoded one call earlier. Keyed by the
-    frame's pixels after the box is drawn (a hash of the uint8 frame), least recently used first out. Each frame
-    is encoded on its own in the vision tower, so cached and fresh outputs are the same numbers (tested)."""
-
-    def __init__(self, max_frames: int = 64):
-        self.max_frames = max_frames
-        self.entries = collections.OrderedDict()  # key -> (tokens (T, Q), [level (T, Q)])
-        self.hits = self.misses = 0
-
-    def clear(self):
-        self.entries.clear()
-
-    def encode(self, frames: torch.Tensor, encode_fn):
-        """frames (N, S, S, 3) uint8 on the CPU -> (tokens (N*T, Q), [levels (N*T, Q)]) as encode_fn(frames)
-        would return them, running encode_fn only on the frames not seen before."""
-        if frames.device.type != "cpu":
-            raise ValueError("VisionCache keys frames by their pixels: pass them on the CPU")
-        if len(frames) > self.max_frames:
-            raise ValueError(f"{len(frames)} frames in one call exceed the cache's max_frames={self.max_frames}")
-        keys = [hashlib.blake2b(f.numpy().tobytes(), digest_size=16).digest() + bytes(str(tuple(f.shape)), "ascii")
-                for f in frames]
-        new = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each new frame once, in order
-        self.hits += len(keys) - len(new)
-        self.misses += len(new)
-        if new:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            tokens, levels = encode_fn(frames[[first[k] for k in new]])
-            per = tokens.shape[0] // len(new)
-            for j, k in enumerate(new):
-                self.entries[k] = (tokens[j * per:(j + 1) * per], [lv[j * per:(j + 1) * per] for lv in levels])
-        for k in keys:
-            self.entries.move_to_end(k)
-        while len(self.entries) > self.max_frames:
-            self.entries.popitem(last=False)
-        got = [self.entries[k] for k in keys]
-        return (torch.cat([g[0] for g in got]),
-                [torch.cat([g[1][j] for g in got]) for j in range(len(got[0][1]))])
-
-
-# -----------------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -381,17 +213,6 @@ def frozen_checksum(model: nn.Module) -> float:
         if not p.requires_grad and p.is_floating_point():
             total += p.detach().to(torch.bfloat16).double().abs().sum().cpu()
     return float(total)
-
-
-@dataclass
-class InferenceSettings:
-    """What VLAModel.optimize_for_inference applied."""
-    dtype: torch.dtype  # weights cast to it and autocast to it; None: unchanged
-    merged: bool  # LoRA folded into the base weights
-    mode: str  # torch.compile mode, or None (not compiled)
-    bucket: int  # text padded to a multiple of this many tokens (1: no padding)
-    step: object  # VLAModel._inference_step, compiled or not
-    vision: object  # VLAModel._vision_on_device, compiled or not
 
 
 def cast_frozen_(module: nn.Module, dtype):
@@ -445,7 +266,7 @@ class VLAModel(nn.Module):
         self.action_head = ActionHead(DiTConfig.from_vla(asdict(config)))
         self._processor = self._encoder = None
         self._luts = {}  # device -> the (256, 3) pixel table on it
-        self._inference = None  # InferenceSettings once optimize_for_inference has run
+        self._inference = None  # inference.Optimized once inference.optimize has run
         tok_dir = Path(config.qwen_model_name or ".")
         self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
 
@@ -499,21 +320,21 @@ class VLAModel(nn.Module):
         """frames (N, S, S, 3) uint8 -> the vision tower's (tokens (N*T, Q), [DeepStack levels (N*T, Q)]),
         patched on the model's device."""
         dev = self.action_head.future_tokens.device
-        return self._vision_on_device(frames.to(dev, non_blocking=True), self._lut(dev))
+        return self.vision_on_device(frames.to(dev, non_blocking=True), self.pixel_lut(dev))
 
-    def _lut(self, dev):
+    def pixel_lut(self, dev):
         if dev not in self._luts:
             self._luts[dev] = qwen3vl.pixel_lut(self.processor.image_config).to(dev)
         return self._luts[dev]
 
-    def _vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
+    def vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
         """encode_frames' body for frames already on the device (what compile=True traces, once per frame)."""
         cfg = self.processor.image_config
         pv, _ = qwen3vl.pixel_values_from_frames(frames, cfg, lut)
         n, h, w, _ = frames.shape
         return self.qwen_model.model.visual(pv, [(1, h // cfg.patch_size, w // cfg.patch_size)] * n)
 
-    def features(self, inputs: dict, cache: VisionCache = None):
+    def features(self, inputs: dict, cache=None):
         """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run.
         `inputs`: collate_inputs' batch (CPU tensors; moved here). `cache`: reuse per-frame vision outputs."""
         dev = self.action_head.future_tokens.device
@@ -530,7 +351,7 @@ class VLAModel(nn.Module):
 
     def autocast(self):
         """The one precision rule for training and inference: bf16 autocast on CUDA (as the released model was
-        trained and should be run), full fp32 on the CPU. After optimize_for_inference(dtype=...): autocast to
+        trained and should be run), full fp32 on the CPU. After inference.optimize(dtype=...): autocast to
         that dtype on any device (none for float32)."""
         dev = self.action_head.future_tokens.device
         dtype = self._inference.dtype if self._inference is not None else None
@@ -551,8 +372,8 @@ class VLAModel(nn.Module):
             raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
         if inputs is None:
             inputs = self.encode(images, instructions)
-        if self._inference is not None and (actions is None or not compute_loss):
-            return {"actions": self._optimized_actions(inputs, robot_state, noise, steps, cache)}
+        if self._inference is not None and (actions is None or not compute_loss):  # after inference.optimize
+            return {"actions": self._inference.actions(self, inputs, robot_state, noise, steps, cache)}
         dev = self.action_head.future_tokens.device
         vl, deep, mask = self.features(inputs, cache)
         head_dtype = self.action_head.future_tokens.dtype
@@ -570,7 +391,7 @@ class VLAModel(nn.Module):
 
     @torch.inference_mode()
     def predict(self, frames, boxes, task: str, instruction: str, state_angles, steps=None, noise=None,
-                cache: VisionCache = None) -> np.ndarray:
+                cache=None) -> np.ndarray:
         """One control step: the frames before now with their target boxes, task, instruction and the current
         angles (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step). `noise` (H, 44)
         fixes the sampler's start; `cache` reuses the vision outputs of frames seen in earlier calls."""
@@ -586,125 +407,11 @@ class VLAModel(nn.Module):
                        noise=noise, steps=steps, cache=cache)["actions"]
         return decode_angles(out[0].float().cpu().numpy())
 
-    # --- optimized inference ------------------------------------------------------------------------------------
-
-    def optimize_for_inference(self, dtype=None, merge_lora: bool = True, compile=False, bucket: int = None):
-        """Make this model faster for inference, in place (and in eval mode); returns self. predict(),
-        model(inputs=...) and everything built on them take the optimized path with no other change.
-
-        merge_lora: fold every LoRA update into its base weight once (exact up to fp32 rounding): no adapter
-            matmuls or casts per layer. Such a model must never train again: .train() raises.
-        dtype: e.g. torch.bfloat16 (GPU, or a CPU with bf16 support). The backbone's weights are cast to it; so are
-            the head's matrices, while its norms, the embeddings added to its residual stream and the flow state
-            stay fp32, and every call runs under autocast(dtype). That is the training precision rule (fp32 head
-            under bf16 autocast) with the casts made once instead of per call: the same numbers (tested). None
-            keeps the weights and the rule of autocast() (bf16 autocast on CUDA, fp32 on the CPU).
-        compile: True, or a torch.compile mode ("reduce-overhead": CUDA graphs). Compiles, with static shapes and
-            no graph break, the vision tower for one frame and the step from token ids + image embeddings to
-            actions (decoder layers 0..tap, then the head's sampler), with no host-device sync inside. Each new
-            shape compiles on its first call (seconds to minutes); a failure raises, never falls back.
-        bucket: right-pad the text to a multiple of this many tokens (default: 32 when compiling, else none), so a
-            new instruction of similar length reuses the compiled step. Padding changes no real token's output
-            (causal attention never looks ahead; the head masks it) beyond rounding."""
-        if self._inference is not None:
-            raise RuntimeError("optimize_for_inference was already applied to this model")
-        mode = (compile if isinstance(compile, str) else "default") if compile else None
-        bucket = bucket if bucket is not None else 32 if mode is not None else 1
-        if bucket < 1:
-            raise ValueError(f"bucket must be a positive number of tokens, got {bucket}")
-        if mode is not None and not hasattr(torch, "compile"):
-            raise RuntimeError(f"compile={compile!r} needs torch.compile (torch >= 2.0), not torch {torch.__version__}")
-        self.eval()
-        merged = bool(merge_lora and lora_modules(self.qwen_model))
-        for m in lora_modules(self.qwen_model).values() if merged else ():
-            m.merge()
-        if dtype is not None:
-            self._cast_for_inference(dtype)
-        step, vision = self._inference_step, self._vision_on_device
-        if mode is not None:
-            step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-            vision = torch.compile(vision, fullgraph=True, dynamic=False, mode=mode)
-        self._inference = InferenceSettings(dtype, merged, mode, bucket, step, vision)
-        return self
-
-    def _cast_for_inference(self, dtype):
-        """Backbone weights -> dtype (LoRA adapters stay fp32, as peft keeps them); head: the matrices of its
-        linear layers and attention -> dtype, everything else fp32 (what bf16 autocast computes with)."""
-        for name, p in self.qwen_model.named_parameters():
-            if p.is_floating_point() and not name.endswith((".lora_A", ".lora_B")):
-                p.data = p.data.to(dtype)
-        for m in self.action_head.modules():
-            params = ((m.weight, m.bias) if isinstance(m, nn.Linear) else
-                      (m.in_proj_weight, m.in_proj_bias) if isinstance(m, Attention) else ())
-            for p in params:
-                p.data = p.data.to(dtype)
-
     def train(self, mode: bool = True):
         if mode and getattr(self, "_inference", None) is not None:
             raise RuntimeError("this model was optimized for inference (LoRA merged, weights cast or compiled): it "
                                "must not train; load a fresh model to train")
         return super().train(mode)
-
-    @torch.inference_mode()
-    def _optimized_actions(self, inputs, robot_state, noise, steps, cache):
-        """forward() after optimize_for_inference: (B, H, A) actions. Every tensor handed to a compiled function is
-        a fresh inference-mode copy on the device, whoever made the input: a tensor made outside inference mode
-        would not match the compiled graph's guards and would compile it again."""
-        inf = self._inference
-        dev = self.action_head.future_tokens.device
-        hd = self.action_head.future_tokens.dtype
-        if not bool(inputs["attention_mask"].any(1).all()):  # on the host here (collate_inputs): no device sync
-            raise ValueError("attention_mask: a sample has no real token")
-        inputs = pad_inputs(inputs, inf.bucket)
-        frames = inputs["frames"]
-        flat = frames.reshape(-1, *frames.shape[2:])
-        B = frames.shape[0]
-        shape = (B, self.config.action_horizon, self.config.action_dim)
-        noise = torch.randn(shape, device=dev, dtype=hd) if noise is None else noise.to(dev, hd, copy=True)
-        with self.autocast():
-            emb, levels = cache.encode(flat, self._optimized_vision) if cache is not None else \
-                self._optimized_vision(flat)
-            args = [inputs[k].to(dev, non_blocking=True, copy=True) for k in ("input_ids", "position_ids",
-                                                                               "visual_rows")]
-            args += [emb, levels, inputs["attention_mask"].to(dev, non_blocking=True, copy=True).bool(),
-                     robot_state.to(dev, hd, copy=True), noise, steps or self.config.diffusion_steps]
-            return self._compiled_call(inf.step, *args)
-
-    def _optimized_vision(self, frames):
-        """frames (N, S, S, 3) uint8 on the host -> (tokens, [levels]); compiled: one frame per call (one shape)."""
-        inf = self._inference
-        dev = self.action_head.future_tokens.device
-        if inf.mode is None:
-            return self._vision_on_device(frames.to(dev, non_blocking=True), self._lut(dev))
-        outs = [self._compiled_call(inf.vision, f[None].to(dev, non_blocking=True, copy=True), self._lut(dev))
-                for f in frames]
-        return torch.cat([o[0] for o in outs]), [torch.cat(lv) for lv in zip(*(o[1] for o in outs))]
-
-    def _compiled_call(self, fn, *args):
-        """fn(*args), uncompiled as is; compiled: a failure names torch.compile, and outputs are copied out (a CUDA
-        graph's outputs are overwritten by its next replay)."""
-        if self._inference.mode is None:
-            return fn(*args)
-        if self.action_head.future_tokens.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied: reuse them
-        try:
-            out = fn(*args)
-        except Exception as e:
-            raise RuntimeError(f"torch.compile (mode {self._inference.mode!r}) failed on this platform: {e}; "
-                               f"optimize_for_inference(compile=False) runs the same step uncompiled") from e
-        return (out[0].clone(), [lv.clone() for lv in out[1]]) if isinstance(out, tuple) else out.clone()
-
-    def _inference_step(self, input_ids, position_ids, visual_rows, emb, levels, mask, state, noise, steps: int):
-        """Token ids + image embeddings -> actions (B, H, A), on the device with no host sync: what compile=True
-        traces. The attention mask is not passed to the backbone: padding is on the right, and causal attention
-        never lets a real token see it (same numbers as the masked path); the head masks padding itself."""
-        out = self.qwen_model(input_ids=input_ids, position_ids=position_ids, image_embeds=(emb, levels),
-                              visual_rows=visual_rows, hidden_layers=(self.deep_tap, self.tap))
-        vl = out.layer_outputs[self.tap]
-        deep = torch.cat([out.layer_outputs[self.deep_tap], vl], dim=-1) if self.config.use_deepstack_features else None
-        hd = self.action_head.future_tokens.dtype
-        return self.action_head.sample(vl.to(hd), deep.to(hd) if deep is not None else None, mask, state, steps=steps,
-                                       noise=noise, method=self.config.sampler, check_mask=False)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 
@@ -752,7 +459,7 @@ class VLAModel(nn.Module):
         from_pretrained can rebuild it: {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under
         torch.manual_seed(seed)) or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
         if self._inference is not None:
-            raise ValueError("save_pretrained: save the model before optimize_for_inference (its weights are merged "
+            raise ValueError("save_pretrained: save the model before inference.optimize (its weights are merged "
                              "or cast now; a merged LoRA would be applied twice on load)")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

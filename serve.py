@@ -35,7 +35,10 @@ from PIL import Image
 
 import data
 import eval as ev
-from model import VisionCache, VLAModel, collate_inputs, decode_angles, encode_angles
+from model import VLAModel
+from model_io import collate_inputs, decode_angles, encode_angles
+import inference
+from inference import VisionCache
 
 FPS = 10.0  # the model's control rate: one predicted step per 0.1 s
 REQUIRED = ("frames", "boxes", "task", "instruction", "state")
@@ -411,14 +414,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def optimize(model, args):
-    """--dtype / --compile / --no-merge through VLAModel.optimize_for_inference, where this model.py has it."""
+    """--dtype / --compile / --no-merge through inference.optimize: LoRA merged once at load unless --no-merge."""
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if hasattr(model, "optimize_for_inference"):
-        return model.optimize_for_inference(dtype=dtype, merge_lora=not args.no_merge, compile=args.compile) or model
-    if args.dtype != "auto" or args.compile or args.no_merge:
-        raise SystemExit("--dtype / --compile / --no-merge need VLAModel.optimize_for_inference, which this "
-                         "model.py does not have")
-    return model
+    return inference.optimize(model, dtype=dtype, merge_lora=not args.no_merge, compile=args.compile)
 
 
 def main(argv=None):

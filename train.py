@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (BATCH_KEYS, PRESETS, VLAConfig, VLAModel, atomic_write, backbone_config, load_safetensors,
-                   use_tf32)
+from model import PRESETS, VLAConfig, VLAModel, atomic_write, backbone_config, load_safetensors, use_tf32
+from model_io import BATCH_KEYS
 
 # -----------------------------------------------------------------------------------------------------------------
 # Arguments

@@ -108,7 +108,7 @@ def frames_for(size, n, seed):
 
 def make_batch(model, batch, seed=0):
     """An encoded training batch (what the DataLoader workers deliver) + targets, t and noise, on the CPU."""
-    from model import collate_inputs, encode_angles
+    from model_io import collate_inputs, encode_angles
 
     rng = np.random.default_rng(seed)
     enc, S = model.encoder(), model.config.image_size
@@ -322,20 +322,13 @@ def stage_shapes(ctx):
 
 
 def stage_latency(ctx):
-    from lora import merge_lora
-    from model import VisionCache
+    from inference import VisionCache, optimize
 
     dev = ctx.device
     name = "tiny" if ctx.quick else "mimic-4b"
     model = random_model(ctx, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
-    if hasattr(model, "optimize_for_inference"):
-        model = model.optimize_for_inference() or model
-        merged = "optimize_for_inference()"
-    elif model.config.use_lora:
-        merge_lora(model)
-        merged = "lora.merge_lora"
-    else:
-        merged = "no LoRA"
+    model = optimize(model)
+    merged = "inference.optimize() (LoRA merged)" if model.config.use_lora else "inference.optimize() (no LoRA)"
     S, n = model.config.image_size, 4 if ctx.quick else 30
     video = frames_for(S, n + 8, 3)
     boxes = np.tile([S * 0.2, S * 0.1, S * 0.8, S * 0.95], (4, 1))

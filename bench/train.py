@@ -153,7 +153,8 @@ def main(argv=None):
 
         # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny processor
         #    (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so text is a few more tokens)
-        from model import PRESETS, InputEncoder, VLAConfig, backbone_config, build_processor
+        from model import PRESETS, VLAConfig, backbone_config, build_processor
+        from model_io import InputEncoder
         cfg = replace(VLAConfig(**PRESETS["tiny"]), image_size=args.image_size)
         qcfg = backbone_config(cfg)[0]
         encoder = InputEncoder(build_processor(cfg, None, qcfg), qcfg, args.image_size)

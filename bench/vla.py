@@ -13,11 +13,11 @@ preprocessing, vision tower, decoder layers 0..tap, head; CUDA is synchronised a
              same architecture; on CUDA bf16 autocast here, where the original used fp16)
   eager      VLAModel.predict()
   cache      + a VisionCache: one new frame through the vision tower per call instead of four
-  merged     + optimize_for_inference(): LoRA folded into the base weights once
-  compiled   + optimize_for_inference(compile=True): torch.compile of the vision tower (one frame) and of the step
+  merged     + inference.optimize(): LoRA folded into the base weights once
+  compiled   + inference.optimize(compile=True): torch.compile of the vision tower (one frame) and of the step
              from token ids to actions, static shapes, text padded to 32-token buckets ("reduce-overhead": CUDA
              graphs, on CUDA); its first call (the compilation) is timed, and recompiles counted
-  bf16       + optimize_for_inference(dtype=torch.bfloat16), on CUDA (there every row already runs under bf16
+  bf16       + inference.optimize(dtype=torch.bfloat16), on CUDA (there every row already runs under bf16
              autocast) or on a CPU with bf16 instructions (AVX512-BF16 / AMX)
 
 The reference's LM head: at 4B it is 151,936 x 2,560 = 0.39B weights against 1.82B in the 18 kept layers (21%).
@@ -55,8 +55,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
-from model import (PRESETS, TINY_QWEN, VisionCache, VLAConfig, VLAModel, collate_inputs, encode_angles,  # noqa: E402
-                   frame_image, prompt_text)
+from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
+from model_io import collate_inputs, encode_angles, frame_image, prompt_text  # noqa: E402
+from inference import VisionCache, optimize  # noqa: E402
 
 # The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.
 _IDS = {k: TINY_QWEN[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
@@ -397,12 +398,12 @@ def bench_config(name, args, device):
           f"{base.qwen_config.text.hidden_size} on every token, transformers' processor per call")
 
     rows = {"reference": None, "eager": base, "cache": base}
-    rows["merged"] = copy.deepcopy(base).optimize_for_inference(dtype=dtype if cuda else None)
+    rows["merged"] = optimize(copy.deepcopy(base), dtype=dtype if cuda else None)
     if not args.no_compile:
-        rows["compiled"] = copy.deepcopy(base).optimize_for_inference(
-            dtype=dtype if cuda else None, compile="reduce-overhead" if cuda else True)
+        rows["compiled"] = optimize(copy.deepcopy(base), dtype=dtype if cuda else None,
+                                    compile="reduce-overhead" if cuda else True)
     if not cuda and cpu_has_bf16() and not args.no_bf16:
-        rows["merged bf16"] = copy.deepcopy(base).optimize_for_inference(dtype=torch.bfloat16)
+        rows["merged bf16"] = optimize(copy.deepcopy(base), dtype=torch.bfloat16)
     labels = {"reference": "reference (transformers + peft)", "eager": "ours, eager", "cache": "ours + cache",
               "merged": "ours + cache + merged LoRA" + (", bf16 weights" if cuda else ""),
               "compiled": "ours + cache + merged + compiled" + (" (CUDA graphs)" if cuda else ""),

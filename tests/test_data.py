@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import data
-from model import TINY_QWEN, InputEncoder
+from model import TINY_QWEN
+from model_io import InputEncoder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

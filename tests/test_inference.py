@@ -1,6 +1,6 @@
 """The model's one input path: a training window (data.WindowDataset + collate) and the public inference API
 (VLAModel.predict / prepare) build bit-identical inputs and actions; the per-frame vision cache changes no number,
-alone or in a batch; bad calls say what is missing. optimize_for_inference: merged LoRA, the bf16 rule, bucket
+alone or in a batch; bad calls say what is missing. inference.optimize: merged LoRA, the bf16 rule, bucket
 padding and torch.compile (inductor on the CPU) give the eager numbers within tolerance, without recompiling."""
 
 import copy
@@ -15,7 +15,9 @@ from test_model import perturb_lora, tiny_lora_config
 
 import data
 from lora import LoRALinear, lora_modules
-from model import VisionCache, VLAModel, cast_frozen_, collate_inputs, decode_angles, encode_angles, pad_inputs
+from model import VLAModel, cast_frozen_
+from model_io import collate_inputs, decode_angles, encode_angles
+from inference import VisionCache, optimize, pad_inputs
 
 
 def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
@@ -123,7 +125,7 @@ def test_predict_rejects_incomplete_or_bad_inputs(model):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# optimize_for_inference: merged LoRA, inference dtype, bucket padding, torch.compile
+# inference.optimize: merged LoRA, inference dtype, bucket padding, torch.compile
 
 
 def raw_actions(model, inputs, state, noise, cache=None):
@@ -146,24 +148,24 @@ def test_merged_lora_matches_and_the_optimized_model_never_trains(model, tmp_pat
     inputs, state, noise = mixed_batch(model, clip)
     assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # really padded
     plain = raw_actions(model, inputs, state, noise)
-    merged = copy.deepcopy(model).optimize_for_inference()
+    merged = optimize(copy.deepcopy(model))
     assert all(m.merged for m in lora_modules(merged).values())
     torch.testing.assert_close(raw_actions(merged, inputs, state, noise), plain, rtol=0, atol=1e-5)
     # unmerged, one sample: the optimized path is the plain path, bit for bit
     one = collate_inputs([model.prepare([Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[:4]], clip.boxes[:4],
                                         "waving", "Wave.")])
-    same = copy.deepcopy(model).optimize_for_inference(merge_lora=False)
+    same = optimize(copy.deepcopy(model), merge_lora=False)
     assert torch.equal(raw_actions(same, one, state[:1], noise[:1]), raw_actions(model, one, state[:1], noise[:1]))
     with pytest.raises(RuntimeError, match="must not train"):
         merged.train()
     layer = next(iter(lora_modules(merged).values()))
     with pytest.raises(RuntimeError, match="merged: call unmerge"):
         layer.train()(torch.zeros(1, layer.in_features))
-    with pytest.raises(ValueError, match="before optimize_for_inference"):
+    with pytest.raises(ValueError, match="before inference.optimize"):
         merged.save_pretrained(tmp_path / "m")
-    assert not copy.deepcopy(model).train().optimize_for_inference().training
+    assert not optimize(copy.deepcopy(model).train()).training
     with pytest.raises(RuntimeError, match="already applied"):
-        merged.optimize_for_inference()
+        optimize(merged)
 
 
 def test_bf16_inference_equals_the_training_precision_rule(model):
@@ -174,7 +176,7 @@ def test_bf16_inference_equals_the_training_precision_rule(model):
     cast_frozen_(rule.qwen_model, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = raw_actions(rule, inputs, state, noise)
-    fast = copy.deepcopy(model).optimize_for_inference(dtype=torch.bfloat16, merge_lora=False)
+    fast = optimize(copy.deepcopy(model), dtype=torch.bfloat16, merge_lora=False)
     head = fast.action_head
     assert head.dit_blocks[0].ffn[0].weight.dtype == torch.bfloat16 == head.dit_blocks[0].self_attn.in_proj_weight.dtype
     assert head.action_pos_embed.dtype == torch.float32 == head.qwen_projection[1].weight.dtype  # LayerNorm
@@ -204,7 +206,7 @@ def test_bucket_padding_changes_nothing_beyond_rounding(model):
     assert torch.equal(image_ids(padded), image_ids(inputs))
     plain = raw_actions(model, inputs, state, noise)
     torch.testing.assert_close(raw_actions(model, padded, state, noise), plain, rtol=0, atol=1e-5)
-    bucketed = copy.deepcopy(model).optimize_for_inference(merge_lora=False, bucket=64)  # no key mask: causal only
+    bucketed = optimize(copy.deepcopy(model), merge_lora=False, bucket=64)  # no key mask: causal only
     torch.testing.assert_close(raw_actions(bucketed, inputs, state, noise), plain, rtol=0, atol=1e-5)
 
 
@@ -214,7 +216,7 @@ def test_compiled_step_matches_eager_and_a_new_instruction_in_its_bucket_does_no
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = copy.deepcopy(model).optimize_for_inference(compile=True)
+    compiled = optimize(copy.deepcopy(model), compile=True)
     clip = textured_clip(T=10, seed=10)
     cache, graphs, lengths = VisionCache(), [], []
     for s, text in ((4, "Wave."), (5, "Wave your left hand.")):  # the window slides by one frame
@@ -240,7 +242,7 @@ def test_a_failing_compile_raises_instead_of_falling_back(model, monkeypatch):
             raise torch._dynamo.exc.BackendCompilerFailed(lambda *x: None, RuntimeError("no C++ compiler"))
         return run
     monkeypatch.setattr(torch, "compile", broken)
-    fast = copy.deepcopy(model).optimize_for_inference(compile=True)
+    fast = optimize(copy.deepcopy(model), compile=True)
     clip = textured_clip(T=8, seed=11)
     frames = [Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[:4]]
     with pytest.raises(RuntimeError, match="torch.compile .* failed on this platform"):

@@ -28,7 +28,8 @@ import data
 import sample
 import policy_client
 import serve
-from model import VLAModel, collate_inputs, decode_angles, encode_angles
+from model import VLAModel
+from model_io import collate_inputs, decode_angles, encode_angles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -301,21 +302,14 @@ def test_cli_serves_a_saved_checkpoint(model, tmp_path):
         proc.stdout.close()
 
 
-def test_inference_flags_go_through_optimize_for_inference(model):
-    args = SimpleNamespace(dtype="bf16", compile=True, no_merge=False)
-    if not hasattr(model, "optimize_for_inference"):
-        with pytest.raises(SystemExit, match="optimize_for_inference"):
-            serve.optimize(model, args)
-        assert serve.optimize(model, SimpleNamespace(dtype="auto", compile=False, no_merge=False)) is model
+def test_inference_flags_go_through_inference_optimize(monkeypatch):
     seen = []
-
-    class Optimizable:
-        def optimize_for_inference(self, **kw):
-            seen.append(kw)
-            return self
-
-    serve.optimize(Optimizable(), args)
-    assert seen == [{"dtype": torch.bfloat16, "merge_lora": True, "compile": True}]
+    monkeypatch.setattr(serve.inference, "optimize", lambda model, **kw: seen.append(kw) or model)
+    m = object()
+    assert serve.optimize(m, SimpleNamespace(dtype="bf16", compile=True, no_merge=False)) is m
+    assert serve.optimize(m, SimpleNamespace(dtype="auto", compile=False, no_merge=True)) is m
+    assert seen == [{"dtype": torch.bfloat16, "merge_lora": True, "compile": True},
+                    {"dtype": None, "merge_lora": False, "compile": False}]
 
 
 # ---------------------------------------------------------------------------------------------------------------

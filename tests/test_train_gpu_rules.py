@@ -16,7 +16,8 @@ from test_train import argv, free_port, losses, make_dataset, params
 import eval as evaluation
 import sample
 import train
-from model import PRESETS, VLAConfig, VLAModel, collate_inputs, use_tf32
+from model import PRESETS, VLAConfig, VLAModel, use_tf32
+from model_io import collate_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"image_size": 64, "num_diffusion_layers": 1}
