@@ -53,8 +53,8 @@ import data
 PARENTS = data.H36M_PARENTS
 # bone j (child joint j = 1..16) -> one of 10 shared lengths: hip, thigh, shin, spine, thorax, neck, head,
 # shoulder, upper arm, forearm (left and right share one, so the fitted body is symmetric)
-_LENGTH_OF_BONE = [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 8, 9]
-_REF_LENGTHS = [data.DEFAULT_BONE_LENGTHS[n] for n in ("r_hip", "r_knee", "r_ankle", "spine", "thorax", "neck",
+LENGTH_OF_BONE = [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 8, 9]
+REF_LENGTHS = [data.DEFAULT_BONE_LENGTHS[n] for n in ("r_hip", "r_knee", "r_ankle", "spine", "thorax", "neck",
                                                        "head", "l_shoulder", "l_elbow", "l_wrist")]
 # rest pose facing the camera (body left = +x, body up = -y, forward = -z): unit bone directions of joints 1..16,
 # knees slightly bent backwards (+z) and elbows forwards (-z) so the bend sides start right
@@ -86,7 +86,7 @@ class FitConfig:
     w_init: float = 0.0           # with init=: (1 - cos) of each bone to the init's direction (keep a lifter's depths)
 
 
-def _bone_chain(dirs, lengths, root):
+def bone_chain(dirs, lengths, root):
     """dirs (..., T, 16, 3) unit, lengths (..., 16), root (..., T, 3) -> joints (..., T, 17, 3) (parents first)."""
     bones = dirs * lengths[..., None, :, None]
     joints = [root]
@@ -112,7 +112,7 @@ def _root_guess(kp, valid, f, centre):
     confident joint) back-projected at the depth where the reference bone lengths match the 2D bone lengths; frames
     without joints take the nearest frame's values."""
     T = kp.shape[0]
-    ref = torch.tensor(_REF_LENGTHS, dtype=torch.float64)[_LENGTH_OF_BONE]  # (16,)
+    ref = torch.tensor(REF_LENGTHS, dtype=torch.float64)[LENGTH_OF_BONE]  # (16,)
     child, parent = torch.arange(1, 17), torch.tensor(PARENTS[1:])
     bl2d = (kp[:, child] - kp[:, parent]).norm(dim=-1)  # (T, 16)
     bvalid = (valid[:, child] & valid[:, parent]).double()
@@ -185,7 +185,7 @@ def fit_clip(kp2d, scores, width, height, focal=None, cfg=None, return_info=Fals
         ab0 = p0[:, 0, :2] / p0[:, 0, 2:3].clamp(min=0.3)
     anchor = dirs[0].clone() if init is not None else None  # (T, 16, 3) unit
     w = conf / conf.sum().clamp(min=1e-9)  # reprojection weights sum to 1 over the clip
-    ref_log = torch.log(torch.tensor(_REF_LENGTHS, dtype=torch.float64))
+    ref_log = torch.log(torch.tensor(REF_LENGTHS, dtype=torch.float64))
 
     el_mean, el_sd = math.radians(cfg.elevation), math.radians(cfg.elevation_sd)  # el: camera elevation, free
 
@@ -194,7 +194,7 @@ def fit_clip(kp2d, scores, width, height, focal=None, cfg=None, return_info=Fals
         u = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-9)
         z = logz.exp()
         root = torch.cat([ab * z[..., None], z[..., None]], -1)                               # (H, T, 3)
-        P = _bone_chain(u, loglen.exp()[..., _LENGTH_OF_BONE], root)                          # (H, T, 17, 3)
+        P = bone_chain(u, loglen.exp()[..., LENGTH_OF_BONE], root)                            # (H, T, 17, 3)
         proj = f * P[..., :2] / P[..., 2:3].clamp(min=1e-3) + centre
         err = ((proj - kp).norm(dim=-1) / scale2d[:, None]) ** 2                               # (H, T, 17)
         reproj = (err * w).sum((1, 2))
@@ -247,7 +247,7 @@ def fit_clip(kp2d, scores, width, height, focal=None, cfg=None, return_info=Fals
             return [p.detach() for p in params], *losses(*params)
 
     params = [dirs, ab0[None].repeat(H, 1, 1), torch.as_tensor(np.log(z0))[None].repeat(H, 1),
-              torch.log(torch.tensor(_REF_LENGTHS, dtype=torch.float64))[None].repeat(H, 1),
+              torch.log(torch.tensor(REF_LENGTHS, dtype=torch.float64))[None].repeat(H, 1),
               torch.full((H,), el_mean, dtype=torch.float64)]
     params, total, P, parts = optimize(params, cfg.steps)
     best = int(torch.argmin(total))
@@ -296,7 +296,7 @@ class FitLifter:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation on motion capture: demo.py's mocap seen by random cameras, 2D noise and dropped joints
+# Evaluation on motion capture: mocap.py's motions seen by synth.py's random cameras, 2D noise and dropped joints
 
 
 def wrapped_diff(a, b):
@@ -304,23 +304,24 @@ def wrapped_diff(a, b):
 
 
 def view_mocap(rng, m, frames=40, noise_px=2.0, drop=0.1, randomize=False, length_jitter=0.0):
-    """One random window of a demo.Motion seen by its own demo.random_camera at 10 Hz -> (kp2d noisy (T, 17, 2),
+    """One random window of a mocap.Motion seen by its own synth.random_camera at 10 Hz -> (kp2d noisy (T, 17, 2),
     scores (T, 17), pose3d (T, 17, 3) camera frame, camera). `drop` of the joints get score 0 and random positions,
     the rest Gaussian noise of noise_px pixels; randomize=True draws the noise sigma from U(0, noise_px) and the drop
     rate from U(0, drop) per clip instead (lifter.py's training data); length_jitter scales each (left/right shared)
     bone length by U(1 -+ jitter)."""
-    import demo
+    import mocap
+    import synth
     t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
-    pts, _, _ = demo.sample_motion(m, t)
+    pts, _, _ = mocap.sample_motion(m, t)
     pts[..., 1] -= pts[..., 1].min() - 0.03
-    cam = demo.random_camera(rng, pts)
-    pc = demo.world_to_camera(cam, pts)[:, :17]
+    cam = synth.random_camera(rng, pts)
+    pc = synth.world_to_camera(cam, pts)[:, :17]
     if length_jitter:  # other body proportions
-        scale = rng.uniform(1 - length_jitter, 1 + length_jitter, 10)[_LENGTH_OF_BONE]
+        scale = rng.uniform(1 - length_jitter, 1 + length_jitter, 10)[LENGTH_OF_BONE]
         bones = (pc[:, 1:] - pc[:, list(PARENTS[1:])]) * scale[:, None]
-        pc = _bone_chain(torch.from_numpy(bones), torch.ones(16, dtype=torch.float64),
+        pc = bone_chain(torch.from_numpy(bones), torch.ones(16, dtype=torch.float64),
                          torch.from_numpy(pc[:, 0])).numpy()
-    uv = demo.project(cam, pc)
+    uv = synth.project(cam, pc)
     kp = uv + rng.normal(0, rng.uniform(0, noise_px) if randomize else noise_px, uv.shape)
     sc = np.full(uv.shape[:2], 0.9)
     dropped = rng.random(sc.shape) < (rng.uniform(0, drop) if randomize else drop)
@@ -331,12 +332,12 @@ def view_mocap(rng, m, frames=40, noise_px=2.0, drop=0.1, randomize=False, lengt
 
 def mocap_cases(n_clips=6, seed=0, frames=40, noise_px=2.0, drop=0.1):
     """Yields (name, kp2d noisy (T, 17, 2), scores (T, 17), gt pose3d (T, 17, 3), focal, width, height): view_mocap of
-    the shipped mocap (demo.MOTIONS, spread over the list), the benchmark of this file and of lifter.py."""
-    import demo
+    the shipped mocap (mocap.MOTIONS, spread over the list), the benchmark of this file and of lifter.py."""
+    import mocap
     rng = np.random.default_rng(seed)
     for i in range(n_clips):
-        key, file, _, _ = demo.MOTIONS[(i * 5) % len(demo.MOTIONS)]  # spread over the motion list
-        kp, sc, pc, cam = view_mocap(rng, demo.load_motion(file), frames, noise_px, drop)
+        key, file, _, _ = mocap.MOTIONS[(i * 5) % len(mocap.MOTIONS)]  # spread over the motion list
+        kp, sc, pc, cam = view_mocap(rng, mocap.load_motion(file), frames, noise_px, drop)
         yield key, kp, sc, pc, cam.focal, cam.width, cam.height
 
 

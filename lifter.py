@@ -17,7 +17,7 @@ mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz /
 Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
 (centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
 (Martinez et al. 2017, "A simple yet effective baseline for 3d human pose estimation"); unit bone directions out.
-Training data: demo.py's mocap loaders and random cameras, 2D noise 0-4 px and 0-20% dropped joints (random
+Training data: mocap.py's loaders and synth.py's random cameras, 2D noise 0-4 px and 0-20% dropped joints (random
 positions, score 0), mirrored copies (x -> -x, left <-> right). At inference the view and its mirror image are both
 lifted and averaged (cv: 52.0 -> 51.0 deg). Tried in `cv` without a gain beyond the +-1 deg that a different seed
 gives: a 15-frame window, 2x the clips and steps, hidden 1024, a 3-model ensemble, playing clips at 0.7-1.4x speed,
@@ -124,7 +124,7 @@ class LifterNet(nn.Module):
 
 def mocap_clips(motions, n_clips, seed, frames=40, noise_px=4.0, drop=0.2, length_jitter=0.0):
     """Yields (kp2d (T, 17, 2), scores (T, 17), pose3d (T, 17, 3) camera frame, focal, width, height) for n_clips
-    random windows of the given demo.Motion objects: fit3d.view_mocap with a noise level and drop rate drawn per clip."""
+    random windows of the given mocap.Motion objects: fit3d.view_mocap with a noise level and drop rate drawn per clip."""
     rng = np.random.default_rng(seed)
     for _ in range(n_clips):
         m = motions[int(rng.integers(len(motions)))]
@@ -151,7 +151,7 @@ def training_set(clips, window):
 
 
 def train_lifter(motions, cfg=None, progress=True):
-    """Train a LifterNet on random camera views of `motions` (demo.Motion objects) -> the model in eval mode."""
+    """Train a LifterNet on random camera views of `motions` (mocap.Motion objects) -> the model in eval mode."""
     cfg = cfg or LifterConfig()
     X, Y = training_set(mocap_clips(motions, cfg.clips, cfg.seed, cfg.frames, cfg.noise_px, cfg.drop,
                                     cfg.length_jitter), cfg.window)
@@ -249,9 +249,9 @@ class LearnedLifter:
     def initial_pose(self, kp2d, scores, width, height):
         f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
         d = self.directions(kp2d, scores, width, height)
-        lengths = torch.tensor(fit3d._REF_LENGTHS, dtype=torch.float64)[fit3d._LENGTH_OF_BONE]
+        lengths = torch.tensor(fit3d.REF_LENGTHS, dtype=torch.float64)[fit3d.LENGTH_OF_BONE]
         root = torch.from_numpy(fit3d.root_guess(kp2d, scores, width, height, f))
-        return fit3d._bone_chain(torch.from_numpy(d), lengths, root).numpy()
+        return fit3d.bone_chain(torch.from_numpy(d), lengths, root).numpy()
 
     def __call__(self, kp2d, scores, width, height):
         pose = self.initial_pose(kp2d, scores, width, height)
@@ -266,11 +266,11 @@ class LearnedLifter:
 
 
 def load_motions(mocap_dir=None):
-    """-> [(key, demo.Motion)]: demo.MOTIONS (the shipped mocap), or every .txt/.npz/.bvh file of mocap_dir."""
-    import demo
+    """-> [(key, mocap.Motion)]: mocap.MOTIONS (the shipped mocap), or every .txt/.npz/.bvh file of mocap_dir."""
+    import mocap
     if mocap_dir is None:
-        return [(key, demo.load_motion(file)) for key, file, _, _ in demo.MOTIONS]
-    loaders = {".txt": demo.load_deepmimic, ".npz": demo.load_amp, ".bvh": demo.load_bvh}
+        return [(key, mocap.load_motion(file)) for key, file, _, _ in mocap.MOTIONS]
+    loaders = {".txt": mocap.load_deepmimic, ".npz": mocap.load_amp, ".bvh": mocap.load_bvh}
     files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in loaders)
     if not files:
         raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh (CMU) mocap files")
@@ -280,11 +280,11 @@ def load_motions(mocap_dir=None):
 def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0,
                    drop=0.1, progress=True, return_poses=False):
     """fit3d's benchmark (mocap_cases) scored three ways, each clip by a lifter trained WITHOUT its motion (motion i of
-    demo.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
+    mocap.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
     -> {method: fit3d.pose_errors dict}, and with return_poses the poses [(motion, {method: pose}, truth)]."""
-    import demo
+    import mocap
     cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
-    keys = [m[0] for m in demo.MOTIONS]
+    keys = [m[0] for m in mocap.MOTIONS]
     cases = list(fit3d.mocap_cases(n_clips, seed, frames, noise_px, drop))
     motions = load_motions()
     pairs = {"lifter": [], "lifter+fit": [], "fit": []}

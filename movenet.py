@@ -41,7 +41,6 @@ Rotated videos are skipped (ROTATED): upstream's pixel frame for them is not doc
 Needs pyarrow and PyAV (pip install pyarrow av); nothing else in the library imports them.
 
 Commands:
-  python data.py import-movenet --parquet DIR --videos DIR --out DIR
   python movenet.py --parquet DIR --videos DIR --out DIR [--min-frames 20] [--max-short-side 480] [--retry-skipped]
 """
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import demo
 import fit3d
 import lifter
+import mocap
 
 TINY = lifter.LifterConfig(hidden=64, blocks=1, clips=6, frames=12, steps=80, batch=64, lr=3e-3)
 
@@ -40,7 +40,7 @@ def test_window_repeats_edges():
 
 
 def test_training_set_mirrors_left_and_right():
-    m = demo.load_motion(demo.MOTIONS[0][1])
+    m = mocap.load_motion(mocap.MOTIONS[0][1])
     clips = list(lifter.mocap_clips([m], 1, seed=0, frames=10))
     X, Y = lifter.training_set(clips, 9)
     assert X.shape == (20, 9 * lifter.FEATURES) and Y.shape == (20, 16, 3)
@@ -56,7 +56,7 @@ def _direction_error(net, X, Y):
 
 
 def test_training_learns_the_directions():
-    motions = [demo.load_motion(demo.MOTIONS[i][1]) for i in (0, 2)]
+    motions = [mocap.load_motion(mocap.MOTIONS[i][1]) for i in (0, 2)]
     X, Y = lifter.training_set(lifter.mocap_clips(motions, TINY.clips, TINY.seed, TINY.frames), TINY.window)
     torch.manual_seed(TINY.seed)
     before = _direction_error(lifter.LifterNet(TINY).eval(), X, Y)
@@ -66,7 +66,7 @@ def test_training_learns_the_directions():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    motions = [demo.load_motion(demo.MOTIONS[i][1]) for i in (0, 2)]
+    motions = [mocap.load_motion(mocap.MOTIONS[i][1]) for i in (0, 2)]
     net = lifter.train_lifter(motions, TINY, progress=False)
     path = tmp_path_factory.mktemp("lifter") / "lifter.safetensors"
     lifter.save_lifter(net, TINY, path)
@@ -132,23 +132,23 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
     png = lifter.plot_poses(tmp_path / "cv.png", cases[:2], frames=(0, 5), size=60)
     with Image.open(png) as im:
         assert im.size == (110 + 60 * 2 * 2, 34 + 60 * 2)
-    keys = [m[0] for m in demo.MOTIONS]
+    keys = [m[0] for m in mocap.MOTIONS]
     tested = [c[0] for c in fit3d.mocap_cases(4, 0, 6)]
     folds = sorted({keys.index(k) % 3 for k in tested})
     assert len(trained_on) == len(folds)
     for fold, used in zip(folds, trained_on):
         for k in tested:
             if keys.index(k) % 3 == fold:
-                assert id(demo.load_motion(demo.MOTIONS[keys.index(k)][1])) not in used
+                assert id(mocap.load_motion(mocap.MOTIONS[keys.index(k)][1])) not in used
         assert len(used) == sum(1 for i in range(len(keys)) if i % 3 != fold)
 
 
 def test_pipeline_uses_a_learned_lifter(trained, tmp_path):
     pytest.importorskip("av")
     import pipeline
-    import video
+    import synth
     _, path = trained
-    video.render_demo_videos(tmp_path / "vids", num_videos=1)
+    synth.render_demo_videos(tmp_path / "vids", num_videos=1)
     out = tmp_path / "out"
     assert pipeline.main(["--videos", str(tmp_path / "vids"), "--out", str(out), "--lifter", str(path),
                           "--fit-steps", "20", "--no-progress"]) == 0
