@@ -18,14 +18,14 @@ all refined together as one batch; every flip that lowers the loss is kept) trie
 view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Angles are
 then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d).
 Measured (python fit3d.py: 17 mocap clips x 40 frames, 2 px noise, 10% joints dropped, true focal): angle RMSE
-59.9 deg, mean bone direction error 24.5 deg (62.0 / 25.5 without the gravity prior; the original pipeline: 74.6).
+60.0 deg, mean bone direction error 24.1 deg (62.0 / 25.5 without the gravity prior; the original pipeline: 74.6).
 The floor of the angle convention is ~29 deg (1 cm of noise on the true 3D, see the singularity test). Refining
 from the true pose (init=) ends at 49.5 deg with a lower loss on 12 of 17 clips, so what remains is mostly the
 search among mirror-ambiguous minima (tried without gain: more yaws, random limb mirrors, lifting the 2D bones at
 reference lengths as the start, lr/steps/smoothness/torso weights, a feet-below-pelvis prior; gravity on the thighs
 or neck, a small-hip-abduction prior, spine/neck collinearity, the true camera elevation: none lowers it by more than
 1.4 deg). Those mirror minima and the depth lean of near-vertical bones are what a learned prior knows: lifter.py's
-temporal MLP, refined here with init= and w_init (which keeps its depths), reaches 51.0 deg / 18.7 deg bone
+temporal MLP, refined here with init= and w_init (which keeps its depths), reaches 50.2 deg / 17.9 deg bone
 direction error on the same benchmark with leave-motions-out training (`python lifter.py cv`).
 
 Why bone directions and not the 22 angles as the free variables: the angle convention (mimic.md sec 4) measures

@@ -12,7 +12,8 @@ the "learned lifter behind the existing interface" of pipeline.md, small enough 
 
 Honest numbers need held-out motions: `python lifter.py cv` trains one model per fold without that fold's motions and
 scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases). The shipped
-mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / CMU .bvh files) for real videos.
+mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / BVH files of the common rigs, see
+mocap.load_bvh) for real videos.
 
 Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
 (centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
@@ -26,6 +27,7 @@ in the refine. What limits it is the 17 motions: each fold learns from 12-13 of 
 
 Commands:
   python lifter.py train --out runs/lifter.safetensors    # all shipped mocap, ~1 min on 2 CPU cores
+  python lifter.py train --mocap-dir cmu_bvh/ [--joint-map map.json --up z --unit cm --allow-pickle]
   python lifter.py cv                                      # leave-motions-out: lifter / lifter + fit / fit alone
   python pipeline.py --videos DIR --out DIR --lifter runs/lifter.safetensors
 """
@@ -265,16 +267,23 @@ class LearnedLifter:
 # leave-motions-out evaluation on fit3d's benchmark
 
 
-def load_motions(mocap_dir=None):
-    """-> [(key, mocap.Motion)]: mocap.MOTIONS (the shipped mocap), or every .txt/.npz/.bvh file of mocap_dir."""
+def load_motions(mocap_dir=None, skip_refused=False, log=print, **kwargs):
+    """-> [(key, mocap.Motion)]: mocap.MOTIONS (the shipped mocap), or every mocap file under mocap_dir (DeepMimic
+    .txt, AMP .npz / .npy, BVH of the common rigs; kwargs: mocap.load_dir's joint_map, up, unit, allow_pickle). Each
+    file loaded, refused (with why) or ignored is logged; a refused file is an error unless skip_refused."""
     import mocap
     if mocap_dir is None:
         return [(key, mocap.load_motion(file)) for key, file, _, _ in mocap.MOTIONS]
-    loaders = {".txt": mocap.load_deepmimic, ".npz": mocap.load_amp, ".bvh": mocap.load_bvh}
-    files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in loaders)
-    if not files:
-        raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh (CMU) mocap files")
-    return [(p.stem, loaders[p.suffix](p)) for p in files]
+    loaded, refused, ignored = mocap.load_dir(mocap_dir, **kwargs)
+    for line in mocap.load_report(loaded, refused, ignored):
+        log(line)
+    if refused and not skip_refused:
+        raise ValueError(f"{len(refused)} of {len(loaded) + len(refused)} mocap files under {mocap_dir} refused (see "
+                         "above): fix or remove them, or pass --skip-refused to train on the others")
+    if not loaded:
+        raise FileNotFoundError(f"{mocap_dir}: no mocap file loaded (DeepMimic .txt, AMP .npz / .npy, BVH)")
+    return [(p.relative_to(mocap_dir).with_suffix("").as_posix() if Path(mocap_dir).is_dir() else p.stem, m)
+            for p, m in loaded]
 
 
 def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0,
@@ -343,8 +352,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Train or cross-validate the learned 2D -> 3D lifter on motion capture.")
     ap.add_argument("command", choices=["train", "cv"])
     ap.add_argument("--out", default="runs/lifter.safetensors", help="train: where to write the model")
-    ap.add_argument("--mocap-dir", default=None, help="train: a folder of DeepMimic .txt / AMP .npz / CMU .bvh "
-                    "files instead of the shipped mocap")
+    ap.add_argument("--mocap-dir", default=None, help="train: a folder of DeepMimic .txt / AMP .npz / BVH files "
+                    "(searched recursively) instead of the shipped mocap")
+    ap.add_argument("--skip-refused", action="store_true", help="train: on the files that load, listing the others")
     ap.add_argument("--folds", type=int, default=4, help="cv: motion i is held out in fold i %% folds")
     ap.add_argument("--clips", type=int, default=LifterConfig.clips)
     ap.add_argument("--steps", type=int, default=LifterConfig.steps)
@@ -354,11 +364,16 @@ if __name__ == "__main__":
     ap.add_argument("--plot", default="out/lifter_cv.png", help="cv: a picture of held-out clips' poses")
     ap.add_argument("--plot-motions", default="walk,backflip,punch", help="cv: which clips the picture shows")
     ap.add_argument("--no-progress", action="store_true")
+    import mocap
+    mocap.add_source_args(ap)  # --joint-map, --up, --unit, --allow-pickle (for --mocap-dir)
     args = ap.parse_args()
     lcfg = LifterConfig(clips=args.clips, steps=args.steps, hidden=args.hidden, window=args.window, seed=args.seed)
     t0 = time.time()
     if args.command == "train":
-        named = load_motions(args.mocap_dir)
+        try:
+            named = load_motions(args.mocap_dir, args.skip_refused, **mocap.source_kwargs(args))
+        except (OSError, ValueError) as e:
+            ap.exit(2, f"lifter.py train: {e}\n")
         net = train_lifter([m for _, m in named], lcfg, not args.no_progress)
         save_lifter(net, lcfg, args.out)
         print(f"lifter trained on {len(named)} motions in {time.time() - t0:.0f} s -> {args.out}")

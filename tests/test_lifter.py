@@ -2,6 +2,10 @@
 # and that cross-validation never trains on a held-out motion.
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +186,37 @@ def test_lifter_file_from_another_version_is_a_clear_error(trained, tmp_path):
     save_file(state, str(bad), metadata={"lifter_config": json.dumps({**dataclasses.asdict(TINY), "heads": 4})})
     with pytest.raises(ValueError, match="heads"):
         lifter.load_lifter(bad)
+
+
+def _amp_npy(path):
+    """The shipped AMP walk written back in its original format, a pickled poselib dict."""
+    with np.load(mocap.ASSET_DIR / "isaac_amp_humanoid_walk.npz", allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    d = {"rotation": {"arr": a["rotation_xyzw"]}, "root_translation": {"arr": a["root_translation"]},
+         "skeleton_tree": {"node_names": list(a["node_names"]), "parent_indices": {"arr": a["parent_indices"]},
+                           "local_translation": {"arr": a["local_translation"]}}, "is_local": True, "fps": 60.0}
+    np.save(path, np.array(d, dtype=object), allow_pickle=True)
+
+
+def test_mocap_dir_lists_and_refuses_never_skips(tmp_path):
+    (tmp_path / "cmu").mkdir()
+    shutil.copy(mocap.ASSET_DIR / "ad_jumping_jacks.bvh", tmp_path / "cmu" / "jj.bvh")
+    _amp_npy(tmp_path / "walk.npy")
+    (tmp_path / "README.txt").write_text("my mocap")
+    lines = []
+    with pytest.raises(ValueError, match="2 of 3 mocap files .* refused"):  # .npy without opt-in, a non-mocap .txt
+        lifter.load_motions(tmp_path, log=lines.append)
+    assert lines[0].startswith(f"loaded  {tmp_path / 'cmu' / 'jj.bvh'}: BVH")
+    assert any(line.startswith("refused") and "walk.npy" in line and "--allow-pickle" in line for line in lines)
+    named = lifter.load_motions(tmp_path, skip_refused=True, log=lines.append)
+    assert [k for k, _ in named] == ["cmu/jj"]
+    (tmp_path / "README.txt").unlink()
+    named = lifter.load_motions(tmp_path, allow_pickle=True, log=lines.append)
+    assert [k for k, _ in named] == ["cmu/jj", "walk"]
+    np.testing.assert_array_equal(named[1][1].rot, mocap.load_motion("isaac_amp_humanoid_walk.npz").rot)
+    # the command line says why and exits, before any training
+    r = subprocess.run([sys.executable, "lifter.py", "train", "--mocap-dir", str(tmp_path), "--out",
+                        str(tmp_path / "l.safetensors")], capture_output=True, text=True, timeout=120,
+                       cwd=Path(lifter.__file__).parent)
+    assert r.returncode == 2 and "refused" in r.stderr + r.stdout and "walk.npy" in r.stdout
+    assert not (tmp_path / "l.safetensors").exists()
