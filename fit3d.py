@@ -18,9 +18,9 @@ all refined together as one batch; every flip that lowers the loss is kept) trie
 view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Angles are
 then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d).
 Measured (python fit3d.py: 17 mocap clips x 40 frames, 2 px noise, 10% joints dropped, true focal): angle RMSE
-60.0 deg, mean bone direction error 24.1 deg (62.0 / 25.5 without the gravity prior; the original pipeline: 74.6).
+60.0 deg, mean bone direction error 24.1 deg (61.0 / 25.1 without the gravity prior; the original pipeline: 74.6).
 The floor of the angle convention is ~29 deg (1 cm of noise on the true 3D, see the singularity test). Refining
-from the true pose (init=) ends at 49.5 deg with a lower loss on 12 of 17 clips, so what remains is mostly the
+from the true pose (init=) ends at 50.3 deg with a lower loss on 13 of 17 clips, so what remains is mostly the
 search among mirror-ambiguous minima (tried without gain: more yaws, random limb mirrors, lifting the 2D bones at
 reference lengths as the start, lr/steps/smoothness/torso weights, a feet-below-pelvis prior; gravity on the thighs
 or neck, a small-hip-abduction prior, spine/neck collinearity, the true camera elevation: none lowers it by more than
