@@ -16,11 +16,9 @@ MIMIC data: 3D pose <-> 22 joint angles, the one-file-per-clip format, training 
 
 References: Human3.6M joint order; MIMIC model card + original `training/kinetics_dataset.py` (semantics only).
 
-Commands:
-  python data.py demo --out data/demo [--seed 0] [--num-clips N]   # build the embedded demo dataset (demo.py)
+Commands (the demo dataset is built by synth.py, MoveNet-332 imported by movenet.py):
   python data.py info data/demo                                    # dataset summary (or a single .safetensors clip)
   python data.py index data/demo                                   # (re)write data/demo/index.jsonl
-  python data.py import-movenet --parquet DIR --videos DIR --out DIR   # MoveNet-332 -> clips (movenet.py)
 """
 
 import argparse
@@ -751,15 +749,6 @@ def collate(items, pad_token_id=0):
 # CLI
 
 
-def build_demo_dataset(root, seed=0, num_clips=None):
-    """Build the embedded demo dataset with demo.py (imported lazily) and write its index."""
-    import demo  # noqa: PLC0415 (demo imports this file)
-    kwargs = {} if num_clips is None else {"num_clips": num_clips}
-    demo.build_demo(Path(root), seed=seed, **kwargs)
-    if not (Path(root) / INDEX_FILE).is_file():
-        write_index(root)
-
-
 def _info(path):
     path = Path(path)
     if path.is_file():
@@ -789,31 +778,15 @@ def _info(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="MIMIC clip datasets: build the demo, inspect, index")
+    ap = argparse.ArgumentParser(description="MIMIC clip datasets: inspect, index")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="build the embedded demo dataset (demo.py)")
-    d.add_argument("--out", default="data/demo", help="output dataset folder")
-    d.add_argument("--seed", type=int, default=0, help="seed of the demo build")
-    d.add_argument("--num-clips", type=int, default=None, help="number of clips (default: demo.py's)")
     i = sub.add_parser("info", help="summary of a dataset folder or of one .safetensors clip")
     i.add_argument("path")
     x = sub.add_parser("index", help="(re)write PATH/index.jsonl from the clip files' headers")
     x.add_argument("path")
-    mv = sub.add_parser("import-movenet", help="MoveNet-332 Parquet rows + local Kinetics videos -> clips "
-                                               "(movenet.py; needs pyarrow and av)")
-    mv.add_argument("--parquet", required=True, help="a .parquet file or a folder of them (searched recursively)")
-    mv.add_argument("--videos", required=True, help="folder of local Kinetics videos (searched recursively)")
-    mv.add_argument("--out", required=True, help="output dataset folder (resumable)")
-    mv.add_argument("--retry-skipped", action="store_true", help="retry rows skipped in an earlier run")
     args = ap.parse_args(argv)
-    if args.cmd == "demo":
-        build_demo_dataset(args.out, seed=args.seed, num_clips=args.num_clips)
-        _info(args.out)
-    elif args.cmd == "info":
+    if args.cmd == "info":
         _info(args.path)
-    elif args.cmd == "import-movenet":
-        import movenet  # noqa: PLC0415 (optional extra: pyarrow + av)
-        movenet.import_movenet(args.parquet, args.videos, args.out, retry_skipped=args.retry_skipped)
     else:
         print(f"indexed {len(write_index(args.path))} clips in {Path(args.path) / INDEX_FILE}")
 

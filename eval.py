@@ -494,7 +494,8 @@ def main(argv=None):
 
     if args.data == "data/demo" and not (Path(args.data) / data.INDEX_FILE).is_file():
         print(f"building the demo dataset in {args.data} (once)")  # as train.py does
-        data.build_demo_dataset(args.data)
+        import synth  # the demo builder, needed only here
+        synth.build_demo(args.data)
     model = None
     if not args.baselines_only:
         from model import VLAModel

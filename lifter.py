@@ -13,12 +13,13 @@ the "learned lifter behind the existing interface" of pipeline.md, small enough 
 Honest numbers need held-out motions: `python lifter.py cv` trains one model per fold without that fold's motions and
 scores only the clips of the held-out motions, on exactly fit3d.py's benchmark (fit3d.mocap_cases); `cv --unseen DIR`
 trains on all the shipped mocap and scores the mocap files of DIR (motions from other captures) the same way. The
-shipped mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / .bvh files) for real videos.
+shipped mocap is 17 clips; train on more (`--mocap-dir` with DeepMimic .txt / AMP .npz / BVH files of the common
+rigs, see mocap.load_bvh) for real videos.
 
 Model: per frame 17 x (x, y, visible) normalised by the person's 2D size plus where the person is in the view
 (centre / focal, size / focal, which tells a camera's perspective); 9 frames in; an MLP with residual blocks
 (Martinez et al. 2017, "A simple yet effective baseline for 3d human pose estimation"); unit bone directions out.
-Training data: demo.py's mocap loaders and random cameras, 2D noise 0-4 px and 0-20% dropped joints (random
+Training data: mocap.py's loaders and synth.py's random cameras, 2D noise 0-4 px and 0-20% dropped joints (random
 positions, score 0), mirrored copies (x -> -x, left <-> right). At inference the view and its mirror image are both
 lifted and averaged (cv: 52.0 -> 51.0 deg). Tried in `cv` without a gain beyond the +-1 deg that a different seed
 gives: a 15-frame window, 2x the clips and steps, hidden 1024, a 3-model ensemble, playing clips at 0.7-1.4x speed,
@@ -27,6 +28,7 @@ in the refine. What limits it is the 17 motions: each fold learns from 12-13 of 
 
 Commands:
   python lifter.py train --out runs/lifter.safetensors    # all shipped mocap, ~1 min on 2 CPU cores
+  python lifter.py train --mocap-dir cmu_bvh/ [--joint-map map.json --up z --unit cm --allow-pickle]
   python lifter.py cv                                      # leave-motions-out: lifter / lifter + fit / fit alone
   python lifter.py cv --unseen DIR                         # the same on DIR's mocap, never trained on
   python pipeline.py --videos DIR --out DIR --lifter runs/lifter.safetensors
@@ -126,7 +128,7 @@ class LifterNet(nn.Module):
 
 def mocap_clips(motions, n_clips, seed, frames=40, noise_px=4.0, drop=0.2, length_jitter=0.0):
     """Yields (kp2d (T, 17, 2), scores (T, 17), pose3d (T, 17, 3) camera frame, focal, width, height) for n_clips
-    random windows of the given demo.Motion objects: fit3d.view_mocap with a noise level and drop rate drawn per clip."""
+    random windows of the given mocap.Motion objects: fit3d.view_mocap with a noise level and drop rate drawn per clip."""
     rng = np.random.default_rng(seed)
     for _ in range(n_clips):
         m = motions[int(rng.integers(len(motions)))]
@@ -153,7 +155,7 @@ def training_set(clips, window):
 
 
 def train_lifter(motions, cfg=None, progress=True):
-    """Train a LifterNet on random camera views of `motions` (demo.Motion objects) -> the model in eval mode."""
+    """Train a LifterNet on random camera views of `motions` (mocap.Motion objects) -> the model in eval mode."""
     cfg = cfg or LifterConfig()
     X, Y = training_set(mocap_clips(motions, cfg.clips, cfg.seed, cfg.frames, cfg.noise_px, cfg.drop,
                                     cfg.length_jitter), cfg.window)
@@ -251,9 +253,9 @@ class LearnedLifter:
     def initial_pose(self, kp2d, scores, width, height):
         f = self.focal or fit3d.FitConfig.focal_scale * max(width, height)
         d = self.directions(kp2d, scores, width, height)
-        lengths = torch.tensor(fit3d._REF_LENGTHS, dtype=torch.float64)[fit3d._LENGTH_OF_BONE]
+        lengths = torch.tensor(fit3d.REF_LENGTHS, dtype=torch.float64)[fit3d.LENGTH_OF_BONE]
         root = torch.from_numpy(fit3d.root_guess(kp2d, scores, width, height, f))
-        return fit3d._bone_chain(torch.from_numpy(d), lengths, root).numpy()
+        return fit3d.bone_chain(torch.from_numpy(d), lengths, root).numpy()
 
     def __call__(self, kp2d, scores, width, height):
         return self.lift(kp2d, scores, width, height)[0]
@@ -273,53 +275,23 @@ class LearnedLifter:
 # leave-motions-out evaluation on fit3d's benchmark
 
 
-# BVH rigs other than CMU's, read by demo.load_bvh with another site table until a general rig loader lands:
-# the Human3.6M joints by bone name (Mixamo-style and MocapBank-style names); the head top is put 0.16 m past the
-# head joint along the neck, toes and face (rendering only) on the ankles and head
-_BVH_RIGS = {"LeftUpLeg": ["Hips", "RightUpLeg", "RightLeg", "RightFoot", "LeftUpLeg", "LeftLeg", "LeftFoot", "Spine1",
-                           "Neck", "Head", "Head", "LeftArm", "LeftForeArm", "LeftHand", "RightArm", "RightForeArm",
-                           "RightHand"],
-             "LeftCollar": ["Hips", "RightHip", "RightKnee", "RightAnkle", "LeftHip", "LeftKnee", "LeftAnkle", "Chest2",
-                            "Neck", "Head", "Head", "LeftShoulder", "LeftElbow", "LeftWrist", "RightShoulder",
-                            "RightElbow", "RightWrist"]}
-
-
-def load_mocap(path):
-    """One mocap file -> demo.Motion: DeepMimic .txt, AMP .npz, BVH (CMU skeleton, or the rigs of _BVH_RIGS with
-    their units told by the thigh's length). The one place this file reads mocap, so a new loader goes here."""
-    import demo
-    path = Path(path)
-    loaders = {".txt": demo.load_deepmimic, ".npz": demo.load_amp, ".bvh": demo.load_bvh}
-    if path.suffix not in loaders:
-        raise ValueError(f"{path}: not a mocap file this loader reads (.txt DeepMimic, .npz AMP, .bvh)")
-    if path.suffix == ".bvh":
-        import re
-        names = re.findall(r"(?:ROOT|JOINT)\s+(\S+)", path.read_text().split("MOTION")[0])
-        pre = names[0][:-len("Hips")] if names and names[0].endswith("Hips") else ""  # e.g. "mixamorig:"
-        rig = next((r for k, r in _BVH_RIGS.items() if pre + k in names), None)
-        if rig is not None:
-            j = {n: i for i, n in enumerate(names)}
-            bare = demo.load_bvh(path, 1.0, [(pre + "Hips", 0, 0, 0)] * demo.NUM_SITES)  # file units
-            thigh = np.linalg.norm(bare.offsets[j[pre + rig[5]]])
-            scale = min((1.0, demo.CMU_SCALE, 0.0254, 0.01, 0.001), key=lambda u: abs(math.log(thigh * u / 0.43)))
-            neck = bare.offsets[j[pre + "Head"]]
-            sites = [(pre + n, 0.0, 0.0, 0.0) for n in rig]
-            sites[10] = (pre + "Head", *(neck / np.linalg.norm(neck) * 0.16 / scale))
-            return demo.load_bvh(path, scale, sites + [sites[3], sites[6], sites[9]])
-    return loaders[path.suffix](path)
-
-
-def load_motions(mocap_dir=None):
-    """-> [(key, demo.Motion)]: demo.MOTIONS (the shipped mocap), or every .txt/.npz/.bvh file of mocap_dir."""
-    import demo
+def load_motions(mocap_dir=None, skip_refused=False, log=print, **kwargs):
+    """-> [(key, mocap.Motion)]: mocap.MOTIONS (the shipped mocap), or every mocap file under mocap_dir (DeepMimic
+    .txt, AMP .npz / .npy, BVH of the common rigs; kwargs: mocap.load_dir's joint_map, up, unit, allow_pickle). Each
+    file loaded, refused (with why) or ignored is logged; a refused file is an error unless skip_refused."""
+    import mocap
     if mocap_dir is None:
-        return [(key, demo.load_motion(file)) for key, file, _, _ in demo.MOTIONS]
-    if not Path(mocap_dir).is_dir():
-        raise FileNotFoundError(f"{mocap_dir}: not a folder")
-    files = sorted(p for p in Path(mocap_dir).iterdir() if p.suffix in (".txt", ".npz", ".bvh"))
-    if not files:
-        raise FileNotFoundError(f"{mocap_dir}: no .txt (DeepMimic), .npz (AMP) or .bvh mocap files")
-    return [(p.stem, load_mocap(p)) for p in files]
+        return [(key, mocap.load_motion(file)) for key, file, _, _ in mocap.MOTIONS]
+    loaded, refused, ignored = mocap.load_dir(mocap_dir, **kwargs)
+    for line in mocap.load_report(loaded, refused, ignored):
+        log(line)
+    if refused and not skip_refused:
+        raise ValueError(f"{len(refused)} of {len(loaded) + len(refused)} mocap files under {mocap_dir} refused (see "
+                         "above): fix or remove them, or pass --skip-refused to train on the others")
+    if not loaded:
+        raise FileNotFoundError(f"{mocap_dir}: no mocap file loaded (DeepMimic .txt, AMP .npz / .npy, BVH)")
+    return [(p.relative_to(mocap_dir).with_suffix("").as_posix() if Path(mocap_dir).is_dir() else p.stem, m)
+            for p, m in loaded]
 
 
 def _score(lift, fit_cfg, case, pairs, rows):
@@ -348,12 +320,12 @@ def _report(pairs, rows, return_poses):
 def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, seed=0, frames=40, noise_px=2.0,
                    drop=0.1, progress=True, return_poses=False):
     """fit3d's benchmark (mocap_cases) scored three ways, each clip by a lifter trained WITHOUT its motion (motion i of
-    demo.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
+    mocap.MOTIONS is in fold i % folds): the lifter alone, the lifter refined by the fit, and the fit alone.
     -> ({method: fit3d.pose_errors dict}, per-clip rows (see _score)), and with return_poses also the poses
     [(motion, {method: pose}, truth)]."""
-    import demo
+    import mocap
     cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
-    keys = [m[0] for m in demo.MOTIONS]
+    keys = [m[0] for m in mocap.MOTIONS]
     cases = list(fit3d.mocap_cases(n_clips, seed, frames, noise_px, drop))
     motions = load_motions()
     pairs, rows = {"lifter": [], "lifter+fit": [], "fit": []}, []
@@ -369,12 +341,12 @@ def cross_validate(folds=4, cfg=None, fit_cfg=None, refine=REFINE, n_clips=17, s
 
 
 def unseen_validate(unseen_dir, cfg=None, fit_cfg=None, refine=REFINE, clips_per_motion=6, seed=0, frames=40,
-                    noise_px=2.0, drop=0.1, progress=True, return_poses=False):
+                    noise_px=2.0, drop=0.1, progress=True, return_poses=False, skip_refused=False, **load_kwargs):
     """Motions the lifter never saw: one lifter trained on ALL the shipped mocap, each mocap file of unseen_dir
-    (load_mocap) seen in clips_per_motion random windows through fit3d.view_mocap's cameras, noise and dropped
+    (load_motions; load_kwargs: joint_map, up, unit, allow_pickle) seen in clips_per_motion random windows through fit3d.view_mocap's cameras, noise and dropped
     joints (the benchmark's protocol), scored three ways. -> as cross_validate."""
     cfg, fit_cfg = cfg or LifterConfig(), fit_cfg or fit3d.FitConfig()
-    unseen = load_motions(unseen_dir)
+    unseen = load_motions(unseen_dir, skip_refused, **load_kwargs)
     lift = LearnedLifter(train_lifter([m for _, m in load_motions()], cfg, progress), cfg, refine=refine)
     rng = np.random.default_rng(seed)
     pairs, rows = {"lifter": [], "lifter+fit": [], "fit": []}, []
@@ -439,8 +411,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Train or cross-validate the learned 2D -> 3D lifter on motion capture.")
     ap.add_argument("command", choices=["train", "cv"])
     ap.add_argument("--out", default="runs/lifter.safetensors", help="train: where to write the model")
-    ap.add_argument("--mocap-dir", default=None, help="train: a folder of DeepMimic .txt / AMP .npz / CMU .bvh "
-                    "files instead of the shipped mocap")
+    ap.add_argument("--mocap-dir", default=None, help="train: a folder of DeepMimic .txt / AMP .npz / BVH files "
+                    "(searched recursively) instead of the shipped mocap")
+    ap.add_argument("--skip-refused", action="store_true", help="train: on the files that load, listing the others")
     ap.add_argument("--folds", type=int, default=4, help="cv: motion i is held out in fold i %% folds")
     ap.add_argument("--clips", type=int, default=LifterConfig.clips)
     ap.add_argument("--steps", type=int, default=LifterConfig.steps)
@@ -453,22 +426,27 @@ if __name__ == "__main__":
                     "on: train on all the shipped mocap and score these instead of leaving motions out")
     ap.add_argument("--unseen-clips", type=int, default=6, help="cv --unseen: random windows per file")
     ap.add_argument("--no-progress", action="store_true")
+    import mocap
+    mocap.add_source_args(ap)  # --joint-map, --up, --unit, --allow-pickle (for --mocap-dir)
     args = ap.parse_args()
     lcfg = LifterConfig(clips=args.clips, steps=args.steps, hidden=args.hidden, window=args.window, seed=args.seed)
     t0 = time.time()
     if args.command == "train":
-        named = load_motions(args.mocap_dir)
+        try:
+            named = load_motions(args.mocap_dir, args.skip_refused, **mocap.source_kwargs(args))
+        except (OSError, ValueError) as e:
+            ap.exit(2, f"lifter.py train: {e}\n")
         net = train_lifter([m for _, m in named], lcfg, not args.no_progress)
         save_lifter(net, lcfg, args.out)
         print(f"lifter trained on {len(named)} motions in {time.time() - t0:.0f} s -> {args.out}")
     else:
-        import pipeline  # the FIT_COLLAPSE limit
         if args.unseen:
             res, rows, cases = unseen_validate(args.unseen, lcfg, clips_per_motion=args.unseen_clips,
-                                               progress=not args.no_progress, return_poses=True)
+                                               progress=not args.no_progress, return_poses=True,
+                                               skip_refused=args.skip_refused, **mocap.source_kwargs(args))
         else:
             res, rows, cases = cross_validate(args.folds, lcfg, progress=not args.no_progress, return_poses=True)
-        print_results(res, rows, pipeline.PipelineConfig.max_fit_residual)
+        print_results(res, rows, fit3d.COLLAPSE_RESIDUAL)
         show = [c for c in cases if c[0] in args.plot_motions.split(",")] or cases[:3]
         print("poses:", plot_poses(args.plot, show))
         print(f"{time.time() - t0:.0f} s")

@@ -22,8 +22,8 @@ Stages, per video (reference: ../shared/reference/pipeline.md sections 1-2 for t
      the video id; --resume; an attrition summary.
 `strict` = checks AND judge, `vlm_good` = judge only (the original's two datasets); --keep picks what is written.
 
-Perception is pluggable: Detector / PoseEstimator below define the call signatures; video.py's GroundTruth* stand-ins
-read `<video>.gt.npz` sidecars (written by `--render-demo`: video.render_demo_videos on demo.py's mocap renders) so
+Perception is pluggable: Detector / PoseEstimator below define the call signatures; synth.py's GroundTruth* stand-ins
+read `<video>.gt.npz` sidecars (written by `--render-demo`: synth.render_demo_videos, rendered motion capture) so
 the whole pipeline runs on CPU.
 
 Outputs: OUT/clips/.. (data.py clip files), OUT/index.jsonl, OUT/status/shard-K-of-N.jsonl (one record per video:
@@ -57,7 +57,8 @@ from PIL import Image
 import data
 import fit3d  # stage 6's default lifter, and the residual that tells a collapsed fit (FIT_COLLAPSE)
 import track  # stages 3-4 and 7: target person, sticky IoU tracker, deterministic checks
-import video  # stages 1-2: decode, hard cuts, segments; writing and the rendered demo videos
+import synth  # the rendered demo videos and their ground truth, the stand-in perception
+import video  # stages 1-2: decode, hard cuts, segments
 # stage 8 and the oracle picker's prompt + parsing live in vlm.py; names, not `import vlm`, because `vlm` is the
 # client argument of process_segment / process_video / run
 from vlm import PICK_PROMPT, LocalQwen3VL, VLMClient, caption_clip, draw_numbered_boxes, judge_clip, parse_pick
@@ -92,7 +93,7 @@ class PipelineConfig:
     min_peak_speed: float = 0.3    # body heights / s of the fastest root-relative joint (ours; upstream 3.0 "m/s")
     min_box_area: float = 0.08     # median box area as a fraction of the frame
     low_conf: float = 0.3          # per-joint / per-frame confidence threshold
-    max_fit_residual: float = 0.05  # FIT_COLLAPSE: fit3d.objective's residual; calibrated with fit3d.py (README)
+    max_fit_residual: float = fit3d.COLLAPSE_RESIDUAL  # FIT_COLLAPSE: fit3d.objective's residual (README)
     # keypoints scoring <= this are masked (score 0), with the joints coco_to_h36m builds from them. ViTPose's score
     # is its heatmap's peak: <= 0 = no evidence, the location arbitrary; 0.05 = where the fit already ignores one
     kp_floor: float = 0.05
@@ -106,7 +107,7 @@ def config_hash(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3-5. Perception interfaces (the stand-ins reading rendered videos' ground truth are in video.py), keypoints
+# 3-5. Perception interfaces (the stand-ins reading rendered videos' ground truth are in synth.py), keypoints
 
 
 class Detector:
@@ -514,8 +515,8 @@ def run(jobs, out, cfg, detector, pose_estimator, lifter, vlm=None, shard=(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CLI; --render-demo writes video.render_demo_videos' videos with ground-truth sidecars (the stand-ins'
-# input: video.GroundTruthDetector / GroundTruthPose)
+# The CLI; --render-demo writes synth.render_demo_videos' videos with ground-truth sidecars (the stand-ins'
+# input: synth.GroundTruthDetector / GroundTruthPose)
 
 
 def resolve_devices(device="auto", vlm_device=""):
@@ -561,7 +562,7 @@ def main(argv=None):
     ap.add_argument("--num-videos", type=int, default=4)
     args = ap.parse_args(argv)
     if args.render_demo:
-        for p in video.render_demo_videos(args.render_demo, args.num_videos):
+        for p in synth.render_demo_videos(args.render_demo, args.num_videos):
             print(p)
         return 0
     if not args.out or not (args.videos or args.manifest):
@@ -572,7 +573,7 @@ def main(argv=None):
         shard = parse_shard(args.shard)
     except (OSError, ValueError) as e:
         ap.error(str(e))
-    sidecars = video.SidecarCache(jobs)
+    sidecars = synth.SidecarCache(jobs)
     device, vlm_device = resolve_devices(args.device, args.vlm_device)
     vlm = None
     if args.vlm_local:
@@ -590,7 +591,7 @@ def main(argv=None):
             ap.error(f"--lifter: {e}")
     else:
         lifter = fit3d.FitLifter(fit3d.FitConfig(steps=args.fit_steps, flip_steps=args.fit_flip_steps))
-    detector, pose = video.GroundTruthDetector(sidecars), video.GroundTruthPose(sidecars)
+    detector, pose = synth.GroundTruthDetector(sidecars), synth.GroundTruthPose(sidecars)
     if not (args.detector or args.pose):  # say up front why real videos would all end as NO_DETECTIONS
         bare = sum(not Path(str(j["video"]) + ".gt.npz").is_file() for j in jobs)
         if bare:

@@ -117,7 +117,8 @@ def default_clip(root="data/demo"):
     root = Path(root)
     if not (root / data.INDEX_FILE).is_file() and str(root) == "data/demo":
         print(f"building the demo dataset in {root} (once)")
-        data.build_demo_dataset(root)
+        import synth  # the demo builder, needed only here
+        synth.build_demo(root)
     clips = [e for e in data.list_clips(root, "val") if e["num_frames"] >= CONTEXT + HORIZON]
     if not clips:
         raise SystemExit(f"no validation clip with >= {CONTEXT + HORIZON} frames in {root}")

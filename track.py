@@ -159,7 +159,7 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
       SMALL_BBOX      median box area < 8% of the frame
       FIT_COLLAPSE    (with fit_residual) the 3D pose cannot match the 2D: residual > 0.05, i.e. a typical frame's
                       joints off by > 5% of the person's 2D size after the fit (ours, calibrated on the fit's
-                      mocap benchmark: pipeline.PipelineConfig.max_fit_residual)"""
+                      mocap benchmark: fit3d.COLLAPSE_RESIDUAL)"""
     T = len(boxes)
     b = np.asarray(boxes, np.float64)
     area = np.maximum(box_area(b), 1e-9)

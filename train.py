@@ -343,7 +343,8 @@ def main(argv=None):
     if not (root / data.INDEX_FILE).is_file() and args.data == "data/demo":
         if master:
             print0(f"building the demo dataset in {root} (once)")
-            data.build_demo_dataset(root)
+            import synth  # the demo builder, needed only here
+            synth.build_demo(root)
         if ddp:
             dist.barrier()
 

@@ -1,6 +1,6 @@
 """
 Video in and out for the data pipeline (pipeline.py stages 1-2): streaming decode to 10 Hz samples, hard cuts and
-cut-free segments, encoding, and the rendered demo videos that the stand-in perception runs on.
+cut-free segments, and encoding.
 
 Decoding (decode_video): each file is decoded once, front to back, with PyAV (the `pipeline` extra, `pip install av`).
 PyAV gives every frame its presentation timestamp while streaming, with no per-frame seeking; PIL cannot decode
@@ -18,10 +18,8 @@ Hard cuts (detect_cuts, split_segments): the original's rule (pipeline.md 1.2): 
 256-bin L2-normalised luminance histograms of consecutive samples < 0.4 starts a new shot; the cut-free segments
 shorter than 20 samples are dropped with a reason.
 
-Writing (write_video, render_demo_videos): H.264 through PyAV, with optional variable frame rate and display
-rotation (the tests build their inputs with it); demo.py's mocap renders as mp4 files plus `<video>.gt.npz` ground
-truth sidecars and a manifest; load_ground_truth reads them back, and GroundTruthDetector / GroundTruthPose serve them
-as stand-in perception, so the whole pipeline runs without models.
+Writing (write_video): H.264 through PyAV, with optional variable frame rate and display rotation (the tests build
+their inputs with it, synth.py its rendered demo videos).
 
 Commands (through pipeline.py, which owns the CLI):
   python pipeline.py --render-demo /tmp/vids --num-videos 4       # rendered demo videos + sidecars + manifest
@@ -29,16 +27,10 @@ Commands (through pipeline.py, which owns the CLI):
   python bench/pipeline.py                                         # decode / cut throughput among the stages
 """
 
-import io
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-import track
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ def split_segments(T, cuts, min_len=20):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Writing: encoding, rendered demo videos with ground-truth sidecars
+# 3. Writing
 
 
 def write_video(path, frames, fps=30.0, codec="libx264", times=None, rotation=0):
@@ -247,123 +239,3 @@ def write_video(path, frames, fps=30.0, codec="libx264", times=None, rotation=0)
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-
-
-# Two demo renders share the sky/ground palette: spliced as they are, the cut's correlation was 0.394, a hair under
-# the 0.4 threshold. At 60% brightness the cut measures -0.14 after encoding (> 0.99 inside either shot).
-DIM_SECOND_SHOT = 0.6
-
-
-def render_demo_videos(out_dir, num_videos=4, seed=0, repeat=3):
-    """demo.py mocap renders as mp4 videos (each 10 Hz frame shown `repeat` times at 10 * repeat fps) plus
-    `<video>.gt.npz` sidecars: boxes (F, 2, 4) of the target and of a static distractor figure, kp2d (F, 17, 2)
-    projected Human3.6M joints; a manifest.jsonl with the clips' action classes and instructions. Video 1 is two
-    clips spliced (a hard cut), the second shot dimmed to DIM_SECOND_SHOT of its brightness. Returns the video paths."""
-    import demo
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths, rows = [], []
-    for v in range(num_videos):
-        parts = [demo.make_clip(2 * v, seed)] + ([demo.make_clip(2 * v + 1, seed)] if v == 1 else [])
-        frames, boxes, kps = [], [], []
-        for shot, clip in enumerate(parts):
-            cam = json.loads(clip.extra["camera"])
-            p = clip.pose3d.astype(np.float64)
-            kp = cam["focal_px"] * p[..., :2] / p[..., 2:3] + np.array([clip.width / 2, clip.height / 2])
-            # a static grey figure in a corner as a second, smaller person for the picker
-            w, h = clip.width, clip.height
-            dx = 0.04 * w if rng.random() < 0.5 else 0.86 * w
-            dbox = np.array([dx, 0.55 * h, dx + 0.1 * w, 0.55 * h + 0.3 * h])
-            for t, jpg in enumerate(clip.frames_jpeg):
-                im = Image.open(io.BytesIO(jpg)).convert("RGB")
-                d = ImageDraw.Draw(im)
-                d.ellipse([dbox[0] + 0.3 * (dbox[2] - dbox[0]), dbox[1], dbox[2] - 0.3 * (dbox[2] - dbox[0]),
-                           dbox[1] + 0.25 * (dbox[3] - dbox[1])], fill=(120, 120, 120))
-                d.rectangle([dbox[0], dbox[1] + 0.25 * (dbox[3] - dbox[1]), dbox[2], dbox[3]], fill=(110, 110, 110))
-                arr = np.asarray(im)
-                if shot:  # another light: the cut's histogram correlation lands far below the 0.4 threshold
-                    arr = (arr * DIM_SECOND_SHOT).astype(np.uint8)
-                frames += [arr] * repeat
-                boxes += [np.stack([clip.boxes[t], dbox])] * repeat
-                kps += [kp[t]] * repeat
-        name = f"{parts[0].action_class}/{parts[0].clip_id}.mp4"  # Kinetics layout: <class>/<id>.mp4
-        (out / name).parent.mkdir(exist_ok=True)
-        write_video(out / name, frames, fps=10.0 * repeat)
-        sidecar = out / f"{name}.gt.npz"
-        with open(sidecar.with_suffix(".tmp"), "wb") as fh:
-            np.savez(fh, boxes=np.asarray(boxes, np.float32), kp2d=np.asarray(kps, np.float32))
-        os.replace(sidecar.with_suffix(".tmp"), sidecar)
-        paths.append(out / name)
-        rows.append({"video": name, "action_class": parts[0].action_class, "description": parts[0].description})
-    tmp = out / "manifest.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / "manifest.jsonl")
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The rendered videos' ground truth, read back as stand-in perception (pipeline.py without --detector / --pose)
-
-
-def load_ground_truth(video_path):
-    """The `<video>.gt.npz` sidecar of a rendered video: boxes (F, P, 4) per source frame and person (NaN: absent),
-    kp2d (F, 17, 2) Human3.6M pixels of person 0, or None when there is none."""
-    p = Path(str(video_path) + ".gt.npz")
-    if not p.is_file():
-        return None
-    with np.load(p, allow_pickle=False) as z:
-        return {"boxes": z["boxes"].astype(np.float64), "kp2d": z["kp2d"].astype(np.float64)}
-
-
-class GroundTruthDetector:
-    """Stand-in detector (pipeline.Detector's call): the sidecar boxes of each source frame (score 0.9), nothing for videos without one."""
-
-    def __init__(self, sidecars):
-        self.sidecars = sidecars  # video_id -> load_ground_truth(...) dict or None
-
-    def __call__(self, images, keys):
-        out = []
-        for vid, i in keys:
-            gt = self.sidecars.get(vid)
-            if gt is None or i >= len(gt["boxes"]):
-                out.append(np.zeros((0, 5)))
-                continue
-            b = gt["boxes"][i]
-            b = b[np.isfinite(b).all(1)]
-            out.append(np.concatenate([b, np.full((len(b), 1), 0.9)], 1))
-        return out
-
-
-class GroundTruthPose:
-    """Stand-in 2D pose (pipeline.PoseEstimator's call): the sidecar's projected Human3.6M joints (score 0.95) when the box overlaps person 0."""
-
-    keypoint_format = "h36m"
-
-    def __init__(self, sidecars):
-        self.sidecars = sidecars
-
-    def __call__(self, images, boxes, keys):
-        kp, sc = np.zeros((len(keys), 17, 2)), np.zeros((len(keys), 17))
-        for n, (vid, i) in enumerate(keys):
-            gt = self.sidecars.get(vid)
-            if gt is None or i >= len(gt["kp2d"]):
-                continue
-            if track.box_iou(boxes[n:n + 1], gt["boxes"][i, :1])[0, 0] > 0.3:  # the box is on person 0
-                kp[n], sc[n] = gt["kp2d"][i], 0.95
-        return kp, sc
-
-
-class SidecarCache(dict):
-    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as pipeline.list_videos."""
-
-    def __init__(self, jobs):
-        super().__init__()
-        self.paths = {j["video_id"]: j["video"] for j in jobs}
-
-    def get(self, vid, default=None):
-        if vid not in self:
-            if len(self) > 8:
-                self.clear()
-            self[vid] = load_ground_truth(self.paths[vid]) if vid in self.paths else None
-        return dict.get(self, vid, default)

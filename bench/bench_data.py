@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import synth  # noqa: E402
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         demo_dir, small_dir = Path(tmp) / "demo", Path(tmp) / "small"
-        data.build_demo_dataset(demo_dir, num_clips=args.num_clips)
+        synth.build_demo(demo_dir, num_clips=args.num_clips)
         entries = data.list_clips(demo_dir)
         # bytes per clip-second: the same clips with frames re-encoded at size x size, quality q (10 Hz samples)
         total_bytes = total_sec = 0.0

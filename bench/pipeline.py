@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fit3d  # noqa: E402
 import pipeline  # noqa: E402
+import synth  # noqa: E402
 import track  # noqa: E402
 import video  # noqa: E402
 
@@ -52,7 +53,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        paths = video.render_demo_videos(tmp / "vids", args.videos)
+        paths = synth.render_demo_videos(tmp / "vids", args.videos)
         print(f"rendered {len(paths)} demo videos in {time.perf_counter() - t0:.1f} s (not counted)")
         real = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "videos").glob("*.mp4"))
         for p in real:  # decode + cuts only: no boxes for these
@@ -66,8 +67,8 @@ def main():
             samples["cuts"] += len(dec.frames)
         for n, p in enumerate(paths):
             vid = f"v{n}"
-            side = {vid: video.load_ground_truth(p)}
-            det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
+            side = {vid: synth.load_ground_truth(p)}
+            det, pose = synth.GroundTruthDetector(side), synth.GroundTruthPose(side)
             t = time.perf_counter()
             dec = video.decode_video(p, cfg.fps, cfg.max_short_side)
             times["decode"] += time.perf_counter() - t

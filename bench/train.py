@@ -147,7 +147,8 @@ def main(argv=None):
         if not (root / data.INDEX_FILE).is_file():
             root = Path(tmp) / "demo"
             print(f"{args.data} has no dataset: building a {args.demo_clips}-clip demo in {root}")
-            data.build_demo_dataset(root, num_clips=args.demo_clips)
+            import synth  # the demo builder, needed only here
+            synth.build_demo(root, num_clips=args.demo_clips)
         n_windows = len(data.WindowDataset(root, split="train", stride=16, flip=True))
         print(f"data: {root} ({n_windows} train windows with flips)")
 

@@ -2,6 +2,10 @@
 # and that cross-validation never trains on a held-out motion.
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import demo
 import fit3d
 import lifter
+import mocap
 
 TINY = lifter.LifterConfig(hidden=64, blocks=1, clips=6, frames=12, steps=80, batch=64, lr=3e-3)
 
@@ -40,7 +44,7 @@ def test_window_repeats_edges():
 
 
 def test_training_set_mirrors_left_and_right():
-    m = demo.load_motion(demo.MOTIONS[0][1])
+    m = mocap.load_motion(mocap.MOTIONS[0][1])
     clips = list(lifter.mocap_clips([m], 1, seed=0, frames=10))
     X, Y = lifter.training_set(clips, 9)
     assert X.shape == (20, 9 * lifter.FEATURES) and Y.shape == (20, 16, 3)
@@ -56,7 +60,7 @@ def _direction_error(net, X, Y):
 
 
 def test_training_learns_the_directions():
-    motions = [demo.load_motion(demo.MOTIONS[i][1]) for i in (0, 2)]
+    motions = [mocap.load_motion(mocap.MOTIONS[i][1]) for i in (0, 2)]
     X, Y = lifter.training_set(lifter.mocap_clips(motions, TINY.clips, TINY.seed, TINY.frames), TINY.window)
     torch.manual_seed(TINY.seed)
     before = _direction_error(lifter.LifterNet(TINY).eval(), X, Y)
@@ -66,7 +70,7 @@ def test_training_learns_the_directions():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    motions = [demo.load_motion(demo.MOTIONS[i][1]) for i in (0, 2)]
+    motions = [mocap.load_motion(mocap.MOTIONS[i][1]) for i in (0, 2)]
     net = lifter.train_lifter(motions, TINY, progress=False)
     path = tmp_path_factory.mktemp("lifter") / "lifter.safetensors"
     lifter.save_lifter(net, TINY, path)
@@ -134,23 +138,23 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
     png = lifter.plot_poses(tmp_path / "cv.png", cases[:2], frames=(0, 5), size=60)
     with Image.open(png) as im:
         assert im.size == (110 + 60 * 2 * 2, 34 + 60 * 2)
-    keys = [m[0] for m in demo.MOTIONS]
+    keys = [m[0] for m in mocap.MOTIONS]
     tested = [c[0] for c in fit3d.mocap_cases(4, 0, 6)]
     folds = sorted({keys.index(k) % 3 for k in tested})
     assert len(trained_on) == len(folds)
     for fold, used in zip(folds, trained_on):
         for k in tested:
             if keys.index(k) % 3 == fold:
-                assert id(demo.load_motion(demo.MOTIONS[keys.index(k)][1])) not in used
+                assert id(mocap.load_motion(mocap.MOTIONS[keys.index(k)][1])) not in used
         assert len(used) == sum(1 for i in range(len(keys)) if i % 3 != fold)
 
 
 def test_pipeline_uses_a_learned_lifter(trained, tmp_path):
     pytest.importorskip("av")
     import pipeline
-    import video
+    import synth
     _, path = trained
-    video.render_demo_videos(tmp_path / "vids", num_videos=1)
+    synth.render_demo_videos(tmp_path / "vids", num_videos=1)
     out = tmp_path / "out"
     assert pipeline.main(["--videos", str(tmp_path / "vids"), "--out", str(out), "--lifter", str(path),
                           "--fit-steps", "20", "--no-progress"]) == 0
@@ -210,49 +214,41 @@ def test_refine_never_ends_above_the_lifters_own_pose(trained):
     assert float(total_last[0]) > float(start[0])
 
 
-def _bvh(path, rig):
-    """A BVH file of rig [(name, (parent, offset) or None for the root)], 2 frames at rest (all channels 0)."""
-    out = []
-
-    def emit(parent, ind):
-        for name, link in rig:
-            if link is not None and link[0] == parent:
-                out.extend([ind + f"JOINT {name}", ind + "{", ind + "  OFFSET %g %g %g" % link[1],
-                            ind + "  CHANNELS 3 Zrotation Xrotation Yrotation"])
-                emit(name, ind + "  ")
-                out.append(ind + "}")
-    emit(rig[0][0], "  ")
-    n_ch = 6 + 3 * (len(rig) - 1)
-    path.write_text("\n".join(["HIERARCHY", f"ROOT {rig[0][0]}", "{", "  OFFSET 0 0 0", "  CHANNELS 6 Xposition "
-                               "Yposition Zposition Zrotation Xrotation Yrotation", *out, "}", "MOTION", "Frames: 2",
-                               "Frame Time: 0.033333", *[" ".join(["0"] * n_ch)] * 2]) + "\n")
+def _amp_npy(path):
+    """The shipped AMP walk written back in its original format, a pickled poselib dict."""
+    with np.load(mocap.ASSET_DIR / "isaac_amp_humanoid_walk.npz", allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    d = {"rotation": {"arr": a["rotation_xyzw"]}, "root_translation": {"arr": a["root_translation"]},
+         "skeleton_tree": {"node_names": list(a["node_names"]), "parent_indices": {"arr": a["parent_indices"]},
+                           "local_translation": {"arr": a["local_translation"]}}, "is_local": True, "fps": 60.0}
+    np.save(path, np.array(d, dtype=object), allow_pickle=True)
 
 
-def test_load_mocap_reads_a_mixamo_style_rig_in_centimetres(tmp_path):
-    # Hips -> legs (UpLeg, Leg, Foot), Spine -> Spine1 -> Spine2 -> Neck -> Head, arms (Arm, ForeArm, Hand), with a
-    # "mixamorig:" prefix and in centimetres: the Human3.6M joints land where the rig puts them, in metres
-    rig = [("Hips", None), ("LeftUpLeg", ("Hips", (10, 0, 0))), ("LeftLeg", ("LeftUpLeg", (0, -43, 0))),
-           ("LeftFoot", ("LeftLeg", (0, -42, 0))), ("RightUpLeg", ("Hips", (-10, 0, 0))),
-           ("RightLeg", ("RightUpLeg", (0, -43, 0))), ("RightFoot", ("RightLeg", (0, -42, 0))),
-           ("Spine", ("Hips", (0, 10, 0))), ("Spine1", ("Spine", (0, 12, 0))), ("Spine2", ("Spine1", (0, 12, 0))),
-           ("Neck", ("Spine2", (0, 15, 0))), ("Head", ("Neck", (0, 10, 0))),
-           ("LeftArm", ("Spine2", (17, 10, 0))), ("LeftForeArm", ("LeftArm", (28, 0, 0))),
-           ("LeftHand", ("LeftForeArm", (25, 0, 0))), ("RightArm", ("Spine2", (-17, 10, 0))),
-           ("RightForeArm", ("RightArm", (-28, 0, 0))), ("RightHand", ("RightForeArm", (-25, 0, 0)))]
-    _bvh(tmp_path / "m.bvh", [("mixamorig:" + n, link and ("mixamorig:" + link[0], link[1])) for n, link in rig])
-    m = lifter.load_mocap(tmp_path / "m.bvh")
-    pts = demo.sample_motion(m, np.zeros(1))[0][0, :17]
-    rel = pts - pts[0]
-    np.testing.assert_allclose(rel[[4, 5, 6]], [[0.1, 0, 0], [0.1, -0.43, 0], [0.1, -0.85, 0]], atol=1e-9)  # left leg
-    np.testing.assert_allclose(rel[[7, 8, 9, 10]], [[0, 0.22, 0], [0, 0.49, 0], [0, 0.59, 0], [0, 0.75, 0]], atol=1e-9)
-    np.testing.assert_allclose(rel[[11, 12, 13]], [[0.17, 0.44, 0], [0.45, 0.44, 0], [0.70, 0.44, 0]], atol=1e-9)
-    np.testing.assert_allclose(rel[[14, 1]], [[-0.17, 0.44, 0], [-0.1, 0, 0]], atol=1e-9)
-    with pytest.raises(ValueError, match="not a mocap file"):
-        lifter.load_mocap(tmp_path / "m.fbx")
+def test_mocap_dir_lists_and_refuses_never_skips(tmp_path):
+    (tmp_path / "cmu").mkdir()
+    shutil.copy(mocap.ASSET_DIR / "ad_jumping_jacks.bvh", tmp_path / "cmu" / "jj.bvh")
+    _amp_npy(tmp_path / "walk.npy")
+    (tmp_path / "README.txt").write_text("my mocap")
+    lines = []
+    with pytest.raises(ValueError, match="2 of 3 mocap files .* refused"):  # .npy without opt-in, a non-mocap .txt
+        lifter.load_motions(tmp_path, log=lines.append)
+    assert lines[0].startswith(f"loaded  {tmp_path / 'cmu' / 'jj.bvh'}: BVH")
+    assert any(line.startswith("refused") and "walk.npy" in line and "--allow-pickle" in line for line in lines)
+    named = lifter.load_motions(tmp_path, skip_refused=True, log=lines.append)
+    assert [k for k, _ in named] == ["cmu/jj"]
+    (tmp_path / "README.txt").unlink()
+    named = lifter.load_motions(tmp_path, allow_pickle=True, log=lines.append)
+    assert [k for k, _ in named] == ["cmu/jj", "walk"]
+    np.testing.assert_array_equal(named[1][1].rot, mocap.load_motion("isaac_amp_humanoid_walk.npz").rot)
+    # the command line says why and exits, before any training
+    r = subprocess.run([sys.executable, "lifter.py", "train", "--mocap-dir", str(tmp_path), "--out",
+                        str(tmp_path / "l.safetensors")], capture_output=True, text=True, timeout=120,
+                       cwd=Path(lifter.__file__).parent)
+    assert r.returncode == 2 and "refused" in r.stderr + r.stdout and "walk.npy" in r.stdout
+    assert not (tmp_path / "l.safetensors").exists()
 
 
 def test_unseen_protocol_trains_on_all_shipped_motions_and_scores_only_the_folder(monkeypatch, tmp_path):
-    import shutil
     trained_on = []
     real = lifter.train_lifter
 
@@ -261,12 +257,12 @@ def test_unseen_protocol_trains_on_all_shipped_motions_and_scores_only_the_folde
         return real(motions[:1], dataclasses.replace(TINY, steps=2, clips=1), progress)
 
     monkeypatch.setattr(lifter, "train_lifter", spy)
-    shutil.copy(demo.ASSET_DIR / "ad_jumping_jacks.bvh", tmp_path / "jacks.bvh")
+    shutil.copy(mocap.ASSET_DIR / "ad_jumping_jacks.bvh", tmp_path / "jacks.bvh")
     fast = fit3d.FitConfig(steps=5, yaws=(0.0,))
     res, rows = lifter.unseen_validate(tmp_path, TINY, fast, dataclasses.replace(fast, w_init=0.1),
                                        clips_per_motion=2, frames=6, progress=False)
-    assert trained_on == [len(demo.MOTIONS)]  # one model, on every shipped motion
+    assert trained_on == [len(mocap.MOTIONS)]  # one model, on every shipped motion
     assert [r["motion"] for r in rows] == ["jacks", "jacks"] and set(res) == {"lifter", "lifter+fit", "fit"}
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .txt"):
+    with pytest.raises(FileNotFoundError, match="no mocap file loaded"):
         lifter.unseen_validate(tmp_path / "empty", TINY, progress=False)

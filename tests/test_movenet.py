@@ -108,7 +108,7 @@ def dataset(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist([ra, rb, rc]), pq_dir / "train-00000-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist([rd, re_]), pq_dir / "train-00001-of-00002.parquet")
     out = tmp / "out"
-    assert data.main(["import-movenet", "--parquet", str(pq_dir), "--videos", str(vids), "--out", str(out)]) is None
+    assert movenet.main(["--parquet", str(pq_dir), "--videos", str(vids), "--out", str(out)]) == 0
     return {"out": out, "A": (ta, 30.0, 1.0), "B": (tb, 25.0, 0.5), "pq": pq_dir, "vids": vids}
 
 

@@ -20,6 +20,7 @@ import data
 import fit3d
 import pipeline
 import qwen3vl
+import synth
 import video
 import vitpose
 import vlm
@@ -94,7 +95,7 @@ def videos(tmp_path_factory):
     """Two rendered demo videos (30 fps, 10 Hz samples): one clip (44 samples) and two clips spliced (a hard cut)."""
     pytest.importorskip("av")
     root = tmp_path_factory.mktemp("vids")
-    video.render_demo_videos(root, num_videos=2)
+    synth.render_demo_videos(root, num_videos=2)
     return root
 
 
@@ -182,7 +183,7 @@ def test_random_perception_and_vlm_run_to_the_end(videos, qwen_dir, tmp_path, ca
 def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp_path, capsys, vlm_calls):
     # one fixed box around the walker's whole path (from the render's ground truth), in normalised cx, cy, w, h
     vid = next(videos.rglob("demo-walk-000.mp4"))
-    gt = video.load_ground_truth(vid)["boxes"][:, 0]  # (F, 4) target person
+    gt = synth.load_ground_truth(vid)["boxes"][:, 0]  # (F, 4) target person
     (x1, y1), (x2, y2) = gt[:, :2].min(0), gt[:, 2:].max(0)
     W, H = 320, 240
     box = [(x1 + x2) / 2 / W, (y1 + y2) / 2 / H, (x2 - x1) / W, (y2 - y1) / H]

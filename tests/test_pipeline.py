@@ -19,6 +19,7 @@ from PIL import Image
 import data
 import fit3d
 import pipeline
+import synth
 import video
 from test_video import _noise_frames  # the same synthetic frames (tests/ is on sys.path under pytest)
 from vlm import LocalQwen3VL, VLMClient, caption_clip, judge_clip, parse_caption, parse_pick, parse_verdict
@@ -36,18 +37,18 @@ def test_unusable_videos_become_skipped_records(tmp_path):
     (tmp_path / "text.mp4").write_bytes(b"not a video\n" * 20)
     video.write_video(tmp_path / "noise.mp4", _noise_frames(30, level=100), fps=10)  # 30 samples, one shot, nobody
     cfg = pipeline.PipelineConfig()
-    none = video.GroundTruthDetector({})
+    none = synth.GroundTruthDetector({})
     for name, status, reason in [("empty.mp4", "SKIPPED", "EMPTY_FILE"), ("text.mp4", "SKIPPED", "OPEN_FAILED"),
                                  ("missing.mp4", "SKIPPED", "UNREADABLE"), ("noise.mp4", "NO_CLIPS", "NO_DETECTIONS")]:
         job = {"video": str(tmp_path / name), "video_id": pipeline.safe_id(name), "action_class": ""}
-        rec = pipeline.process_video(job, cfg, none, video.GroundTruthPose({}), fit3d.FitLifter())
+        rec = pipeline.process_video(job, cfg, none, synth.GroundTruthPose({}), fit3d.FitLifter())
         assert (rec["status"], rec["reason"]) == (status, reason), rec
         assert rec["clips"] == [] and rec["rejected"] == [] and ("decode" in rec) == (status == "NO_CLIPS")
         json.dumps(rec)  # every record is JSON-able
     # a link loop and a dangling link in a --videos folder are listed (not silently left out) and skipped with a reason
     (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
     (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
-    records = pipeline.run(pipeline.list_videos(tmp_path), tmp_path / "out", cfg, none, video.GroundTruthPose({}),
+    records = pipeline.run(pipeline.list_videos(tmp_path), tmp_path / "out", cfg, none, synth.GroundTruthPose({}),
                            fit3d.FitLifter(), progress=False)
     got = {r["video_id"]: (r["status"], r["reason"]) for r in records}
     assert got["loop"] == got["gone"] == ("SKIPPED", "UNREADABLE") and len(got) == 5
@@ -189,7 +190,7 @@ def test_a_keypoint_below_the_floor_has_no_influence_on_the_fit():
     assert not np.allclose(*poses[0.5], atol=1e-3)  # with evidence the nose does steer the fit
 
 
-class _CocoPose(video.GroundTruthPose):
+class _CocoPose(synth.GroundTruthPose):
     """The ground-truth 2D as a COCO estimator would give it, with a nose that has no evidence and a wild location."""
 
     keypoint_format = "coco"
@@ -232,8 +233,8 @@ def test_fit_collapse_check_and_masked_keypoints_in_the_pipeline(demo_videos, tm
     assert residual["turned"] > 2 * cfg.max_fit_residual, residual
     # in the pipeline: a collapsed fit is a failing named check; --keep checks drops it, --keep all keeps it
     jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")[:1]
-    side = video.SidecarCache(jobs)
-    det, pose = video.GroundTruthDetector(side), _CocoPose(side)
+    side = synth.SidecarCache(jobs)
+    det, pose = synth.GroundTruthDetector(side), _CocoPose(side)
     for keep, lifter in (("checks", _Turned(fit3d.FitConfig(steps=60))), ("all", _Turned(fit3d.FitConfig(steps=60))),
                          ("checks", fit3d.FitLifter(fit3d.FitConfig(steps=60)))):
         out = tmp_path / f"{keep}-{type(lifter).__name__}"
@@ -261,8 +262,8 @@ def test_angle_convention_is_singular_at_upright_pose():
     """Why the fitter's free variables are bone directions: 1 mm of noise on an upright pose moves spine angles by
     ~pi (the reference +-up is anti-parallel to the spine). This also sets the floor of any angle RMSE."""
     import torch
-    lengths = torch.tensor(fit3d._REF_LENGTHS, dtype=torch.float64)[fit3d._LENGTH_OF_BONE]
-    upright = fit3d._bone_chain(fit3d._rest_directions(30.0)[None], lengths, torch.tensor([[0.0, 0.0, 4.0]]))
+    lengths = torch.tensor(fit3d.REF_LENGTHS, dtype=torch.float64)[fit3d.LENGTH_OF_BONE]
+    upright = fit3d.bone_chain(fit3d._rest_directions(30.0)[None], lengths, torch.tensor([[0.0, 0.0, 4.0]]))
     gt = upright.numpy().repeat(10, 0)  # (10, 17, 3)  # an upright person seen by a level camera, 10 frames
     rng = np.random.default_rng(0)
     a = data.pose3d_to_angles(gt)
@@ -422,7 +423,7 @@ def test_shards_and_ids():
 def demo_videos(tmp_path_factory):
     pytest.importorskip("av")
     root = tmp_path_factory.mktemp("vids")
-    video.render_demo_videos(root, num_videos=3)
+    synth.render_demo_videos(root, num_videos=3)
     return root
 
 
@@ -443,7 +444,7 @@ def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
     assert len(entries) == 4
     gt = {}
     for p in sorted(demo_videos.rglob("*.mp4")):
-        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = video.load_ground_truth(p)
+        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = synth.load_ground_truth(p)
     for e in entries:
         clip = data.read_clip(out / e["path"])
         T = len(clip.frames_jpeg)
@@ -526,8 +527,8 @@ def test_local_backend_errors_are_recorded():
 def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
     jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
     job = next(j for j in jobs if "walk" in j["video_id"] and "stealthy" not in j["video_id"])
-    side = video.SidecarCache(jobs)
-    det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
+    side = synth.SidecarCache(jobs)
+    det, pose = synth.GroundTruthDetector(side), synth.GroundTruthPose(side)
     cfg = pipeline.PipelineConfig()
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=30, flip_steps=0))
     # the oracle picks person 2 (the static distractor): honoured, tracked, then the judge decides
@@ -691,8 +692,8 @@ def test_local_qwen3vl_backend_matches_transformers_greedy(tmp_path):
 
 def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, tmp_path):
     jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
-    side = video.SidecarCache(jobs)
-    det, pose = video.GroundTruthDetector(side), video.GroundTruthPose(side)
+    side = synth.SidecarCache(jobs)
+    det, pose = synth.GroundTruthDetector(side), synth.GroundTruthPose(side)
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=20, flip_steps=0))
     cfg = pipeline.PipelineConfig(vlm_down_videos=2)
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import synth
 import video
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -190,7 +191,7 @@ def test_rendered_demo_cut_has_a_clear_margin(tmp_path):
     # under the 0.4 threshold and every other transition far above it, so small codec or render changes cannot
     # move or drop the cut (undimmed, the cut measured 0.394)
     pytest.importorskip("av")
-    walk, jog = video.render_demo_videos(tmp_path, num_videos=2)
+    walk, jog = synth.render_demo_videos(tmp_path, num_videos=2)
     d = video.decode_video(jog)
     corr = _consecutive_correlations(d.frames)
     cut = int(np.argmin(corr))
