@@ -40,8 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as _st_save
 
 # the model's input contract; encode/decode_angles and draw_box are also re-exported for callers of data.*
-from model_io import INPUT_KEYS, collate_inputs, frame_image, prompt_text
-from model_io import decode_angles, draw_box, encode_angles  # noqa: F401
+from model_io import INPUT_KEYS, collate_inputs, decode_angles, draw_box, encode_angles, frame_image, prompt_text  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------------
 # Skeleton and angle layout

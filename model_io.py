@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import qwen3vl
 
+
 def encode_angles(a):
     """(..., 22) -> (..., 44) interleaved [sin a1, cos a1, sin a2, cos a2, ...] (numpy or torch)."""
     if isinstance(a, torch.Tensor):

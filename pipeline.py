@@ -56,9 +56,10 @@ from PIL import Image
 
 import data
 import fit3d  # stage 6's default lifter, and the residual that tells a collapsed fit (FIT_COLLAPSE)
-import track  # stages 3-4 and 7: target person, sticky IoU tracker, deterministic checks
 import synth  # the rendered demo videos and their ground truth, the stand-in perception
+import track  # stages 3-4 and 7: target person, sticky IoU tracker, deterministic checks
 import video  # stages 1-2: decode, hard cuts, segments
+
 # stage 8 and the oracle picker's prompt + parsing live in vlm.py; names, not `import vlm`, because `vlm` is the
 # client argument of process_segment / process_video / run
 from vlm import PICK_PROMPT, LocalQwen3VL, VLMClient, caption_clip, draw_numbered_boxes, judge_clip, parse_pick
@@ -583,6 +584,7 @@ def main(argv=None):
     keep = args.keep or ("strict" if vlm is not None else "checks")
     if args.lifter:  # learned bone directions, refined by the fit (see lifter.py)
         import dataclasses
+
         import lifter as lifter_py
         refine = dataclasses.replace(lifter_py.REFINE, steps=args.fit_steps)
         try:
@@ -601,6 +603,7 @@ def main(argv=None):
         if not (args.detector and args.pose):
             ap.error("--detector and --pose go together")
         import torch
+
         import vitpose
         import yolos
         # bf16 trunks on a GPU (nearly all the compute; the heads and decoding stay float32);

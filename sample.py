@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as ev
+from inference import VisionCache
 from model import VLAModel, use_tf32
 from model_io import prompt_text
-from inference import VisionCache
 from policy_client import PolicyClient
 
 FPS = 10.0  # the model's control rate

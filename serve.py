@@ -35,10 +35,10 @@ from PIL import Image
 
 import data
 import eval as ev
-from model import VLAModel
-from model_io import collate_inputs, decode_angles, encode_angles
 import inference
 from inference import VisionCache
+from model import VLAModel
+from model_io import collate_inputs, decode_angles, encode_angles
 
 FPS = 10.0  # the model's control rate: one predicted step per 0.1 s
 REQUIRED = ("frames", "boxes", "task", "instruction", "state")

@@ -42,7 +42,6 @@ import numpy as np
 
 import data  # bone lengths: the body height that normalises pose jumps and speeds
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # 3-4. Boxes, sticky IoU tracker, candidates, picker
 

@@ -16,9 +16,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import (ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, TRUNK_RENAMES, Block, is_int,
-                 load_config, load_weights, normalize, pick_fields, pixel_settings, setting,
-                 size_hw)
+from vit import (
+    ACTIVATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRUNK_RENAMES,
+    Block,
+    is_int,
+    load_config,
+    load_weights,
+    normalize,
+    pick_fields,
+    pixel_settings,
+    setting,
+    size_hw,
+)
+
 
 @dataclass
 class ViTPoseConfig:

@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Transport: one chat call = images + a prompt -> a reply record (HTTP or a local model)
 
@@ -42,6 +41,7 @@ class LocalQwen3VL:
 
     def __init__(self, path, device="cpu", dtype=None):
         import torch
+
         import qwen3vl
         self.torch = torch
         self.processor = qwen3vl.Qwen3VLProcessor.from_pretrained(path)

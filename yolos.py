@@ -18,9 +18,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from vit import (ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, TRUNK_RENAMES, Block, is_int,
-                 load_config, load_weights, normalize, pick_fields, pixel_settings, setting,
-                 size_hw)
+from vit import (
+    ACTIVATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRUNK_RENAMES,
+    Block,
+    is_int,
+    load_config,
+    load_weights,
+    normalize,
+    pick_fields,
+    pixel_settings,
+    setting,
+    size_hw,
+)
 
 YOLOS_MLP_RENAMES = ((".mlp.fc1.", ".intermediate.dense."), (".mlp.fc2.", ".output.dense."))
 

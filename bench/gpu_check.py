@@ -132,8 +132,9 @@ def loss_of(model, b, device, amp=None):
 def random_model(ctx, dtype, seed=0):
     """The mimic-4b shapes with random weights (bench/vla.py: built on the meta device, materialised on the device;
     frozen weights in bf16 when dtype is bf16), or with --quick the tiny preset at 64 px with one DiT block."""
-    from model import PRESETS, VLAConfig, VLAModel
     from vla import build_model
+
+    from model import PRESETS, VLAConfig, VLAModel
 
     torch.manual_seed(seed)
     if not ctx.quick:

@@ -37,9 +37,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vla import CONFIGS, build_model  # noqa: E402  (bench/vla.py)
+
 import policy_client  # noqa: E402
 import serve  # noqa: E402
-from vla import CONFIGS, build_model  # noqa: E402  (bench/vla.py)
 
 
 def camera_jpeg(rng, width, height, quality=90):

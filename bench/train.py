@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the root: "train" must be ../train.py, not this file
+from vla import build_model, peak_mib, reset_peak, sync  # noqa: E402
+
 import data  # noqa: E402
 import train  # noqa: E402
-from vla import build_model, peak_mib, reset_peak, sync  # noqa: E402
 
 RELEASED_SAMPLES_PER_GPU_S = 14.9e6 / (566 * 3600)  # ~7.3
 

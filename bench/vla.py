@@ -55,9 +55,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
+from inference import VisionCache, optimize  # noqa: E402
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
 from model_io import collate_inputs, encode_angles, frame_image, prompt_text  # noqa: E402
-from inference import VisionCache, optimize  # noqa: E402
 
 # The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.
 _IDS = {k: TINY_QWEN[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}

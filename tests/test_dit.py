@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import (ActionHead, AdaLN, Attention, DiTConfig, SinusoidalEmbedding, integrate, masked_mean,
-                 sample_timesteps)
+from dit import ActionHead, AdaLN, Attention, DiTConfig, SinusoidalEmbedding, integrate, masked_mean, sample_timesteps
 
 TINY = dict(hidden_dim=32, num_layers=2, num_heads=4, action_dim=6, action_horizon=5, num_future_tokens=3,
             qwen_hidden_size=12, projection_dim=20, dropout=0.1)

@@ -14,10 +14,10 @@ from PIL import Image
 from test_model import perturb_lora, tiny_lora_config
 
 import data
+from inference import VisionCache, optimize, pad_inputs
 from lora import LoRALinear, lora_modules
 from model import VLAModel, cast_frozen_
 from model_io import collate_inputs, decode_angles, encode_angles
-from inference import VisionCache, optimize, pad_inputs
 
 
 def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):

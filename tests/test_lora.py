@@ -12,8 +12,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lora import (LoRAConfig, LoRALinear, apply_lora, load_adapter, load_peft_adapter, lora_modules, lora_state_dict,
-                  merge_lora, reset_lora_parameters, save_adapter, set_lora_disabled, unmerge_lora)
+from lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    load_peft_adapter,
+    lora_modules,
+    lora_state_dict,
+    merge_lora,
+    reset_lora_parameters,
+    save_adapter,
+    set_lora_disabled,
+    unmerge_lora,
+)
 
 peft = pytest.importorskip("peft")
 

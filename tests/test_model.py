@@ -1,7 +1,6 @@
 """The VLA (model.py): config handling, end-to-end forward/backward, batch invariance, the released checkpoint
 layout (peft names) loading exactly, conversion round trip, and the model card's parameter counts."""
 
-import json
 import warnings
 
 import numpy as np

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_model import frames, perturb_lora, released_state_dict, tiny_config, tiny_lora_config
 
 import qwen3vl
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel, backbone_config
-from test_model import frames, perturb_lora, released_state_dict, tiny_config, tiny_lora_config
 
 
 def test_4b_preset_keeps_layers_0_to_17():

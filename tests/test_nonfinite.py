@@ -127,7 +127,7 @@ def test_non_finite_step_is_skipped_on_request(dataset, tmp_path, monkeypatch, c
     out = tmp_path / "run"
     train.main(argv(dataset, out, steps=4, save_every=2, num_workers=0, on_nonfinite="skip"))
     text = capsys.readouterr()
-    assert f"warning: step 3: non-finite loss nan" in text.out + text.err and hit["name"] in text.out + text.err
+    assert "warning: step 3: non-finite loss nan" in text.out + text.err and hit["name"] in text.out + text.err
     assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4]
     assert [loss is None for _, loss, _ in losses(out)] == [False, False, True, False]
     state = torch.load(out / "ckpt-0000004" / "state.pt", weights_only=True)

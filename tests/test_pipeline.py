@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_video import _noise_frames  # the same synthetic frames (tests/ is on sys.path under pytest)
 
 import data
 import fit3d
 import pipeline
 import synth
 import video
-from test_video import _noise_frames  # the same synthetic frames (tests/ is on sys.path under pytest)
 from vlm import LocalQwen3VL, VLMClient, caption_clip, judge_clip, parse_caption, parse_pick, parse_verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,7 +352,9 @@ def test_http_vlm_client(fake_server):
     content = body["messages"][0]["content"]
     assert [c["type"] for c in content] == ["image_url", "image_url", "text"] and content[-1]["text"] == "pick"
     assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
-    import base64, io
+    import base64
+    import io
+
     from PIL import Image
     sent = Image.open(io.BytesIO(base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])))
     assert max(sent.size) == 640  # downscaled to max side 640

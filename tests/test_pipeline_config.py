@@ -112,6 +112,7 @@ def test_max_attempts_limits_the_candidates_tried():
     # the oracle picks a person who leaves after 8 samples: with 2 attempts the next candidate is
     # tracked, with 1 the segment ends as a short run
     from test_pipeline import _ScriptedVLM
+
     from vlm import VLMClient
 
     T = 30

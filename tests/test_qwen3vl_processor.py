@@ -201,8 +201,7 @@ class _TorchvisionCPU:
 def ref(model_dir):
     """transformers' Qwen3VLProcessor assembled by hand (AutoProcessor refuses without torchvision)."""
     pytest.importorskip("transformers")
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers import image_processing_backends, video_processing_utils
+    from transformers import AutoImageProcessor, AutoTokenizer, image_processing_backends, video_processing_utils
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as RefProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval import SpyModel, frame_jpeg, random_walk, write_clip
 
 import data
 import sample
-from test_eval import SpyModel, frame_jpeg, random_walk, write_clip
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

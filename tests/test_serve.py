@@ -25,8 +25,8 @@ from test_eval import random_walk, write_clip
 from test_model import perturb_lora, tiny_lora_config
 
 import data
-import sample
 import policy_client
+import sample
 import serve
 from model import VLAModel
 from model_io import collate_inputs, decode_angles, encode_angles

@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_train import REPO, SMALL, argv, free_port, losses, make_dataset, params
 
 import data
 import train
 from model import PRESETS, VLAConfig, VLAModel
-from test_train import REPO, SMALL, argv, free_port, losses, make_dataset, params
 
 # LoRA on the tiny backbone and the released DiT dropout: the CPU RNG state becomes training state
 DROPOUT = {**SMALL, "diffusion_dropout": 0.1, "use_lora": True, "lora_rank": 4, "lora_alpha": 8,
