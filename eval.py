@@ -26,6 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
+import kinematics
+import model_io
 from model import use_tf32
 from model_io import collate_inputs, frame_image, prompt_text
 
@@ -53,8 +55,8 @@ def baseline_calls(ext, offsets, horizon=HORIZON):
     gt, k = ext[:, 1:], np.arange(horizon, dtype=np.float64)[:, None]  # k steps ahead: (horizon, 1)
     static = np.stack([np.repeat(gt[:, r:r + 1], horizon, axis=1) for r in offsets], 1)  # (N, R, H, 22)
     # velocity of the previous frame, wrapped: a joint going 179 -> -179 deg moves +2 deg, not -358
-    vel = np.stack([data.wrap_angle(ext[:, r + 1] - ext[:, r]) for r in offsets], 1)  # (N, R, 22)
-    linear = data.wrap_angle(static + vel[:, :, None, :] * k)  # (N, R, H, 22)
+    vel = np.stack([kinematics.wrap_angle(ext[:, r + 1] - ext[:, r]) for r in offsets], 1)  # (N, R, 22)
+    linear = kinematics.wrap_angle(static + vel[:, :, None, :] * k)  # (N, R, H, 22)
     return static, linear
 
 
@@ -74,7 +76,7 @@ def errors_deg(pred, gt):
 
 def motion_deg(gt):
     """(N, horizon, 22) radians -> (N,) total ground-truth angular change in degrees over the window (wrapped)."""
-    return np.abs(np.degrees(data.wrap_angle(np.diff(np.asarray(gt, np.float64), axis=1)))).sum(axis=(1, 2))
+    return np.abs(np.degrees(kinematics.wrap_angle(np.diff(np.asarray(gt, np.float64), axis=1)))).sum(axis=(1, 2))
 
 
 def top_quartile(values):
@@ -106,8 +108,8 @@ def summarize(err, S, high, classes):
         "rmse_high": _rmse(sq[high]),
         "rmse_high_no_restart": _rmse(sq[high][:, keep]),
         "per_step": [_rmse(sq[:, t]) for t in range(sq.shape[1])],  # t = 1..15
-        "per_group": {g: _rmse(sq[:, :, idx]) for g, idx in data.JOINT_GROUPS.items()},
-        "per_joint": {name: _rmse(sq[:, :, j]) for j, name in enumerate(data.JOINT_NAMES)},
+        "per_group": {g: _rmse(sq[:, :, idx]) for g, idx in kinematics.JOINT_GROUPS.items()},
+        "per_joint": {name: _rmse(sq[:, :, j]) for j, name in enumerate(kinematics.JOINT_NAMES)},
         "per_window": {"median": _f(p50), "p25": _f(p25), "p75": _f(p75)},
         "per_class": {c: {"count": int((classes == c).sum()), "rmse": _rmse(sq[classes == c])}
                       for c in sorted(set(classes.tolist()))},
@@ -233,7 +235,7 @@ def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batc
         raise ValueError(f"the rolling evaluation is defined for horizon {HORIZON} and {CONTEXT} input frames; the "
                          f"model has action_horizon={cfg.action_horizon}, num_frames={cfg.num_frames}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    states = data.encode_angles(np.stack([ext[:, r + 1] for r in offsets], 1))  # (N, R, 44): GT of frame s+r
+    states = model_io.encode_angles(np.stack([ext[:, r + 1] for r in offsets], 1))  # (N, R, 44): GT of frame s+r
     encode = model.encoder()
     pad = encode.pad_token_id
 
@@ -255,7 +257,7 @@ def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batc
             for b in tqdm(dl, desc="model calls", disable=not progress, dynamic_ncols=True):
                 acts = model(inputs=b["inputs"], robot_state=b["state"].to(device), compute_loss=False,
                              noise=b["noise"].to(device), steps=diffusion_steps)["actions"]  # (B, 16, 44)
-                out[b["index"].numpy()] = data.decode_angles(acts.float().cpu().numpy())
+                out[b["index"].numpy()] = model_io.decode_angles(acts.float().cpu().numpy())
     finally:
         model.train(was_training)
     calls = out.reshape(len(windows), len(offsets), HORIZON, -1)

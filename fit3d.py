@@ -7,7 +7,7 @@ directions, per clip 10 bone lengths shared by left and right (symmetry by const
 Gradient descent (Adam, PyTorch) minimises, over the clip:
   - the confidence-weighted reprojection error of the 17 joints, in units of the person's 2D size per frame;
   - temporal smoothness: the acceleration of the root-relative joints and of the root (metres);
-  - priors: bone lengths near data.DEFAULT_BONE_LENGTHS (this also fixes the monocular scale, so depth is metric);
+  - priors: bone lengths near kinematics.DEFAULT_BONE_LENGTHS (this also fixes the monocular scale, so depth is metric);
     hips and shoulders opposite each other and perpendicular to the spine (a rigid-ish torso); knees bending
     backwards and elbows not bending behind the body (the distal bone's bend relative to the proximal one);
     gravity: the torso near the world's up as seen by a camera without roll at a free per-clip elevation (prior
@@ -17,7 +17,7 @@ four hypotheses of the body's facing (yaws) are fitted at once as a batch and th
 all refined together as one batch; every flip that lowers the loss is kept) tries the mirror minima of a monocular
 view that gradient descent cannot cross (measured: a small gain for 3x the time, so off by default). Each
 hypothesis returns its lowest iterate, so a refine (init=) never ends above its start by its own objective.
-Angles are then data.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d). objective() evaluates the
+Angles are then kinematics.pose3d_to_angles(pose3d), so clips satisfy angles == IK(pose3d). objective() evaluates the
 same terms at any pose; its residual (a typical frame's relative 2D error) is the pipeline's FIT_COLLAPSE check.
 Measured (python fit3d.py: 17 mocap clips x 40 frames, 2 px noise, 10% joints dropped, true focal): angle RMSE
 60.0 deg, mean bone direction error 24.1 deg (61.0 / 25.1 without the gravity prior; the original pipeline: 74.6).
@@ -33,7 +33,7 @@ direction error on the same benchmark with leave-motions-out training (`python l
 Why bone directions and not the 22 angles as the free variables: the angle convention (mimic.md sec 4) measures
 spine, hips and neck against +-up, which is anti-parallel to those bones in an upright person; there the minimal
 rotation is undefined and a 1 mm change of a joint flips the Euler angles by ~pi (see tests/test_pipeline.py), so
-gradient descent on the angles themselves would stall exactly on the most common pose. data.angles_to_pose3d (FK)
+gradient descent on the angles themselves would stall exactly on the most common pose. kinematics.angles_to_pose3d (FK)
 remains the way to turn angles back into joints; the fitted pose satisfies FK(IK(pose), template=pose) == pose.
 
 Lifter interface (FitLifter here, lifter.LearnedLifter, or your own): `lifter(kp2d (T, 17, 2) H36M pixels,
@@ -51,13 +51,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import data
+import kinematics
 
-PARENTS = data.H36M_PARENTS
+PARENTS = kinematics.H36M_PARENTS
 # bone j (child joint j = 1..16) -> one of 10 shared lengths: hip, thigh, shin, spine, thorax, neck, head,
 # shoulder, upper arm, forearm (left and right share one, so the fitted body is symmetric)
 LENGTH_OF_BONE = [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 8, 9]
-REF_LENGTHS = [data.DEFAULT_BONE_LENGTHS[n] for n in ("r_hip", "r_knee", "r_ankle", "spine", "thorax", "neck",
+REF_LENGTHS = [kinematics.DEFAULT_BONE_LENGTHS[n] for n in ("r_hip", "r_knee", "r_ankle", "spine", "thorax", "neck",
                                                        "head", "l_shoulder", "l_elbow", "l_wrist")]
 # rest pose facing the camera (body left = +x, body up = -y, forward = -z): unit bone directions of joints 1..16,
 # knees slightly bent backwards (+z) and elbows forwards (-z) so the bend sides start right
@@ -423,14 +423,14 @@ def pose_errors(pairs):
     overall and per joint group, and the mean bone direction error (degrees)."""
     diffs, dir_err = [], []
     for pose, gt in pairs:
-        diffs.append(wrapped_diff(data.pose3d_to_angles(pose), data.pose3d_to_angles(gt)))
+        diffs.append(wrapped_diff(kinematics.pose3d_to_angles(pose), kinematics.pose3d_to_angles(gt)))
         b_fit = pose[:, 1:] - pose[:, list(PARENTS[1:])]
         b_gt = gt[:, 1:] - gt[:, list(PARENTS[1:])]
         cos = (b_fit * b_gt).sum(-1) / (np.linalg.norm(b_fit, axis=-1) * np.linalg.norm(b_gt, axis=-1))
         dir_err.append(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean())
     d = np.concatenate(diffs)  # (N, 22)
     out = {"rmse_deg": float(np.degrees(np.sqrt((d ** 2).mean()))), "bone_dir_err_deg": float(np.mean(dir_err))}
-    for g, idx in data.JOINT_GROUPS.items():
+    for g, idx in kinematics.JOINT_GROUPS.items():
         out[f"rmse_{g}_deg"] = float(np.degrees(np.sqrt((d[:, idx] ** 2).mean())))
     return out
 

@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import data
 import fit3d
+import kinematics
 
 FEATURES = 17 * 3 + 3  # per frame: (x, y, visible) of 17 joints + (centre x, centre y, size) / focal
 
@@ -99,7 +99,7 @@ def frame_windows(feat, window):
 
 def bone_directions(pose3d):
     """(..., 17, 3) -> (..., 16, 3) unit vectors parent -> child."""
-    b = pose3d[..., 1:, :] - pose3d[..., list(data.H36M_PARENTS[1:]), :]
+    b = pose3d[..., 1:, :] - pose3d[..., list(kinematics.H36M_PARENTS[1:]), :]
     return b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-9)
 
 
@@ -137,8 +137,8 @@ def mocap_clips(motions, n_clips, seed, frames=40, noise_px=4.0, drop=0.2, lengt
 
 
 def mirror_keypoints(kp2d, scores, width):
-    """The mirror image of a view: x -> width - x and left/right joints swapped (data.flip_pose3d for 2D)."""
-    flip = list(data.H36M_FLIP_PERM)
+    """The mirror image of a view: x -> width - x and left/right joints swapped (kinematics.flip_pose3d for 2D)."""
+    flip = list(kinematics.H36M_FLIP_PERM)
     kp = np.array(kp2d, np.float64)[:, flip]
     kp[..., 0] = width - kp[..., 0]
     return kp, np.asarray(scores)[:, flip]
@@ -148,7 +148,7 @@ def training_set(clips, window):
     """Clips (as mocap_clips yields) plus their mirror images -> X (N, window * FEATURES), Y (N, 16, 3) tensors."""
     X, Y = [], []
     for kp, sc, pc, f, W, H in clips:
-        for k, s, p in ((kp, sc, pc), (*mirror_keypoints(kp, sc, W), data.flip_pose3d(pc))):
+        for k, s, p in ((kp, sc, pc), (*mirror_keypoints(kp, sc, W), kinematics.flip_pose3d(pc))):
             X.append(frame_windows(frame_features(k, s, W, H, f), window))
             Y.append(bone_directions(p).astype(np.float32))
     return torch.from_numpy(np.concatenate(X)), torch.from_numpy(np.concatenate(Y))
@@ -245,7 +245,7 @@ class LearnedLifter:
                       for k, s in ((kp2d, scores), mirror_keypoints(kp2d, scores, width))])  # (2, T, window * F)
         with torch.no_grad():
             d = self.net(torch.from_numpy(x)).double().numpy()  # (2, T, 16, 3)
-        bone_flip = [j - 1 for j in data.H36M_FLIP_PERM[1:]]  # bone b ends at joint b + 1
+        bone_flip = [j - 1 for j in kinematics.H36M_FLIP_PERM[1:]]  # bone b ends at joint b + 1
         back = d[1][:, bone_flip] * np.array([-1.0, 1.0, 1.0])
         mean = d[0] + back
         return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-9)

@@ -12,7 +12,7 @@ renders motions into the demo dataset, fit3d.py and lifter.py view them through 
 
 References: DeepMimic (Peng et al. 2018, github.com/xbpeng/DeepMimic, data/motions + data/characters/humanoid3d.txt);
 AMP (Peng et al. 2021) motions as shipped by NVIDIA-Omniverse/IsaacGymEnvs (assets/amp/motions, poselib
-SkeletonMotion); BVH format (Biovision); Human3.6M 17-joint order (data.H36M_JOINT_NAMES).
+SkeletonMotion); BVH format (Biovision); Human3.6M 17-joint order (kinematics.H36M_JOINT_NAMES).
 
 Commands:
   python mocap.py --inspect DIR_OR_FILES [--joint-map map.json] [--up z] [--unit cm] [--allow-pickle]

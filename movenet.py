@@ -4,7 +4,7 @@ The release stores poses at the SOURCE frame rate with the decoded-frame number 
 decoded once, front to back (PyAV); for each 10 Hz time the nearest pose frame and the video frame it was computed on
 are taken together, so image, box, pose and angles of a sample always come from the same source frame (no
 interpolation). The release's pose3d is already in our camera frame (x right, y down, z away), so it is stored as
-is; the angles are recomputed with data.pose3d_to_angles (the stored ones are compared as a check).
+is; the angles are recomputed with kinematics.pose3d_to_angles (the stored ones are compared as a check).
 
 Every row ends in OUT/movenet_import.jsonl: ok | missing (no video: OUT/missing.txt, retried next run) | skipped with
 a reason (OUT/skipped.txt; retried with --retry-skipped). Re-running resumes. Needs pyarrow and PyAV.
@@ -27,6 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import kinematics
+import model_io
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row schema of the release: metadata columns, and zlib(level 6)-compressed little-endian arrays with F pose frames:
@@ -354,7 +356,7 @@ def build_clip(row, sampler, info, cfg):
         raise SkipVideo(f"TOO_SHORT: {len(run)} samples at {cfg.fps:g} Hz < {cfg.min_frames}")
     r = np.array([s[1] for s in run])                  # pose rows of the samples
     pose3d = np.ascontiguousarray(row.pose3d[r], np.float32)
-    angles = data.pose3d_to_angles(pose3d.astype(np.float64)).astype(np.float32)
+    angles = kinematics.pose3d_to_angles(pose3d.astype(np.float64)).astype(np.float32)
     sx, sy = info["width"] / row.width, info["height"] / row.height
     scale = np.array([sx, sy, sx, sy], np.float32)
     if row.bboxes is not None:
@@ -371,8 +373,8 @@ def build_clip(row, sampler, info, cfg):
     extra["box_source"] = "bboxes" if row.bboxes is not None else ("keypoints2d" if row.keypoints2d is not None
                                                                    else "none")
     if row.joint_angles is not None:
-        stored = data.decode_angles(row.joint_angles[r].astype(np.float64))
-        err = np.abs(data.wrap_angle(stored - angles.astype(np.float64)))
+        stored = model_io.decode_angles(row.joint_angles[r].astype(np.float64))
+        err = np.abs(kinematics.wrap_angle(stored - angles.astype(np.float64)))
         extra["stored_angles_max_err"] = f"{float(np.nanmax(err)) if np.isfinite(err).any() else float('nan'):.3e}"
     notes = []
     if len(run) < sum(s is not None for s in sampler.samples):

@@ -56,6 +56,7 @@ from PIL import Image
 
 import data
 import fit3d  # stage 6's default lifter, and the residual that tells a collapsed fit (FIT_COLLAPSE)
+import kinematics
 import synth  # the rendered demo videos and their ground truth, the stand-in perception
 import track  # stages 3-4 and 7: target person, sticky IoU tracker, deterministic checks
 import video  # stages 1-2: decode, hard cuts, segments
@@ -322,7 +323,7 @@ def process_video(job, cfg, detector, pose_estimator, lifter, vlm=None, clips_ro
             pose3d = clip["pose3d"].astype(np.float32)
             c = data.Clip(clip_id=clip_id, frames_jpeg=[_jpeg(f) for f in dec.frames[i0:i1]],
                           boxes=clip["boxes"].astype(np.float32), pose3d=pose3d,
-                          angles=np.asarray(data.pose3d_to_angles(pose3d), np.float32),
+                          angles=np.asarray(kinematics.pose3d_to_angles(pose3d), np.float32),
                           src_frame_index=dec.src_frame_index[i0:i1], src_time=dec.src_time[i0:i1],
                           src_fps=float(dec.src_fps), width=dec.width, height=dec.height,
                           action_class=job.get("action_class", ""), description=desc, video_id=vid, extra=extra,

@@ -1,7 +1,7 @@
 """
 Run MIMIC on a video, a folder of frames or a clip: the next 16 steps (1.6 s at 10 Hz) of 22 joint angles, written
 as JSON + npy with the joint names, and pictures: the input frames next to the predicted skeleton (forward kinematics
-of the angles, data.angles_to_pose3d, drawn from a chosen camera) and, when the source has ground truth (our clip
+of the angles, kinematics.angles_to_pose3d, drawn from a chosen camera) and, when the source has ground truth (our clip
 format), the ground-truth skeleton in another colour.
 
 The model sees what it saw in training (mimic.md section 5): the 4 frames at 10 Hz before "now" (--start), the target
@@ -33,6 +33,8 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as ev
+import kinematics
+import model_io
 from inference import VisionCache
 from model import VLAModel, use_tf32
 from model_io import prompt_text
@@ -248,7 +250,7 @@ class SkeletonPanel:
         xy, depth = project(pose, self.view)
         pts = (xy - self.centre) * self.scale + self.size / 2 + np.asarray(origin)
         # far bones first so near ones are drawn over them
-        bones = sorted(((j, p) for j, p in enumerate(data.H36M_PARENTS) if p >= 0),
+        bones = sorted(((j, p) for j, p in enumerate(kinematics.H36M_PARENTS) if p >= 0),
                        key=lambda jp: -(depth[jp[0]] + depth[jp[1]]))
         for j, p in bones:
             draw.line([tuple(pts[p]), tuple(pts[j])], fill=color, width=width)
@@ -257,15 +259,15 @@ class SkeletonPanel:
 
 
 def fk(angles, template=None):
-    """Forward kinematics of (..., 22) radians -> (..., 17, 3) (data.angles_to_pose3d). The angles do not say where
+    """Forward kinematics of (..., 22) radians -> (..., 17, 3) (kinematics.angles_to_pose3d). The angles do not say where
     hips and shoulders sit nor how knees and elbows bend: a template pose supplies those (the clip's pose at "now",
     known when the prediction is made, so both skeletons get the same body), else a canonical body facing the camera."""
     t = None if template is None else np.asarray(template, np.float64) - np.asarray(template, np.float64)[..., :1, :]
-    return np.asarray(data.angles_to_pose3d(np.asarray(angles, np.float64), template=t))
+    return np.asarray(kinematics.angles_to_pose3d(np.asarray(angles, np.float64), template=t))
 
 
 def thumbnail(im, box, size):
-    im = data.draw_box(im.convert("RGB").copy(), box) if box is not None else im.convert("RGB")
+    im = model_io.draw_box(im.convert("RGB").copy(), box) if box is not None else im.convert("RGB")
     w, h = im.size
     k = size / max(w, h)
     canvas = Image.new("RGB", (size, size), (250, 250, 250))
@@ -389,7 +391,7 @@ def run(model, args):
     elif src.angles is not None and t < T:
         state = src.angles[t]
     else:
-        state = np.asarray(data.pose3d_to_angles(STANDING_POSE3D), np.float64)
+        state = np.asarray(kinematics.pose3d_to_angles(STANDING_POSE3D), np.float64)
     predict = (RemotePredictor(args.server, args.diffusion_steps, args.seed) if args.server else
                Predictor(model, args.device, args.diffusion_steps, args.seed))
     pred = predict(src, t, task, instruction, state, box)
@@ -397,7 +399,7 @@ def run(model, args):
     out.mkdir(parents=True, exist_ok=True)
     gt = src.angles[t:t + HORIZON] if src.angles is not None and t + HORIZON <= T else None
     record = {"source": src.name, "prompt": text, "start_s": t / FPS, "start_frame": t, "fps": FPS,
-              "joint_names": list(data.JOINT_NAMES), "state_rad": state.tolist(), "angles_rad": pred.tolist(),
+              "joint_names": list(kinematics.JOINT_NAMES), "state_rad": state.tolist(), "angles_rad": pred.tolist(),
               "angles_deg": np.degrees(pred).tolist(), "latency_ms": predict.latency_ms[-1]}
     if gt is not None:
         err = ev.errors_deg(pred, gt)[1:]
@@ -424,7 +426,7 @@ def run(model, args):
         times, traj, calls = rollout(predict, src, task, instruction, args.rollout, t, state, box)
         stats = latency_stats(predict.latency_ms[1:])
         roll = {"S": args.rollout, "frames": times.tolist(), "calls_at_frame": calls, "latency": stats,
-                "latency_ms": predict.latency_ms[1:], "joint_names": list(data.JOINT_NAMES),
+                "latency_ms": predict.latency_ms[1:], "joint_names": list(kinematics.JOINT_NAMES),
                 "angles_rad": traj.tolist(), "state": "ground truth" if src.angles is not None else "own prediction"}
         if args.server:
             roll["server"], roll["server_ms"] = args.server, predict.server_ms[1:]

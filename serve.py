@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
 import eval as ev
 import inference
+import kinematics
 from inference import VisionCache
 from model import VLAModel
 from model_io import collate_inputs, decode_angles, encode_angles
@@ -125,7 +125,7 @@ def parse_request(body: bytes, num_frames=4, num_angles=22, max_pixels=4096 * 40
         raise RequestError(400, f"state must be a list of {num_angles} numbers (radians)")
     state = np.asarray(state, np.float64)
     if state.shape != (num_angles,):
-        raise RequestError(422, f"state must hold {num_angles} angles (radians, data.JOINT_NAMES order), got "
+        raise RequestError(422, f"state must hold {num_angles} angles (radians, kinematics.JOINT_NAMES order), got "
                                 f"{len(state)}")
     if not np.all(np.isfinite(state)):
         raise RequestError(422, f"state has non-finite values at {np.flatnonzero(~np.isfinite(state)).tolist()}")
@@ -216,7 +216,7 @@ class PolicyServer:
 
     def info(self) -> dict:
         p = next(self.model.parameters())
-        return {"model_id": self.model_id, "joint_names": list(data.JOINT_NAMES), "fps": FPS,
+        return {"model_id": self.model_id, "joint_names": list(kinematics.JOINT_NAMES), "fps": FPS,
                 "num_frames": self.num_frames, "action_horizon": self.horizon,
                 "image_size": self.model.config.image_size, "device": str(p.device), "dtype": str(p.dtype),
                 "max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1000,
@@ -249,7 +249,7 @@ class PolicyServer:
             raise job.error
         timing = {"parse_ms": 1000 * (t1 - t0), "prepare_ms": 1000 * (job.queued_at - t1), **job.timing,
                   "server_ms": 1000 * (time.perf_counter() - t0)}
-        return {"angles": job.angles.tolist(), "joint_names": list(data.JOINT_NAMES), "seed": seed,
+        return {"angles": job.angles.tolist(), "joint_names": list(kinematics.JOINT_NAMES), "seed": seed,
                 "steps": req["steps"] or self.model.config.diffusion_steps, "timing": timing}
 
     # --- the model thread ---------------------------------------------------------------------------------------

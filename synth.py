@@ -13,7 +13,7 @@ assets/mocap/ (see assets/mocap/ATTRIBUTION.md) into clips in the format of data
      gives pose3d in the model's camera frame (x right, y DOWN, z forward),
   4. a painter's-algorithm renderer draws capsule limbs, torso and head with Lambert-like shading over a randomised
      sky/ground background, and the target box is the projected body extent plus a margin,
-  5. data.write_clip writes each clip; angles = data.pose3d_to_angles(pose3d).
+  5. data.write_clip writes each clip; angles = kinematics.pose3d_to_angles(pose3d).
 
 Same seed -> the same frames, arrays and texts, byte for byte (clip i depends only on (seed, i), so a smaller build is
 a prefix of the full one). A marker file written last lets a second call skip the build. The default 408 clips
@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data
+import kinematics
 import mocap
 import track
 import video
@@ -314,7 +315,7 @@ def make_clip(index, seed=0, scale=2):
              "camera": json.dumps(cam.params, sort_keys=True)}
     return data.Clip(clip_id=f"demo-{key}-{index // len(mocap.MOTIONS):03d}", frames_jpeg=frames,
                      boxes=body_box(cam, pc[:, :19]).astype(np.float32), pose3d=pose3d,
-                     angles=np.asarray(data.pose3d_to_angles(pose3d), dtype=np.float32),
+                     angles=np.asarray(kinematics.pose3d_to_angles(pose3d), dtype=np.float32),
                      src_frame_index=src_index.astype(np.int64), src_time=src_time.astype(np.float64),
                      src_fps=m.src_fps, width=WIDTH, height=HEIGHT, action_class=action,
                      description=texts[int(rng.integers(len(texts)))], video_id=f"mocap-{key}", extra=extra)

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-import data  # bone lengths: the body height that normalises pose jumps and speeds
+import kinematics
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3-4. Boxes, sticky IoU tracker, candidates, picker
@@ -183,7 +183,7 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
     brk = ((iou < 0.1) & (ratio > 2) & pair).sum() / max(pair.sum(), 1)
     put("IOU_BREAKS", brk, cfg.max_iou_break_ratio, brk <= cfg.max_iou_break_ratio)
     rel = np.asarray(pose3d, np.float64) - np.asarray(pose3d, np.float64)[:, :1]
-    bl = data.bone_lengths_of(rel)  # (T, 17)
+    bl = kinematics.bone_lengths_of(rel)  # (T, 17)
     height_m = float(np.median(bl[:, [7, 8, 9, 10, 2, 3]].sum(1))) or 1.0  # pelvis->head + thigh + shin
     disp = np.linalg.norm(np.diff(rel, axis=0), axis=2).max(1) / height_m if T > 1 else np.zeros(1)
     pj = (disp > _robust_threshold(disp, 0.5)).sum() / n

@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-import data
+import model_io
 
 # ---------------------------------------------------------------------------------------------------------------
 # Transport: one chat call = images + a prompt -> a reply record (HTTP or a local model)
@@ -289,7 +289,7 @@ def caption_clip(vlm, frames, boxes, action, cfg):
     """The 1.9 captioner: caption_frames evenly spaced frames with the green target box + CAPTION_PROMPT. Greedy
     (the original sampled at temperature 0.7), so a rerun gives the same text. -> {"text" | None, "error", "raw"}."""
     sel = np.linspace(0, len(frames) - 1, cfg.caption_frames).round().astype(int)
-    imgs = [data.draw_box(Image.fromarray(frames[i]), boxes[i]) for i in sel]
+    imgs = [model_io.draw_box(Image.fromarray(frames[i]), boxes[i]) for i in sel]
     reply = vlm.chat(imgs, CAPTION_PROMPT.format(n=len(imgs), action=action or "a motion"), max_tokens=150,
                      temperature=0.0)
     cap = parse_caption(reply["text"]) if reply["text"] is not None else None

@@ -160,6 +160,7 @@ def make_dataset(root, n_train=4, T=40, size=64, seed=0):
     from PIL import Image
 
     import data
+    import kinematics
 
     root = Path(root)
     if (root / data.INDEX_FILE).is_file():
@@ -168,7 +169,7 @@ def make_dataset(root, n_train=4, T=40, size=64, seed=0):
     for k in range(n_train + 1):
         t = np.arange(T)[:, None]
         ang = 0.6 * np.sin(0.3 * t + rng.uniform(0, 6, 22)) * rng.uniform(0.2, 1.0, 22)
-        pose = data.angles_to_pose3d(ang)
+        pose = kinematics.angles_to_pose3d(ang)
         pose[..., 2] += 3.0
         jpegs = []
         for im in frames_for(size, T, seed + 100 * k):
@@ -177,7 +178,7 @@ def make_dataset(root, n_train=4, T=40, size=64, seed=0):
             jpegs.append(buf.getvalue())
         data.write_clip(root, data.Clip(
             clip_id=f"g{k}", frames_jpeg=jpegs, boxes=np.tile(np.float32([8, 8, size - 8, size - 8]), (T, 1)),
-            pose3d=pose.astype(np.float32), angles=data.pose3d_to_angles(pose).astype(np.float32),
+            pose3d=pose.astype(np.float32), angles=kinematics.pose3d_to_angles(pose).astype(np.float32),
             src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=size, height=size,
             action_class="jumping jacks", description="Do jumping jacks.", split="val" if k == n_train else "train"))
     data.write_index(root)

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fit3d  # noqa: E402
+import kinematics
 import pipeline  # noqa: E402
 import synth  # noqa: E402
 import track  # noqa: E402
@@ -100,7 +101,7 @@ def main():
                 t = time.perf_counter()
                 clip = data.Clip(f"{vid}-{s:05d}", [pipeline._jpeg(f) for f in dec.frames[s + a:s + b + 1]],
                                  boxes.astype(np.float32), p3.astype(np.float32),
-                                 np.asarray(data.pose3d_to_angles(p3), np.float32),
+                                 np.asarray(kinematics.pose3d_to_angles(p3), np.float32),
                                  dec.src_frame_index[s + a:s + b + 1], dec.src_time[s + a:s + b + 1], dec.src_fps,
                                  dec.width, dec.height, "bench", "Move.")
                 data.write_clip(tmp / "out", clip)

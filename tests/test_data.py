@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 import data
+import kinematics
+import model_io
 from model import TINY_QWEN
 from model_io import InputEncoder
 
@@ -67,7 +69,7 @@ def ref_ik(p):
 
 
 def angle_err(a, b):
-    return np.abs(data.wrap_angle(np.asarray(a, float) - np.asarray(b, float)))
+    return np.abs(kinematics.wrap_angle(np.asarray(a, float) - np.asarray(b, float)))
 
 
 def unit_dirs(p, pairs):
@@ -151,43 +153,43 @@ def mocap_poses():
 
 def test_ik_matches_reference_random():
     p = random_poses(300)
-    got = data.pose3d_to_angles(p)
+    got = kinematics.pose3d_to_angles(p)
     want = np.stack([ref_ik(x) for x in p])
     assert got.shape == (300, 22) and got.dtype == np.float64
     assert angle_err(got, want).max() < 1e-9
 
 
 def test_ik_special_cases():
-    p = data.angles_to_pose3d(np.full(22, 0.5))
+    p = kinematics.angles_to_pose3d(np.full(22, 0.5))
     up = p.copy()
     up[7] = up[0] + [0, -0.3, 0]              # spine exactly anti-parallel to up (+y): -I -> (-pi, 0, -pi)
     up[10] = up[9] + [0, 0.2, 0]              # head exactly along up: identity -> (0, 0, 0)
     up[11], up[12] = up[8] + [0.2, 0, 0], up[8] + [0.2, 0, 0.3]  # shoulder a = +x, b = +z: gimbal branch
-    a = data.pose3d_to_angles(up)
+    a = kinematics.pose3d_to_angles(up)
     assert np.allclose(a[0:3], [-math.pi, 0, -math.pi]) and np.allclose(a[19:22], 0)
     assert np.allclose(a[11:14], ref_ik(up)[11:14]) and a[13] == 0.0  # gimbal: yaw = 0
     assert angle_err(a, ref_ik(up)).max() < 1e-12
-    assert angle_err(data.pose3d_to_angles(data.angles_to_pose3d(a)), a).max() < 1e-9
+    assert angle_err(kinematics.pose3d_to_angles(kinematics.angles_to_pose3d(a)), a).max() < 1e-9
     straight = p.copy()
     straight[3] = straight[2] + (straight[2] - straight[1])  # straight leg: knee = pi (the original's convention)
-    assert abs(data.pose3d_to_angles(straight)[10] - math.pi) < 1e-7
+    assert abs(kinematics.pose3d_to_angles(straight)[10] - math.pi) < 1e-7
 
 
 def test_ik_matches_reference_mocap():
     p, view = mocap_poses()
-    got = data.pose3d_to_angles(p)
+    got = kinematics.pose3d_to_angles(p)
     want = np.stack([ref_ik(x) for x in p[::7]])
     assert angle_err(got[::7], want).max() < 1e-7
     # round trips on real motion
-    assert angle_err(data.pose3d_to_angles(data.angles_to_pose3d(got)), got).max() < 1e-6
-    q = data.angles_to_pose3d(got)
+    assert angle_err(kinematics.pose3d_to_angles(kinematics.angles_to_pose3d(got)), got).max() < 1e-6
+    q = kinematics.angles_to_pose3d(got)
     cos = (unit_dirs(p, ENCODED_BONES) * unit_dirs(q, ENCODED_BONES)).sum(-1)
     assert cos.min() > 1 - 1e-6
-    assert np.abs(data.angles_to_pose3d(got, template=p) - p).max() < 1e-9
+    assert np.abs(kinematics.angles_to_pose3d(got, template=p) - p).max() < 1e-9
     # upper arms: exact with the template. Without it FK cannot know the shoulder reference (1 DoF lost per arm;
     # the 22 angles of "facing away, arms down" equal those of "facing the camera, arms raised"), and the canonical
     # body faces the camera: close for a person facing the camera, far off for one facing away
-    qt = data.angles_to_pose3d(got, template=p)
+    qt = kinematics.angles_to_pose3d(got, template=p)
     assert ((unit_dirs(p, UPPER_ARMS) * unit_dirs(qt, UPPER_ARMS)).sum(-1)).min() > 1 - 1e-6
     err = np.degrees(np.arccos(np.clip((unit_dirs(p, UPPER_ARMS) * unit_dirs(q, UPPER_ARMS)).sum(-1), -1, 1)))
     med = [float(np.median(err[view == k])) for k in range(4)]
@@ -201,24 +203,24 @@ def test_ik_matches_reference_mocap():
 
 def test_round_trip_random_poses():
     p = random_poses(1000, seed=1)
-    a = data.pose3d_to_angles(p)
-    q = data.angles_to_pose3d(a)
+    a = kinematics.pose3d_to_angles(p)
+    q = kinematics.angles_to_pose3d(a)
     assert q.shape == (1000, 17, 3)
-    assert angle_err(data.pose3d_to_angles(q), a).max() < 1e-4
+    assert angle_err(kinematics.pose3d_to_angles(q), a).max() < 1e-4
     assert ((unit_dirs(p, ENCODED_BONES) * unit_dirs(q, ENCODED_BONES)).sum(-1)).min() > 1 - 1e-6
     # bone lengths honoured; template supplies everything the angles do not encode
-    L = data.bone_lengths_of(p)
-    assert np.allclose(data.bone_lengths_of(data.angles_to_pose3d(a, bone_lengths=L))[:, 1:], L[:, 1:])
-    assert np.allclose(data.bone_lengths_of(data.angles_to_pose3d(a, bone_lengths=L[:, 1:]))[:, 1:], L[:, 1:])
-    q2 = data.angles_to_pose3d(a, bone_lengths={"l_knee": 0.5})
-    assert np.allclose(data.bone_lengths_of(q2)[:, 5], 0.5) and np.allclose(data.bone_lengths_of(q2)[:, 2], 0.43)
+    L = kinematics.bone_lengths_of(p)
+    assert np.allclose(kinematics.bone_lengths_of(kinematics.angles_to_pose3d(a, bone_lengths=L))[:, 1:], L[:, 1:])
+    assert np.allclose(kinematics.bone_lengths_of(kinematics.angles_to_pose3d(a, bone_lengths=L[:, 1:]))[:, 1:], L[:, 1:])
+    q2 = kinematics.angles_to_pose3d(a, bone_lengths={"l_knee": 0.5})
+    assert np.allclose(kinematics.bone_lengths_of(q2)[:, 5], 0.5) and np.allclose(kinematics.bone_lengths_of(q2)[:, 2], 0.43)
     with pytest.raises(ValueError, match="knee"):
-        data.angles_to_pose3d(a, bone_lengths={"knee": 0.5})
+        kinematics.angles_to_pose3d(a, bone_lengths={"knee": 0.5})
     with pytest.raises(ValueError, match="last dim 22"):
-        data.angles_to_pose3d(a[:, :21])
+        kinematics.angles_to_pose3d(a[:, :21])
     with pytest.raises(ValueError, match="17, 3"):
-        data.pose3d_to_angles(p[:, :16])
-    qt = data.angles_to_pose3d(a, template=p)
+        kinematics.pose3d_to_angles(p[:, :16])
+    qt = kinematics.angles_to_pose3d(a, template=p)
     assert np.abs(qt - p).max() < 1e-8
     assert ((unit_dirs(p, UPPER_ARMS) * unit_dirs(qt, UPPER_ARMS)).sum(-1)).min() > 1 - 1e-6
 
@@ -227,10 +229,10 @@ def test_round_trip_from_angles_and_canonical_pose():
     # IK(FK(a)) == a on the IK manifold: a = IK(p) for p = FK(random angles) with random bone lengths
     rng = np.random.default_rng(2)
     a0 = rng.uniform(-math.pi, math.pi, size=(500, 22))
-    a = data.pose3d_to_angles(data.angles_to_pose3d(a0, bone_lengths=rng.uniform(0.05, 0.5, size=(500, 17))))
-    assert angle_err(data.pose3d_to_angles(data.angles_to_pose3d(a)), a).max() < 1e-4
+    a = kinematics.pose3d_to_angles(kinematics.angles_to_pose3d(a0, bone_lengths=rng.uniform(0.05, 0.5, size=(500, 17))))
+    assert angle_err(kinematics.pose3d_to_angles(kinematics.angles_to_pose3d(a)), a).max() < 1e-4
     # an upright person facing the camera with hanging arms, bent knees/elbows: FK(IK(p)) == p (canonical body)
-    L = np.array([0] + [data.DEFAULT_BONE_LENGTHS[n] for n in data.H36M_JOINT_NAMES[1:]])
+    L = np.array([0] + [kinematics.DEFAULT_BONE_LENGTHS[n] for n in kinematics.H36M_JOINT_NAMES[1:]])
     p = np.zeros((17, 3))
     p[7], p[8], p[9] = [0, -L[7], 0], [0, -L[7] - L[8], 0], [0, -L[7] - L[8] - L[9], 0]
     p[10] = p[9] + [0, -L[10], 0]
@@ -242,9 +244,9 @@ def test_round_trip_from_angles_and_canonical_pose():
         p[sh] = p[8] + [s * L[sh], 0, 0]
         p[el] = p[sh] + [0, L[el], 0]
         p[wr] = p[el] + L[wr] * np.array([0, math.cos(1.0), -math.sin(1.0)])  # forearm forward (-z)
-    a = data.pose3d_to_angles(p)
+    a = kinematics.pose3d_to_angles(p)
     assert np.allclose(a[:3], [-math.pi, 0, -math.pi])  # the exactly vertical spine is IK's -I case
-    assert np.abs(data.angles_to_pose3d(a) - p).max() < 1e-9
+    assert np.abs(kinematics.angles_to_pose3d(a) - p).max() < 1e-9
     # why FK(IK(p)) cannot keep every upper arm: turned to face away (pi about y), the same person has exactly the
     # angles of the person facing the camera with both arms raised (upper arms and forearms reversed)
     away = p * [-1, 1, -1]
@@ -252,33 +254,33 @@ def test_round_trip_from_angles_and_canonical_pose():
     for sh, el, wr in [(11, 12, 13), (14, 15, 16)]:
         raised[el] = p[sh] - (p[el] - p[sh])
         raised[wr] = raised[el] - (p[wr] - p[el])
-    assert angle_err(data.pose3d_to_angles(away), data.pose3d_to_angles(raised)).max() < 1e-9
+    assert angle_err(kinematics.pose3d_to_angles(away), kinematics.pose3d_to_angles(raised)).max() < 1e-9
 
 
 def test_torch_matches_numpy_and_gradients_flow():
     p = random_poses(64, seed=3)
-    a_np = data.pose3d_to_angles(p)
-    a_t = data.pose3d_to_angles(torch.from_numpy(p))
+    a_np = kinematics.pose3d_to_angles(p)
+    a_t = kinematics.pose3d_to_angles(torch.from_numpy(p))
     assert isinstance(a_t, torch.Tensor) and a_t.dtype == torch.float64
     assert np.abs(a_t.numpy() - a_np).max() < 1e-12
-    q_t = data.angles_to_pose3d(a_t)
-    assert np.abs(q_t.numpy() - data.angles_to_pose3d(a_np)).max() < 1e-12
+    q_t = kinematics.angles_to_pose3d(a_t)
+    assert np.abs(q_t.numpy() - kinematics.angles_to_pose3d(a_np)).max() < 1e-12
     # float32 in -> float32 out (numpy and torch)
-    assert data.pose3d_to_angles(p.astype(np.float32)).dtype == np.float32
-    assert data.angles_to_pose3d(a_t.float()).dtype == torch.float32
+    assert kinematics.pose3d_to_angles(p.astype(np.float32)).dtype == np.float32
+    assert kinematics.angles_to_pose3d(a_t.float()).dtype == torch.float32
     # gradients through FK (the pipeline fits angles by gradient descent) and IK
     x = a_t[:2].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v: data.angles_to_pose3d(v), (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda v: kinematics.angles_to_pose3d(v), (x,), eps=1e-6, atol=1e-5)
     y = torch.from_numpy(p[:2]).clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v: data.encode_angles(data.pose3d_to_angles(v)), (y,), eps=1e-6,
+    assert torch.autograd.gradcheck(lambda v: model_io.encode_angles(kinematics.pose3d_to_angles(v)), (y,), eps=1e-6,
                                     atol=1e-5)
     # a few steps of gradient descent through FK reduce a pose-fitting loss
-    target = torch.from_numpy(data.angles_to_pose3d(a_np[:8])).float()
+    target = torch.from_numpy(kinematics.angles_to_pose3d(a_np[:8])).float()
     v = (torch.from_numpy(a_np[:8]).float() + 0.3).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=0.02)
     losses = []
     for _ in range(30):
-        loss = (data.angles_to_pose3d(v) - target).pow(2).mean()
+        loss = (kinematics.angles_to_pose3d(v) - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         assert torch.isfinite(v.grad).all()
@@ -293,27 +295,27 @@ def test_torch_matches_numpy_and_gradients_flow():
 
 def test_flip():
     p = random_poses(200, seed=4)
-    a = data.pose3d_to_angles(p)
-    assert np.array_equal(data.flip_pose3d(data.flip_pose3d(p)), p)
-    assert np.array_equal(data.flip_angles(data.flip_angles(a)), a)
-    assert angle_err(data.flip_angles(a), data.pose3d_to_angles(data.flip_pose3d(p))).max() < 1e-9
+    a = kinematics.pose3d_to_angles(p)
+    assert np.array_equal(kinematics.flip_pose3d(kinematics.flip_pose3d(p)), p)
+    assert np.array_equal(kinematics.flip_angles(kinematics.flip_angles(a)), a)
+    assert angle_err(kinematics.flip_angles(a), kinematics.pose3d_to_angles(kinematics.flip_pose3d(p))).max() < 1e-9
     # FK is mirror-equivariant too, and torch agrees
-    assert np.abs(data.angles_to_pose3d(data.flip_angles(a)) - data.flip_pose3d(data.angles_to_pose3d(a))).max() < 1e-9
-    assert np.array_equal(data.flip_angles(torch.from_numpy(a)).numpy(), data.flip_angles(a))
-    assert np.array_equal(data.flip_pose3d(torch.from_numpy(p)).numpy(), data.flip_pose3d(p))
-    assert [data.H36M_JOINT_NAMES[i] for i in data.H36M_FLIP_PERM][1:4] == ["l_hip", "l_knee", "l_ankle"]
-    assert [data.JOINT_NAMES[i] for i in data.ANGLE_FLIP_PERM][3] == "r_hip_pitch"
+    assert np.abs(kinematics.angles_to_pose3d(kinematics.flip_angles(a)) - kinematics.flip_pose3d(kinematics.angles_to_pose3d(a))).max() < 1e-9
+    assert np.array_equal(kinematics.flip_angles(torch.from_numpy(a)).numpy(), kinematics.flip_angles(a))
+    assert np.array_equal(kinematics.flip_pose3d(torch.from_numpy(p)).numpy(), kinematics.flip_pose3d(p))
+    assert [kinematics.H36M_JOINT_NAMES[i] for i in kinematics.H36M_FLIP_PERM][1:4] == ["l_hip", "l_knee", "l_ankle"]
+    assert [kinematics.JOINT_NAMES[i] for i in kinematics.ANGLE_FLIP_PERM][3] == "r_hip_pitch"
 
 
 def test_encode_decode():
     a = np.random.default_rng(5).uniform(-3 * math.pi, 3 * math.pi, size=(7, 16, 22))
-    x = data.encode_angles(a)
+    x = model_io.encode_angles(a)
     assert x.shape == (7, 16, 44)
     assert np.allclose(x[..., 4], np.sin(a[..., 2])) and np.allclose(x[..., 5], np.cos(a[..., 2]))
-    assert angle_err(data.decode_angles(x), a).max() < 1e-12
-    xt = data.encode_angles(torch.from_numpy(a))
-    assert np.allclose(xt.numpy(), x) and np.allclose(data.decode_angles(xt).numpy(), data.decode_angles(x))
-    assert len(data.JOINT_NAMES) == 22 and sorted(sum(data.JOINT_GROUPS.values(), [])) == list(range(22))
+    assert angle_err(model_io.decode_angles(x), a).max() < 1e-12
+    xt = model_io.encode_angles(torch.from_numpy(a))
+    assert np.allclose(xt.numpy(), x) and np.allclose(model_io.decode_angles(xt).numpy(), model_io.decode_angles(x))
+    assert len(kinematics.JOINT_NAMES) == 22 and sorted(sum(kinematics.JOINT_GROUPS.values(), [])) == list(range(22))
 
 
 def test_flip_text():
@@ -346,9 +348,9 @@ def make_clip(T=30, size=(224, 224), cid="clip_a", action="waving", desc="Wave y
         buf = io.BytesIO()
         Image.new("RGB", size, colour_of(i)).save(buf, format="JPEG", quality=95)
         frames.append(buf.getvalue())
-    pose = data.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
+    pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     boxes = np.tile(np.array([[50, 40, 150, 200]], np.float32), (T, 1))
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=data.pose3d_to_angles(pose),
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
                      src_frame_index=np.arange(T) * 3, src_time=np.arange(T) / 10.0, src_fps=30.0, width=size[0],
                      height=size[1], action_class=action, description=desc, video_id="vid", extra={"k": "v"})
 
@@ -466,7 +468,7 @@ def test_window_dataset_timing_box_and_flip(tmp_path):
         assert it["start"] == s and not it["flipped"] and it["clip_id"] == "clip_a"
         assert it["text"] == "Task: waving. Instruction: Wave your left hand."
         assert it["state"].shape == (44,) and it["actions"].shape == (16, 44)
-        assert torch.allclose(it["actions"], torch.from_numpy(data.encode_angles(clip.angles[s:s + 16])).float())
+        assert torch.allclose(it["actions"], torch.from_numpy(model_io.encode_angles(clip.angles[s:s + 16])).float())
         assert torch.equal(it["state"], it["actions"][0])
         assert len(it["images"]) == 4
         for k, im in enumerate(it["images"]):
@@ -477,9 +479,9 @@ def test_window_dataset_timing_box_and_flip(tmp_path):
             assert (x[100, 52] != [0, 255, 0]).any() and (x[39:42, 100] == [0, 255, 0]).all()
     f = ds[2 + 1]  # the mirror of window 1
     assert f["flipped"] and f["start"] == 20 and f["text"] == "Task: waving. Instruction: Wave your right hand."
-    want = data.encode_angles(data.pose3d_to_angles(data.flip_pose3d(clip.pose3d[20:36].astype(np.float64))))
+    want = model_io.encode_angles(kinematics.pose3d_to_angles(kinematics.flip_pose3d(clip.pose3d[20:36].astype(np.float64))))
     assert torch.allclose(f["actions"], torch.from_numpy(want).float(), atol=1e-6)
-    assert angle_err(data.decode_angles(f["actions"].numpy()), data.flip_angles(clip.angles[20:36])).max() < 1e-4
+    assert angle_err(model_io.decode_angles(f["actions"].numpy()), kinematics.flip_angles(clip.angles[20:36])).max() < 1e-4
     x = np.asarray(f["images"][0]).astype(int)
     assert (x[100, 223 - 51:223 - 48] == [0, 255, 0]).all()  # the box mirrored with the frame
     assert np.array_equal(np.asarray(f["images"][2]), np.asarray(ds[1]["images"][2])[:, ::-1])
@@ -571,10 +573,10 @@ def test_input_encoder_matches_the_processor(tmp_path):
 
 def test_draw_box_and_cli(tmp_path, capsys):
     im = Image.new("RGB", (64, 48))
-    data.draw_box(im, [60, 40, 10, 5])          # inverted: nothing drawn
-    data.draw_box(im, [np.nan, 0, 10, 10])      # no box
+    model_io.draw_box(im, [60, 40, 10, 5])          # inverted: nothing drawn
+    model_io.draw_box(im, [np.nan, 0, 10, 10])      # no box
     assert np.asarray(im).max() == 0
-    data.draw_box(im, [-5, -5, 100, 100])       # clamped to the frame
+    model_io.draw_box(im, [-5, -5, 100, 100])       # clamped to the frame
     x = np.asarray(im)
     assert (x[0:2, 10] == [0, 255, 0]).all() and (x[47, 10] == [0, 255, 0]).all() and x[20, 20].max() == 0
     path = data.write_clip(tmp_path, make_clip(T=40, cid="cli1"))

@@ -14,6 +14,8 @@ from PIL import Image
 
 import data
 import eval as ev
+import kinematics
+import model_io
 from model import VLAModel
 
 STEPS = (1, 2, 3, 5, 8, 16)
@@ -34,7 +36,7 @@ def write_clip(root, clip_id, angles, action_class="waving", split="val"):
     T = len(angles)
     clip = data.Clip(clip_id=clip_id, frames_jpeg=[frame_jpeg(t) for t in range(T)],
                      boxes=np.tile(np.float32([4, 4, 44, 36]), (T, 1)),
-                     pose3d=np.asarray(data.angles_to_pose3d(np.asarray(angles, np.float64)), np.float32),
+                     pose3d=np.asarray(kinematics.angles_to_pose3d(np.asarray(angles, np.float64)), np.float32),
                      angles=np.asarray(angles, np.float32),
                      src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=48, height=40,
                      action_class=action_class, description=f"Do {action_class}.", split=split)
@@ -44,7 +46,7 @@ def write_clip(root, clip_id, angles, action_class="waving", split="val"):
 def random_walk(rng, T, scale=0.3):
     """Angles that wander and cross +-pi often (radians, wrapped like IK output)."""
     a = rng.uniform(-np.pi, np.pi, 22) + np.cumsum(rng.normal(0, scale, (T, 22)), axis=0)
-    return data.wrap_angle(a)
+    return kinematics.wrap_angle(a)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,7 @@ class SpyModel(torch.nn.Module):
 
     def forward(self, inputs=None, robot_state=None, compute_loss=True, noise=None, steps=None, **kw):
         assert not compute_loss and noise.shape == (len(robot_state), 16, 44)
-        t_now = torch.round(data.decode_angles(robot_state)[:, 0] / 0.01).long()  # frame index of the state
+        t_now = torch.round(model_io.decode_angles(robot_state)[:, 0] / 0.01).long()  # frame index of the state
         for frames, t in zip(inputs["frames"], t_now):  # (4, 224, 224, 3) uint8 each
             ids = [round(int(f[112, 112, 0]) / 7) for f in frames]
             green = all(int(f[112, int(4 * 224 / 48), 1]) > 200 for f in frames)  # on the box's left edge

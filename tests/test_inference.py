@@ -14,6 +14,7 @@ from PIL import Image
 from test_model import perturb_lora, tiny_lora_config
 
 import data
+import kinematics
 from inference import VisionCache, optimize, pad_inputs
 from lora import LoRALinear, lora_modules
 from model import VLAModel, cast_frozen_
@@ -28,10 +29,10 @@ def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
         frames.append(buf.getvalue())
-    pose = data.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
+    pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     x = np.linspace(10, 60, T, dtype=np.float32)
     boxes = np.stack([x, x * 0 + 15, x + 80, x * 0 + 110], 1)
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=data.pose3d_to_angles(pose),
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
                      src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0],
                      height=size[1], action_class="waving", description="Wave your left hand.", video_id="v")
 

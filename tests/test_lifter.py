@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import fit3d
+import kinematics
 import lifter
 import mocap
 
@@ -113,7 +114,7 @@ def test_refine_matches_the_2d_and_keeps_the_learned_directions(trained):
     cos = (lifter.bone_directions(pose) * lifter.bone_directions(start)).sum(-1)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).mean() < 15.0
     # the refined body still satisfies the clip invariant angles == IK(pose3d) with a consistent FK round trip
-    back = data.angles_to_pose3d(data.pose3d_to_angles(pose), template=pose)
+    back = kinematics.angles_to_pose3d(kinematics.pose3d_to_angles(pose), template=pose)
     cos = (lifter.bone_directions(back)[:, [1, 4, 6]] * lifter.bone_directions(pose)[:, [1, 4, 6]]).sum(-1)
     assert cos.min() > 0.999
 
@@ -162,7 +163,7 @@ def test_pipeline_uses_a_learned_lifter(trained, tmp_path):
     assert len(records) == 1 and records[0]["lifter"].startswith("LearnedLifter(") and records[0]["written"] >= 1
     for e in data.list_clips(out):
         clip = data.read_clip(out / e["path"])
-        np.testing.assert_allclose(clip.angles, data.pose3d_to_angles(clip.pose3d), atol=1e-4)
+        np.testing.assert_allclose(clip.angles, kinematics.pose3d_to_angles(clip.pose3d), atol=1e-4)
     with pytest.raises(SystemExit):  # a wrong path is a clear CLI error, not a traceback deep in the run
         pipeline.main(["--videos", str(tmp_path / "vids"), "--out", str(out), "--lifter", str(tmp_path / "nope")])
 
@@ -171,7 +172,7 @@ def test_directions_are_mirror_equivariant(trained):
     net, _ = trained
     _, kp, sc, _, f, W, H = _case()
     lift = lifter.LearnedLifter(net, TINY, focal=f)
-    flip = list(data.H36M_FLIP_PERM)
+    flip = list(kinematics.H36M_FLIP_PERM)
     kp_m = kp[:, flip].copy()
     kp_m[..., 0] = W - kp_m[..., 0]
     d, d_m = lift.directions(kp, sc, W, H), lift.directions(kp_m, sc[:, flip], W, H)

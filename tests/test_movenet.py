@@ -16,6 +16,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
 import data  # noqa: E402
+import kinematics
+import model_io
 import movenet  # noqa: E402
 
 
@@ -60,13 +62,13 @@ def make_row(rng, cid, cls, fps, idx, w, h, boxes=True, yt=None, split="train"):
     sc[1] = 0.0                # a frame with no usable joint: NaN box
     bb = np.concatenate([kp.min(1) - 5, kp.max(1) + 5], -1)
     bb[3] = np.nan             # a frame without a track
-    angles = data.pose3d_to_angles(pose)
+    angles = kinematics.pose3d_to_angles(pose)
     yt = yt or cid.rsplit("_", 2)[0]
     return {"clip_id": cid, "action_class": cls, "youtube_id": yt, "time_start": 10, "time_end": 20,
             "split": split, "instruction": f"do {cls}", "fps": float(fps), "num_pose_frames": F,
             "video_width": w, "video_height": h, "has_hard_cuts": False, "quality": 1.0,
             "pose3d": z(pose, "<f4"), "keypoints2d": z(kp, "<f4"), "scores2d": z(sc, "<f4"),
-            "bboxes": z(bb, "<f4") if boxes else None, "joint_angles": z(data.encode_angles(angles), "<f4"),
+            "bboxes": z(bb, "<f4") if boxes else None, "joint_angles": z(model_io.encode_angles(angles), "<f4"),
             "frame_indices": z(idx, "<i4"), "tracking_confidence": z(np.full(F, 0.9), "<f4")}, \
         {"pose": pose.astype(np.float32), "kp": kp.astype(np.float32), "sc": sc.astype(np.float32),
          "bb": bb.astype(np.float32), "idx": np.asarray(idx)}
@@ -124,7 +126,7 @@ def test_clip_contents(dataset, name, cid):
     # each stored image is the video frame the pose was computed on
     assert [decode_code(j) for j in clip.frames_jpeg] == list(t["idx"][rows])
     np.testing.assert_array_equal(clip.pose3d, t["pose"][rows])  # camera frame kept unchanged
-    np.testing.assert_allclose(clip.angles, data.pose3d_to_angles(t["pose"][rows].astype(np.float64)), atol=1e-6)
+    np.testing.assert_allclose(clip.angles, kinematics.pose3d_to_angles(t["pose"][rows].astype(np.float64)), atol=1e-6)
     assert (clip.width, clip.height) == ((64, 48) if name == "A" else (96, 72))
     if name == "A":  # stored boxes, same pixel size
         np.testing.assert_allclose(clip.boxes, t["bb"][rows], atol=1e-5)

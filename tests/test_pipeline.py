@@ -19,6 +19,7 @@ from test_video import _noise_frames  # the same synthetic frames (tests/ is on 
 
 import data
 import fit3d
+import kinematics
 import pipeline
 import synth
 import video
@@ -266,10 +267,10 @@ def test_angle_convention_is_singular_at_upright_pose():
     upright = fit3d.bone_chain(fit3d._rest_directions(30.0)[None], lengths, torch.tensor([[0.0, 0.0, 4.0]]))
     gt = upright.numpy().repeat(10, 0)  # (10, 17, 3)  # an upright person seen by a level camera, 10 frames
     rng = np.random.default_rng(0)
-    a = data.pose3d_to_angles(gt)
-    b = data.pose3d_to_angles(gt + rng.normal(0, 0.001, gt.shape))
-    assert np.abs(fit3d.wrapped_diff(a, b)[:, data.JOINT_GROUPS["arms"]]).max() < 0.1  # well conditioned
-    assert np.abs(fit3d.wrapped_diff(a, b)[:, data.JOINT_GROUPS["spine"]]).max() > 1.0  # not
+    a = kinematics.pose3d_to_angles(gt)
+    b = kinematics.pose3d_to_angles(gt + rng.normal(0, 0.001, gt.shape))
+    assert np.abs(fit3d.wrapped_diff(a, b)[:, kinematics.JOINT_GROUPS["arms"]]).max() < 0.1  # well conditioned
+    assert np.abs(fit3d.wrapped_diff(a, b)[:, kinematics.JOINT_GROUPS["spine"]]).max() > 1.0  # not
 
 
 def test_fit_on_projected_mocap():
@@ -451,7 +452,7 @@ def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
         clip = data.read_clip(out / e["path"])
         T = len(clip.frames_jpeg)
         assert T >= 20 and clip.width == 320 and clip.height == 240 and clip.action_class
-        np.testing.assert_allclose(clip.angles, data.pose3d_to_angles(clip.pose3d), atol=1e-4)
+        np.testing.assert_allclose(clip.angles, kinematics.pose3d_to_angles(clip.pose3d), atol=1e-4)
         assert clip.src_fps == pytest.approx(30.0, rel=1e-3)
         np.testing.assert_allclose(np.diff(clip.src_time), 0.1, atol=1e-3)  # 10 Hz in source time
         np.testing.assert_array_equal(np.diff(clip.src_frame_index), 3)       # every 3rd frame of the 30 fps video
@@ -587,7 +588,7 @@ def test_fallback_to_next_candidate_when_the_run_is_short():
     dec = video.Decoded([np.zeros((240, 320, 3), np.uint8)] * T, np.arange(T), np.arange(T) / 10.0, 10.0, 320, 240)
     # the oracle picks the person who leaves after 8 samples: the run is too short, the next candidate is tried
     vlm = VLMClient(local=_ScriptedVLM(pick='{"chosen_index": 2}', judge="{}"), retries=0)
-    flat = lambda kp, sc, w, h: np.tile(np.asarray(data.angles_to_pose3d(np.zeros(22)))[None], (len(kp), 1, 1)) + \
+    flat = lambda kp, sc, w, h: np.tile(np.asarray(kinematics.angles_to_pose3d(np.zeros(22)))[None], (len(kp), 1, 1)) + \
         [0, 0, 3]  # noqa: E731
     rec, clip = pipeline.process_segment(dec, 0, T, {"video_id": "v"}, pipeline.PipelineConfig(), Det(), Pose(),
                                          flat, vlm)

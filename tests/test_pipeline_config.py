@@ -6,7 +6,7 @@ import inspect
 
 import numpy as np
 
-import data
+import kinematics
 import pipeline
 import track
 import video
@@ -24,7 +24,7 @@ class _Pose(pipeline.PoseEstimator):
 
 
 def _still_body(kp, sc, w, h):  # a lifter: the rest pose 3 m in front of the camera, every frame
-    rest = np.asarray(data.angles_to_pose3d(np.zeros(22)))
+    rest = np.asarray(kinematics.angles_to_pose3d(np.zeros(22)))
     return np.tile(rest[None], (len(kp), 1, 1)) + [0, 0, 3]
 
 

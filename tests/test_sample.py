@@ -13,6 +13,7 @@ from PIL import Image
 from test_eval import SpyModel, frame_jpeg, random_walk, write_clip
 
 import data
+import kinematics
 import sample
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -48,7 +49,7 @@ def test_default_run_predicts_from_the_past_frames_and_writes_files(dataset, tmp
     # now = frame 4: the model saw frames 0..3 with the box, and the ground-truth state of frame 4
     assert model.seen == [([0, 1, 2, 3], 4, True)]
     saved = json.loads((out / "prediction.json").read_text())
-    assert saved["joint_names"] == list(data.JOINT_NAMES) and saved["start_frame"] == 4
+    assert saved["joint_names"] == list(kinematics.JOINT_NAMES) and saved["start_frame"] == 4
     assert saved["prompt"] == "Task: jumping jacks. Instruction: Do jumping jacks."
     pred = np.load(out / "prediction.npy")
     assert pred.shape == (16, 22)
@@ -97,7 +98,7 @@ def test_frame_folder_with_box_and_no_ground_truth(tmp_path):
     assert "ground_truth_rad" not in rec and "rmse_deg_t1_15" not in rec
     # now = 1.0 s = tick 10: ticks 6..9 = files 12, 14, 16, 18, box drawn
     assert model.seen[0][0] == [12, 14, 16, 18] and model.seen[0][2]
-    np.testing.assert_allclose(rec["state_rad"], data.pose3d_to_angles(sample.STANDING_POSE3D), atol=1e-9)
+    np.testing.assert_allclose(rec["state_rad"], kinematics.pose3d_to_angles(sample.STANDING_POSE3D), atol=1e-9)
     roll = json.loads((out / "rollout.json").read_text())
     assert roll["state"] == "own prediction" and roll["calls_at_frame"] == [10, 14]
 

@@ -24,7 +24,7 @@ from PIL import Image
 from test_eval import random_walk, write_clip
 from test_model import perturb_lora, tiny_lora_config
 
-import data
+import kinematics
 import policy_client
 import sample
 import serve
@@ -94,7 +94,7 @@ def test_round_trip_equals_in_process_actions(model, server):
     client = policy_client.PolicyClient(server.url)
     assert client.health()["status"] == "ok"
     info = client.info()
-    assert info["joint_names"] == list(data.JOINT_NAMES) and info["fps"] == 10.0
+    assert info["joint_names"] == list(kinematics.JOINT_NAMES) and info["fps"] == 10.0
     assert info["model_id"] == "tiny-test" and info["action_horizon"] == 16 and info["num_frames"] == 4
     assert info["config"]["image_size"] == 64
     obs = observation(0)
@@ -102,7 +102,7 @@ def test_round_trip_equals_in_process_actions(model, server):
     # batch 1, the same inputs (the server decodes the same JPEG bytes), the same noise: the same arithmetic
     assert out["angles"].dtype == np.float32 and out["angles"].shape == (16, 22)
     assert np.array_equal(out["angles"], in_process(model, obs, 7))
-    assert out["joint_names"] == list(data.JOINT_NAMES) and out["seed"] == 7 and out["steps"] == 1
+    assert out["joint_names"] == list(kinematics.JOINT_NAMES) and out["seed"] == 7 and out["steps"] == 1
     t = out["timing"]
     assert t["batch_size"] == 1 and 0 < t["infer_ms"] < t["server_ms"] < out["round_trip_ms"]
     assert not np.array_equal(client.act(**obs, seed=8)["angles"], out["angles"])  # the seed matters

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import kinematics
 import mocap
 import synth
 
@@ -66,7 +67,7 @@ def _check_clip(clip):
     T = len(clip.frames_jpeg)
     assert T >= synth.MIN_FRAMES
     assert clip.pose3d.shape == (T, 17, 3) and clip.angles.shape == (T, 22) and clip.boxes.shape == (T, 4)
-    np.testing.assert_allclose(clip.angles, data.pose3d_to_angles(clip.pose3d), atol=1e-5)
+    np.testing.assert_allclose(clip.angles, kinematics.pose3d_to_angles(clip.pose3d), atol=1e-5)
     im = Image.open(io.BytesIO(clip.frames_jpeg[T // 2]))
     assert im.size == (clip.width, clip.height) == (synth.WIDTH, synth.HEIGHT) and im.mode == "RGB"
     # the box holds the body: every joint, projected with the clip's camera, lies inside it

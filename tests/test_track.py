@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data
+import kinematics
 import pipeline  # PipelineConfig: the checks' thresholds
 import track
 
@@ -22,7 +22,7 @@ def test_track_does_not_import_pipeline():
     tree = ast.parse((Path(track.__file__)).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "pipeline" not in names and names <= {"math", "numpy", "data"}, names
+    assert "pipeline" not in names and names <= {"math", "numpy", "kinematics"}, names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_core_coverage_uses_the_estimator_layout():
 def _clean_clip(T=40):
     t = np.arange(T)
     boxes = np.stack([100 + t, 40 + 0 * t, 180 + t, 220 + 0 * t], 1).astype(float)
-    rest = np.asarray(data.angles_to_pose3d(np.zeros(22)))  # any fixed skeleton
+    rest = np.asarray(kinematics.angles_to_pose3d(np.zeros(22)))  # any fixed skeleton
     pose = np.repeat(rest[None], T, 0) + np.array([0, 0, 4.0])
     pose[:, 13, 0] += 0.3 * np.sin(t / 2)  # a waving wrist: enough motion
     return boxes, np.full((T, 17), 0.9), pose

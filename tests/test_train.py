@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import kinematics
 import train
 from model import PRESETS, VLAConfig, VLAModel, load_safetensors
 
@@ -34,7 +35,7 @@ def make_dataset(root, n_train=3, n_val=1, T=36, size=64, seed=0):
     for k in range(n_train + n_val):
         t = np.arange(T)[:, None]
         ang = 0.6 * np.sin(0.3 * t + rng.uniform(0, 6, 22)) * rng.uniform(0.2, 1.0, 22)
-        pose = data.angles_to_pose3d(ang)
+        pose = kinematics.angles_to_pose3d(ang)
         pose[..., 2] += 3.0  # in front of the camera
         frames = []
         for _ in range(T):
@@ -43,7 +44,7 @@ def make_dataset(root, n_train=3, n_val=1, T=36, size=64, seed=0):
             frames.append(buf.getvalue())
         data.write_clip(root, data.Clip(
             clip_id=f"c{k}", frames_jpeg=frames, boxes=np.tile(np.float32([8, 8, size - 8, size - 8]), (T, 1)),
-            pose3d=pose.astype(np.float32), angles=data.pose3d_to_angles(pose).astype(np.float32),
+            pose3d=pose.astype(np.float32), angles=kinematics.pose3d_to_angles(pose).astype(np.float32),
             src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=size, height=size,
             action_class="jumping jacks", description="Do jumping jacks.", split="val" if k >= n_train else "train"))
     data.write_index(root)
