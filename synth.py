@@ -490,7 +490,7 @@ class GroundTruthPose:
 
 
 class SidecarCache(dict):
-    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as pipeline.list_videos."""
+    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as shards.list_videos."""
 
     def __init__(self, jobs):
         super().__init__()

@@ -153,13 +153,14 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
 def test_pipeline_uses_a_learned_lifter(trained, tmp_path):
     pytest.importorskip("av")
     import pipeline
+    import shards
     import synth
     _, path = trained
     synth.render_demo_videos(tmp_path / "vids", num_videos=1)
     out = tmp_path / "out"
     assert pipeline.main(["--videos", str(tmp_path / "vids"), "--out", str(out), "--lifter", str(path),
                           "--fit-steps", "20", "--no-progress"]) == 0
-    records = pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl")
+    records = shards.read_records(out / "status" / "shard-00000-of-00001.jsonl")
     assert len(records) == 1 and records[0]["lifter"].startswith("LearnedLifter(") and records[0]["written"] >= 1
     for e in data.list_clips(out):
         clip = data.read_clip(out / e["path"])

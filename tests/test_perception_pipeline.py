@@ -20,6 +20,7 @@ import data
 import fit3d
 import pipeline
 import qwen3vl
+import shards
 import synth
 import video
 import vitpose
@@ -118,7 +119,7 @@ def _run(argv, out, capsys):
     rc = pipeline.main(argv + ["--out", str(out)] + FAST)
     printed = capsys.readouterr().out
     assert rc == 0
-    return pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl"), printed
+    return shards.read_records(out / "status" / "shard-00000-of-00001.jsonl"), printed
 
 
 def _check_record_structure(r):

@@ -21,6 +21,7 @@ import data
 import fit3d
 import kinematics
 import pipeline
+import shards
 import synth
 import video
 from vlm import LocalQwen3VL, VLMClient, caption_clip, judge_clip, parse_caption, parse_pick, parse_verdict
@@ -41,7 +42,7 @@ def test_unusable_videos_become_skipped_records(tmp_path):
     none = synth.GroundTruthDetector({})
     for name, status, reason in [("empty.mp4", "SKIPPED", "EMPTY_FILE"), ("text.mp4", "SKIPPED", "OPEN_FAILED"),
                                  ("missing.mp4", "SKIPPED", "UNREADABLE"), ("noise.mp4", "NO_CLIPS", "NO_DETECTIONS")]:
-        job = {"video": str(tmp_path / name), "video_id": pipeline.safe_id(name), "action_class": ""}
+        job = {"video": str(tmp_path / name), "video_id": shards.safe_id(name), "action_class": ""}
         rec = pipeline.process_video(job, cfg, none, synth.GroundTruthPose({}), fit3d.FitLifter())
         assert (rec["status"], rec["reason"]) == (status, reason), rec
         assert rec["clips"] == [] and rec["rejected"] == [] and ("decode" in rec) == (status == "NO_CLIPS")
@@ -49,7 +50,7 @@ def test_unusable_videos_become_skipped_records(tmp_path):
     # a link loop and a dangling link in a --videos folder are listed (not silently left out) and skipped with a reason
     (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
     (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
-    records = pipeline.run(pipeline.list_videos(tmp_path), tmp_path / "out", cfg, none, synth.GroundTruthPose({}),
+    records = pipeline.run(shards.list_videos(tmp_path), tmp_path / "out", cfg, none, synth.GroundTruthPose({}),
                            fit3d.FitLifter(), progress=False)
     got = {r["video_id"]: (r["status"], r["reason"]) for r in records}
     assert got["loop"] == got["gone"] == ("SKIPPED", "UNREADABLE") and len(got) == 5
@@ -233,7 +234,7 @@ def test_fit_collapse_check_and_masked_keypoints_in_the_pipeline(demo_videos, tm
     assert residual["truth"] < cfg.max_fit_residual and residual["fit"] < cfg.max_fit_residual
     assert residual["turned"] > 2 * cfg.max_fit_residual, residual
     # in the pipeline: a collapsed fit is a failing named check; --keep checks drops it, --keep all keeps it
-    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")[:1]
+    jobs = shards.list_videos(manifest=demo_videos / "manifest.jsonl")[:1]
     side = synth.SidecarCache(jobs)
     det, pose = synth.GroundTruthDetector(side), _CocoPose(side)
     for keep, lifter in (("checks", _Turned(fit3d.FitConfig(steps=60))), ("all", _Turned(fit3d.FitConfig(steps=60))),
@@ -411,15 +412,15 @@ def test_judge_and_caption_records(fake_server):
 
 def test_shards_and_ids():
     ids = [f"vid{i}" for i in range(200)]
-    parts = [[v for v in ids if pipeline.shard_of(v, 4) == k] for k in range(4)]
+    parts = [[v for v in ids if shards.shard_of(v, 4) == k] for k in range(4)]
     assert sorted(sum(parts, [])) == sorted(ids) and all(20 < len(p) < 80 for p in parts)
-    assert pipeline.shard_of("abc", 7) == pipeline.shard_of("abc", 7)
-    assert pipeline.parse_shard("3/16") == (3, 16)
+    assert shards.shard_of("abc", 7) == shards.shard_of("abc", 7)
+    assert shards.parse_shard("3/16") == (3, 16)
     for bad in ["16/16", "a/b", "-1/4", ""]:
         with pytest.raises(ValueError):
-            pipeline.parse_shard(bad)
-    assert pipeline.safe_id("jumping jacks/a b?.mp4") == "jumping_jacks__a_b_.mp4"
-    assert pipeline.safe_id(".hidden").startswith("v")
+            shards.parse_shard(bad)
+    assert shards.safe_id("jumping jacks/a b?.mp4") == "jumping_jacks__a_b_.mp4"
+    assert shards.safe_id(".hidden").startswith("v")
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +436,7 @@ def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
     rc = pipeline.main(["--manifest", str(demo_videos / "manifest.jsonl"), "--out", str(out), "--fit-steps", "60",
                         "--fit-flip-steps", "0", "--no-progress"])
     assert rc == 0
-    records = pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl")
+    records = shards.read_records(out / "status" / "shard-00000-of-00001.jsonl")
     assert len(records) == 3 and all(r["status"] == "OK" for r in records)
     spliced = [r for r in records if r["cuts"]]
     assert len(spliced) == 1 and len(spliced[0]["clips"]) == 2  # the hard cut splits it into two clips
@@ -447,7 +448,7 @@ def test_end_to_end_on_rendered_videos(demo_videos, tmp_path):
     assert len(entries) == 4
     gt = {}
     for p in sorted(demo_videos.rglob("*.mp4")):
-        gt[pipeline.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = synth.load_ground_truth(p)
+        gt[shards.safe_id(p.relative_to(demo_videos).with_suffix("").as_posix())] = synth.load_ground_truth(p)
     for e in entries:
         clip = data.read_clip(out / e["path"])
         T = len(clip.frames_jpeg)
@@ -479,7 +480,7 @@ def test_kill_and_resume(demo_videos, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # mid-way through the second video
     finally:
         proc.wait()
-    first = pipeline.read_records(status)
+    first = shards.read_records(status)
     assert 1 <= len(first) < 3
     # a temp file as a killed write would leave it, for a clip of this shard's video
     vid = first[0]["video_id"]
@@ -491,7 +492,7 @@ def test_kill_and_resume(demo_videos, tmp_path):
     rc = subprocess.run(cmd[:-5] + ["--fit-steps", "40", "--fit-flip-steps", "0", "--no-progress", "--resume"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
-    records = pipeline.read_records(status)
+    records = shards.read_records(status)
     assert sorted(r["video_id"] for r in records) == sorted({r["video_id"] for r in records})  # each once
     assert len(records) == 3 and records[0] == first[0]  # the finished video was not redone
     assert not list(out.rglob("*.tmp")) and "videos: 3" in rc.stdout
@@ -528,7 +529,7 @@ def test_local_backend_errors_are_recorded():
 
 
 def test_oracle_pick_judge_caption_and_keep_modes(demo_videos, tmp_path):
-    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
+    jobs = shards.list_videos(manifest=demo_videos / "manifest.jsonl")
     job = next(j for j in jobs if "walk" in j["video_id"] and "stealthy" not in j["video_id"])
     side = synth.SidecarCache(jobs)
     det, pose = synth.GroundTruthDetector(side), synth.GroundTruthPose(side)
@@ -604,26 +605,26 @@ def test_fallback_to_next_candidate_when_the_run_is_short():
 
 
 def test_list_videos_and_shards(demo_videos, tmp_path):
-    jobs = pipeline.list_videos(demo_videos)
+    jobs = shards.list_videos(demo_videos)
     assert len(jobs) == 3 and all(j["action_class"] for j in jobs)
     assert [j["video_id"] for j in jobs] == sorted(j["video_id"] for j in jobs)
     m = tmp_path / "bad.jsonl"
     m.write_text('{"video": "a.mp4"}\n{"vid": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        pipeline.list_videos(manifest=m)
+        shards.list_videos(manifest=m)
     m.write_text('{"video": "a.mp4"}\n{"video": "a.mkv"}\n')
     with pytest.raises(ValueError, match="duplicate video ids"):
-        pipeline.list_videos(manifest=m)
+        shards.list_videos(manifest=m)
     with pytest.raises(FileNotFoundError):
-        pipeline.list_videos(tmp_path / "nope")
+        shards.list_videos(tmp_path / "nope")
     # two shards: disjoint, together everything
     out = tmp_path / "out"
     seen = []
     for k in range(2):
         pipeline.main(["--videos", str(demo_videos), "--out", str(out), "--shard", f"{k}/2", "--fit-steps", "60",
                        "--fit-flip-steps", "0", "--no-progress"])
-        recs = pipeline.read_records(out / "status" / f"shard-{k:05d}-of-00002.jsonl")
-        assert all(pipeline.shard_of(r["video_id"], 2) == k for r in recs)
+        recs = shards.read_records(out / "status" / f"shard-{k:05d}-of-00002.jsonl")
+        assert all(shards.shard_of(r["video_id"], 2) == k for r in recs)
         seen += [r["video_id"] for r in recs]
     assert sorted(seen) == [j["video_id"] for j in jobs]
     assert len(data.list_clips(out)) == 4
@@ -694,7 +695,7 @@ def test_local_qwen3vl_backend_matches_transformers_greedy(tmp_path):
 
 
 def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, tmp_path):
-    jobs = pipeline.list_videos(manifest=demo_videos / "manifest.jsonl")
+    jobs = shards.list_videos(manifest=demo_videos / "manifest.jsonl")
     side = synth.SidecarCache(jobs)
     det, pose = synth.GroundTruthDetector(side), synth.GroundTruthPose(side)
     lifter = fit3d.FitLifter(fit3d.FitConfig(steps=20, flip_steps=0))
@@ -704,13 +705,13 @@ def test_vlm_outage_stops_the_shard_and_resume_redoes_those_videos(demo_videos, 
     with pytest.raises(RuntimeError, match="2 videos in a row"):  # a dead server is not a verdict on the videos
         pipeline.run(jobs, out, cfg, det, pose, lifter, down, resume=False, keep="strict", progress=False)
     status = out / "status" / "shard-00000-of-00001.jsonl"
-    first = pipeline.read_records(status)
+    first = shards.read_records(status)
     assert len(first) == 2 and all(r["vlm_errors"] > 0 and r["written"] == 0 for r in first)
     # the server is back: --resume does those two again (their new records supersede the old lines) and the rest
     up = VLMClient(local=_ScriptedVLM(pick="no idea"), retries=0, sleep=lambda s: None)
     records = pipeline.run(jobs, out, cfg, det, pose, lifter, up, resume=True, keep="strict", progress=False)
     assert len(records) == len(jobs) and all(r["vlm_errors"] == 0 for r in records)
-    assert sorted(r["video_id"] for r in pipeline.read_records(status)) == sorted(j["video_id"] for j in jobs)
+    assert sorted(r["video_id"] for r in shards.read_records(status)) == sorted(j["video_id"] for j in jobs)
     assert sum(r["written"] for r in records) == len(data.list_clips(out)) > 0
     # a video's clips all land on one side of the train/val split (hashed from the video id, not the clip id)
     for e in data.list_clips(out):
