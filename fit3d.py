@@ -1,6 +1,6 @@
 """
-2D keypoints -> 3D pose and 22 joint angles by fitting a kinematic body to a whole clip (no learned
-weights).
+2D keypoints -> 3D pose and 22 joint angles by fitting a kinematic body to a whole clip
+(no learned weights).
 
 The body is the Human3.6M 17-joint tree (kinematics.H36M_PARENTS): per frame a pelvis position and
 16 bone directions, per clip 10 bone lengths shared by left and right (symmetric by construction),
@@ -59,14 +59,14 @@ LENGTH_OF_BONE = [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 8, 9]
 REF_LENGTHS = [kinematics.DEFAULT_BONE_LENGTHS[n] for n in ("r_hip", "r_knee", "r_ankle", "spine",
                                                             "thorax", "neck",
                                                        "head", "l_shoulder", "l_elbow", "l_wrist")]
-# bone groups tried mirrored in depth (indices into the 16 bones = joint - 1): shins, forearms,
-# legs, arms, the hip/shoulder axis (facing yaw -> 180 - yaw), the spine and head lean, and the
-# whole body
+# bone groups tried mirrored in depth (indices into the 16 bones = joint - 1): shins,
+# forearms, legs, arms, the hip/shoulder axis (facing yaw -> 180 - yaw), the spine and head
+# lean, and the whole body
 _FLIP_GROUPS = [[2], [5], [12], [15], [1, 2], [4, 5], [11, 12], [14, 15], [0, 3, 10, 13],
                 [6, 7, 8, 9], list(range(16))]
-# rest pose facing the camera (body left = +x, body up = -y, forward = -z): unit bone directions of
-# joints 1..16, knees slightly bent backwards (+z) and elbows forwards (-z) so the bend sides
-# start right
+# rest pose facing the camera (body left = +x, body up = -y, forward = -z): unit bone
+# directions of joints 1..16, knees slightly bent backwards (+z) and elbows forwards (-z) so
+# the bend sides start right
 _REST_DIRS = [(-1, 0, 0), (0, 1, 0.1), (0, 1, 0.1), (1, 0, 0), (0, 1, 0.1), (0, 1, 0.1),
               (0, -1, 0), (0, -1, 0), (0, -1, 0), (0, -1, 0), (1, 0, 0), (0, 1, 0), (0, 1, -0.1),
               (-1, 0, 0), (0, 1, 0), (0, 1, -0.1)]
@@ -157,8 +157,8 @@ def clean_keypoints(kp2d, scores, min_conf=0.05):
 
 
 def root_guess(kp2d, scores, width, height, focal, min_conf=0.05):
-    """(T, 17, 2) H36M pixels, (T, 17) scores -> (T, 3) camera-frame pelvis guess in metres (see
-    _root_guess)."""
+    """(T, 17, 2) H36M pixels, (T, 17) scores -> (T, 3) camera-frame pelvis guess in metres
+    (see _root_guess)."""
     kp, conf = clean_keypoints(kp2d, scores, min_conf)
     return _root_guess(kp, conf > 0, float(focal), torch.tensor([width / 2.0, height / 2.0],
                                                                 dtype=torch.float64)).numpy()
@@ -419,8 +419,8 @@ def view_mocap(rng, m, frames=40, noise_px=2.0, drop=0.1, randomize=False, lengt
     noisy (T, 17, 2), scores (T, 17), pose3d (T, 17, 3) camera frame, camera). `drop` of the joints
     get score 0 and random positions, the rest Gaussian noise of noise_px pixels; randomize=True
     draws the noise sigma from U(0, noise_px) and the drop rate from U(0, drop) per clip instead
-    (lifter.py's training data); length_jitter scales each (left/right shared) bone length by U(1 -+
-    jitter)."""
+    (lifter.py's training data); length_jitter scales each (left/right shared) bone length by
+    U(1 -+ jitter)."""
     import mocap
     import synth
     t = rng.uniform(0, max(m.times[-1] - frames / 10, 0.0)) + np.arange(frames) / 10.0
@@ -455,9 +455,9 @@ def mocap_cases(n_clips=6, seed=0, frames=40, noise_px=2.0, drop=0.1):
 
 
 def pose_errors(pairs):
-    """[(pose (T, 17, 3), ground truth (T, 17, 3)), ...] -> angle RMSE (degrees, wrapped) of
-    IK(pose) vs IK(truth), overall and per joint group, and the mean bone direction error
-    (degrees)."""
+    """[(pose (T, 17, 3), ground truth (T, 17, 3)), ...] -> angle RMSE (degrees, wrapped)
+    of IK(pose) vs IK(truth), overall and per joint group, and the mean bone direction
+    error (degrees)."""
     diffs, dir_err = [], []
     for pose, gt in pairs:
         diffs.append(wrapped_diff(kinematics.pose3d_to_angles(pose),

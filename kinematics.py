@@ -64,8 +64,8 @@ _TINY = 1e-30         # clamps under square roots so gradients stay finite at 0
 
 
 def _to_torch(x):
-    """-> (tensor, back): numpy/lists become float64 tensors and `back` returns numpy of the input
-    float dtype."""
+    """-> (tensor, back): numpy/lists become float64 tensors and `back` returns numpy of the
+    input float dtype."""
     if isinstance(x, torch.Tensor):
         return (x if x.is_floating_point() else x.double()), (lambda y: y)
     arr = np.asarray(x)
@@ -119,8 +119,8 @@ def _rot_between(a, b):
     K = _skew(v)
     eye = torch.eye(3, dtype=a.dtype, device=a.device)
     R = eye + K + (K @ K) * f[..., None, None]
-    # -eye has signed zeros off the diagonal, so its Euler angles are exactly the original's
-    # (-pi, 0, -pi)
+    # -eye has signed zeros off the diagonal, so its Euler angles are exactly the
+    # original's (-pi, 0, -pi)
     special = torch.where((c > 0)[..., None, None], eye, -eye)
     return torch.where(par[..., None, None], special, R)
 
@@ -154,10 +154,10 @@ def _matrix_from_euler(e):
 def pose3d_to_angles(pose3d):
     """pose3d (..., 17, 3) (numpy or torch; camera frame, y down) -> angles (..., 22) in radians,
     same type. 3-DoF joints: Euler angles of the minimal rotation from reference a to bone b, with
-    up = +y (image DOWN): spine (up, spine - pelvis), hips (-up, knee - hip), shoulders (shoulder -
-    thorax, elbow - shoulder), neck (up, head - neck). Knee/elbow: pi - angle(proximal bone, distal
-    bone), bones along the chain (pi = straight). Vectorised and differentiable (torch in -> torch
-    out)."""
+    up = +y (image DOWN): spine (up, spine - pelvis), hips (-up, knee - hip), shoulders (shoulder
+    - thorax, elbow - shoulder), neck (up, head - neck). Knee/elbow: pi - angle(proximal bone,
+    distal bone), bones along the chain (pi = straight). Vectorised and differentiable (torch in
+    -> torch out)."""
     P, back = _to_torch(pose3d)
     if P.shape[-2:] != (17, 3):
         raise ValueError(f"pose3d must have shape (..., 17, 3), got {tuple(P.shape)}")
@@ -207,9 +207,9 @@ def bone_lengths_of(pose3d):
 
 
 def _first_unit(*vecs):
-    """Unit vector along the first of `vecs` whose norm is > 1e-6 (callers pass projections of unit
-    vectors, so this is relative); the last one must never be degenerate (pass two orthogonal
-    fallbacks)."""
+    """Unit vector along the first of `vecs` whose norm is > 1e-6 (callers pass projections of
+    unit vectors, so this is relative); the last one must never be degenerate (pass two
+    orthogonal fallbacks)."""
     out = _unit(vecs[-1])
     for v in reversed(vecs[:-1]):
         out = torch.where((_norm(v) > 1e-6)[..., None], _unit(v), out)
@@ -291,8 +291,8 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
 
     rot = A[..., [i + k for i in _ROT_IDX for k in range(3)]].unflatten(-1, (6, 3))               # (..., 6, 3)
     E = _matrix_from_euler(rot)                                                                    # (..., 6, 3, 3)
-    # IK writes the anti-parallel case as -I, whose Euler angles (-pi, 0, -pi) recompose to Ry(pi),
-    # not -I
+    # IK writes the anti-parallel case as -I, whose Euler angles (-pi, 0, -pi) recompose
+    # to Ry(pi), not -I
     neg_i = ((rot[..., 0].abs() - math.pi).abs() < _NEG_I_TOL) & (rot[..., 1].abs() < _NEG_I_TOL) \
         & ((rot[..., 2].abs() - math.pi).abs() < _NEG_I_TOL)
     eye = torch.eye(3, dtype=A.dtype, device=A.device)
@@ -339,8 +339,8 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
     def arm(Es, elbow_angle, side_hint, i_sh, i_el, i_wr, Lsh, Lua, Lfa):
         cands = [side_hint, f] if T is None else [_unit(T[..., i_sh, :] - T[..., 8, :]), side_hint,
                                                   f]
-        # the first hint whose projection is usable; E = I or -I accept any reference, so the raw
-        # hint ends it
+        # the first hint whose projection is usable; E = I or -I accept any reference, so the
+        # raw hint ends it
         a = _first_unit(*[_shoulder_ref(Es, c) for c in cands], side_hint)
         shoulder = thorax + Lsh[..., None] * a
         b = (Es @ a[..., None])[..., 0]  # upper arm = E a: IK reads the rotation a -> b back: E

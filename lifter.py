@@ -164,8 +164,8 @@ def training_set(clips, window):
 
 
 def train_lifter(motions, cfg=None, progress=True):
-    """Train a LifterNet on random camera views of `motions` (mocap.Motion objects) -> the model in
-    eval mode."""
+    """Train a LifterNet on random camera views of `motions` (mocap.Motion objects) -> the model
+    in eval mode."""
     cfg = cfg or LifterConfig()
     X, Y = training_set(mocap_clips(motions, cfg.clips, cfg.seed, cfg.frames, cfg.noise_px,
                                     cfg.drop, cfg.length_jitter), cfg.window)
@@ -201,8 +201,8 @@ def save_lifter(net, cfg, path):
 
 
 def load_lifter(path):
-    """-> (LifterNet in eval mode, LifterConfig). Missing or unexpected tensors are named in the
-    error."""
+    """-> (LifterNet in eval mode, LifterConfig). Missing or unexpected tensors are named
+    in the error."""
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
@@ -316,9 +316,9 @@ def load_motions(mocap_dir=None, skip_refused=False, log=print, **kwargs):
 
 
 def _score(lift, fit_cfg, case, pairs, rows):
-    """One clip three ways: the lifter alone, lifter + fit, the fit alone; rows get each one's bone
-    direction error, the fit alone's residual (what FIT_COLLAPSE checks) and which pose the refine
-    kept."""
+    """One clip three ways: the lifter alone, lifter + fit, the fit alone; rows get each one's
+    bone direction error, the fit alone's residual (what FIT_COLLAPSE checks) and which pose
+    the refine kept."""
     name, kp, sc, gt, focal, W, H = case
     lift.focal = focal
     fit, fit_info = fit3d.fit_clip(kp, sc, W, H, focal, fit_cfg, return_info=True)
@@ -406,9 +406,9 @@ def print_results(res, rows, collapse_limit):
 
 
 def plot_poses(path, cases, frames=(0, 13, 26, 39), size=150):
-    """cases [(name, {method: pose (T, 17, 3)}, truth (T, 17, 3))] -> PNG: a row per clip, for each
-    frame the camera's view and a view from its side; truth green, the fit alone blue, the lifter +
-    fit red."""
+    """cases [(name, {method: pose (T, 17, 3)}, truth (T, 17, 3))] -> PNG: a row per clip, for
+    each frame the camera's view and a view from its side; truth green, the fit alone blue, the
+    lifter + fit red."""
     from PIL import Image, ImageDraw
 
     import eval as ev

@@ -94,8 +94,8 @@ def config_hash(cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3-5. Perception interfaces (the stand-ins reading rendered videos' ground truth are in synth.py),
-# keypoints
+# 3-5. Perception interfaces (the stand-ins reading rendered videos' ground truth are in
+# synth.py), keypoints
 
 
 class Detector:
@@ -260,8 +260,8 @@ def _keep(rec, keep):
 
 
 def _judge_codes(judge):
-    """Why a verdict is not vlm_good ([] when it is): unparsed / transport error, else the failed
-    questions."""
+    """Why a verdict is not vlm_good ([] when it is): unparsed / transport error, else the
+    failed questions."""
     if judge is None:
         return ["NO_JUDGE"]  # no VLM was given
     if not judge.get("judged"):
@@ -271,8 +271,8 @@ def _judge_codes(judge):
 
 
 def _rejection(rec, keep):
-    """Why `keep` did not write a tracked segment: the codes the mode looks at (checks, judge or
-    both)."""
+    """Why `keep` did not write a tracked segment: the codes the mode looks at (checks,
+    judge or both)."""
     codes = {"all": [], "checks": rec["issues"], "vlm_good": _judge_codes(rec.get("judge")),
              "strict": rec["issues"] + _judge_codes(rec.get("judge"))}[keep]
     return ";".join(codes)
@@ -360,8 +360,8 @@ def vlm_transport_errors(record):
 
 
 def _segment_reasons(record):
-    """Attrition codes of a record's segments: their failure status, else the failing checks / judge
-    outcome."""
+    """Attrition codes of a record's segments: their failure status, else the failing checks /
+    judge outcome."""
     out = []
     for g in record.get("segments", []):
         st = g.get("status", "")
@@ -546,9 +546,9 @@ def main(argv=None):
 
         import vitpose
         import yolos
-        # bf16 trunks on a GPU (nearly all the compute; the heads and decoding stay float32);
-        # float32 trunks make a GPU run's boxes match a CPU run's, bf16 ones differ by their
-        # rounding
+        # bf16 trunks on a GPU (nearly all the compute; the heads and decoding stay
+        # float32); float32 trunks make a GPU run's boxes match a CPU run's, bf16 ones
+        # differ by their rounding
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
             args.perception_dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if dtype == torch.float32:  # no TF32 either (cuDNN convolutions default to it)

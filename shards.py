@@ -64,8 +64,8 @@ def list_videos(videos_dir=None, manifest=None):
 
 
 def shard_of(video_id, num_shards):
-    """Stable shard of a video: md5 of its id, so shards do not depend on listing order or on other
-    videos."""
+    """Stable shard of a video: md5 of its id, so shards do not depend on listing order or on
+    other videos."""
     return int(hashlib.md5(video_id.encode("utf-8")).hexdigest()[:8], 16) % num_shards
 
 
@@ -78,9 +78,9 @@ def parse_shard(text):
 
 
 def read_records(path):
-    """The complete records of a status file, one per video: a video done again (--resume after a
-    VLM outage, --retry-failed) keeps its latest record; a torn last line from a killed run is
-    ignored."""
+    """The complete records of a status file, one per video: a video done again (--resume
+    after a VLM outage, --retry-failed) keeps its latest record; a torn last line from a
+    killed run is ignored."""
     out = {}
     if Path(path).is_file():
         with open(path, encoding="utf-8") as fh:

@@ -1,9 +1,9 @@
 """
-Target person and track quality for the data pipeline (pipeline.py stages 3-4 and 7): which person
-to follow through a cut-free segment, and whether the track is good enough to become a clip. Pure
-numpy on boxes, scores and poses; pipeline.process_segment runs the models and calls these. The
-limits are fields of pipeline.PipelineConfig, passed in as `cfg` (this file does not import
-pipeline).
+Target person and track quality for the data pipeline (pipeline.py stages 3-4 and 7): which
+person to follow through a cut-free segment, and whether the track is good enough to become a
+clip. Pure numpy on boxes, scores and poses; pipeline.process_segment runs the models and calls
+these. The limits are fields of pipeline.PipelineConfig, passed in as `cfg` (this file does not
+import pipeline).
 
 Target (anchor_frame, heuristic_scores): the anchor is the frame with most detections among 5 evenly
 spaced ones; its detections are the candidates, ordered by a VLM oracle's pick or by our heuristic,

@@ -192,8 +192,8 @@ def gray_histograms(frames):
 
 
 def hist_correlation(h1, h2):
-    """Pearson correlation over bins (OpenCV HISTCMP_CORREL); two flat histograms count as equal (1)
-    or not (0)."""
+    """Pearson correlation over bins (OpenCV HISTCMP_CORREL); two flat histograms count as equal
+    (1) or not (0)."""
     a, b = h1 - h1.mean(-1, keepdims=True), h2 - h2.mean(-1, keepdims=True)
     den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
     same = np.all(np.isclose(h1, h2), -1)

@@ -80,8 +80,8 @@ def random_poses(n, seed=0):
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepMimic mocap -> 17 joints in the camera frame (a simple FK of our own; humanoid3d offsets,
-# metres)
+# DeepMimic mocap -> 17 joints in the camera frame (a simple FK of our own; humanoid3d
+# offsets, metres)
 
 
 def quat_to_mat(q):  # (..., 4) w, x, y, z -> (..., 3, 3)
@@ -224,8 +224,8 @@ def test_round_trip_random_poses():
 
 
 def test_round_trip_from_angles_and_canonical_pose():
-    # IK(FK(a)) == a on the IK manifold: a = IK(p) for p = FK(random angles) with random bone
-    # lengths
+    # IK(FK(a)) == a on the IK manifold: a = IK(p) for p = FK(random angles) with
+    # random bone lengths
     rng = np.random.default_rng(2)
     a0 = rng.uniform(-math.pi, math.pi, size=(500, 22))
     a = ik(fk(a0, bone_lengths=rng.uniform(0.05, 0.5, size=(500, 17))))

@@ -15,7 +15,8 @@ import video
 
 
 def _real_videos():
-    """The folder of real test videos named by MIMIC_TEST_VIDEOS; the test skips when it is unset."""
+    """The folder of real test videos named by MIMIC_TEST_VIDEOS; the test skips
+    when it is unset."""
     pytest.importorskip("av")
     folder = os.environ.get("MIMIC_TEST_VIDEOS", "")
     if not folder:
@@ -46,16 +47,16 @@ def _consecutive_correlations(frames):
 def test_decode_real_videos_sampling():
     vids = _real_videos()
     d = video.decode_video(vids / "stgcn_tai_chi.mp4")
-    # 300 frames at 30000/1001 fps, 10.0 s: samples at k/10 s pick the nearest frame, round(k *
-    # 2.997)
+    # 300 frames at 30000/1001 fps, 10.0 s: samples at k/10 s pick the nearest frame,
+    # round(k * 2.997)
     assert len(d.frames) == 100 and (d.width, d.height) == (340, 256) and d.rotation == 0
     k = np.arange(100)
     np.testing.assert_array_equal(d.src_frame_index, np.round(k * 30000 / 1001 / 10).astype(int))
     np.testing.assert_allclose(d.src_time, d.src_frame_index * 1001 / 30000, atol=1e-6)
     assert np.all(np.abs(d.src_time - k / 10) <= 0.5 * 1001 / 30000 + 1e-9)
     assert video.detect_cuts(video.gray_histograms(d.frames)) == []
-    # portrait 1080x1920 at 12 fps, 40 frames: downscaled to short side 480, 33 samples (0.0 .. 3.2
-    # s)
+    # portrait 1080x1920 at 12 fps, 40 frames: downscaled to short side 480, 33
+    # samples (0.0 .. 3.2 s)
     b = video.decode_video(vids / "mmhuman3d_basketball_single_person_demo.mp4")
     assert (b.width, b.height) == (480, 854) and b.frames[0].shape == (854, 480, 3)
     assert len(b.frames) == 33
@@ -78,8 +79,8 @@ def test_decode_variable_frame_rate_and_rotation(tmp_path):
     expect = [int(np.argmin(np.abs(t - k / 10) + 1e-9 * np.arange(len(t)))) for k in range(8)]
     np.testing.assert_array_equal(d.src_frame_index, expect)
     np.testing.assert_allclose(d.src_time, t[expect], atol=1e-3)
-    # display rotation 90 deg counter-clockwise: 64x48 stored -> 48x64 upright, top-left block ->
-    # bottom-left
+    # display rotation 90 deg counter-clockwise: 64x48 stored -> 48x64 upright, top-left
+    # block -> bottom-left
     assert d.rotation == 90 and (d.width, d.height) == (48, 64)
     img = d.frames[0].astype(int)
     assert img[-6:, :6].mean() > 200 and img[:6, :6].mean() < 150
