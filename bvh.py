@@ -1,21 +1,23 @@
 """
-BVH files of any common rig: parsing, the joints that give the 17 Human3.6M points, and the unit. mocap.load_bvh
-turns the result into a Motion (rotations, up axis, the frames' checks).
+BVH files of any common rig: parsing, the joints that give the 17 Human3.6M points, and the unit.
+mocap.load_bvh turns the result into a Motion (rotations, up axis, the frames' checks).
 
-The joints are found by name and by their place in the tree, so one rule covers the naming families in use: CMU
-conversions (cgspeed / fairmotion: LHipJoint, LeftUpLeg, LeftLeg, LeftFoot; AnimatedDrawings' CMU files: LeftHip,
-LeftKnee, LeftAnkle), Mixamo (mixamorig:LeftUpLeg), the FAIR actor rig and Rokoko (LeftUpLeg ... Spine3), PyMO's
-examples, SMPL (L_Hip, L_Knee, L_Ankle), 3ds Max Biped (Bip01 L Thigh), Unreal (thigh_l, calf_l, foot_l). Each
-side's ankle is the joint nearest the root named like foot / ankle, its wrist like hand / wrist (not toe, finger,
-thumb, end ...); the knee and hip are the ankle's parent and grandparent (elbow and shoulder likewise; twist / roll
-joints skipped), so "LeftShoulder" is a collar bone in Mixamo and a shoulder in the CMU files, as their trees say.
-Any other rig takes a joint map: a JSON object {key of JOINT_MAP_KEYS: the file's joint}, keys left out found as
-above.
+The joints are found by name and by their place in the tree, so one rule covers the naming families
+in use: CMU conversions (cgspeed / fairmotion: LHipJoint, LeftUpLeg, LeftLeg, LeftFoot;
+AnimatedDrawings' CMU files: LeftHip, LeftKnee, LeftAnkle), Mixamo (mixamorig:LeftUpLeg), the FAIR
+actor rig and Rokoko (LeftUpLeg ... Spine3), PyMO's examples, SMPL (L_Hip, L_Knee, L_Ankle), 3ds Max
+Biped (Bip01 L Thigh), Unreal (thigh_l, calf_l, foot_l). Each side's ankle is the joint nearest the
+root named like foot / ankle, its wrist like hand / wrist (not toe, finger, thumb, end ...); the
+knee and hip are the ankle's parent and grandparent (elbow and shoulder likewise; twist / roll
+joints skipped), so "LeftShoulder" is a collar bone in Mixamo and a shoulder in the CMU files, as
+their trees say. Any other rig takes a joint map: a JSON object {key of JOINT_MAP_KEYS: the file's
+joint}, keys left out found as above.
 
-The points: pelvis = the hips' midpoint (as Human3.6M; mocap.forward_kinematics), limb joints at their origins,
-spine = the trunk joint nearest midway between pelvis and thorax, thorax = the shoulders' midpoint on their common
-parent, neck/nose = the head joint, head top and toes = the farthest ends of the head's and ankles' chains.
-The unit is the one of UNITS that makes a 0.6-1.15 m hip-to-ankle length, else the legs are scaled to 0.85 m.
+The points: pelvis = the hips' midpoint (as Human3.6M; mocap.forward_kinematics), limb joints at
+their origins, spine = the trunk joint nearest midway between pelvis and thorax, thorax = the
+shoulders' midpoint on their common parent, neck/nose = the head joint, head top and toes = the
+farthest ends of the head's and ankles' chains. The unit is the one of UNITS that makes a 0.6-1.15 m
+hip-to-ankle length, else the legs are scaled to 0.85 m.
 """
 
 import json
@@ -28,15 +30,16 @@ import numpy as np
 CMU_SCALE = 0.056444  # (1 / 0.45) * 2.54 / 100: CMU mocap units to metres
 UNITS = {"m": 1.0, "cm": 0.01, "mm": 0.001, "inch": 0.0254, "cmu": CMU_SCALE}  # metres per file unit
 LEG_M = (0.6, 0.85, 1.15)  # hip-to-ankle length in metres: the range that identifies a unit, and the fallback
-JOINT_MAP_KEYS = ("r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine", "head", "l_shoulder",
-                  "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist")
-_NOT_A_LIMB = {"end", "nub", "site", "top", "toe", "toes", "ball", "index", "middle", "ring", "pinky", "thumb",
-               "finger", "fingers", "twist", "roll"}
+JOINT_MAP_KEYS = ("r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine", "head",
+                  "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist")
+_NOT_A_LIMB = {"end", "nub", "site", "top", "toe", "toes", "ball", "index", "middle", "ring",
+               "pinky", "thumb", "finger", "fingers", "twist", "roll"}
 
 
 def parse(path):
-    """-> (names, parents, offsets (J, 3), channels [names per joint], end_sites {joint: (3,)}, frame_time,
-    values (N, channels)). Joint names may hold spaces (3ds Max Biped); braces may share a line."""
+    """-> (names, parents, offsets (J, 3), channels [names per joint], end_sites {joint: (3,)},
+    frame_time, values (N, channels)). Joint names may hold spaces (3ds Max Biped); braces may
+    share a line."""
     path = Path(path)
     parts = re.split(r"^\s*MOTION\s*$", path.read_text(errors="replace"), maxsplit=1, flags=re.M)
     if len(parts) != 2:
@@ -92,12 +95,14 @@ def parse(path):
     if not names or len(channels) != len(names) or len(offsets) != len(names) or values.size != n_frames * n_ch:
         raise ValueError(f"{path}: {len(names)} joints with {len(channels)} CHANNELS and {len(offsets)} OFFSETs, "
                          f"{values.size} motion values for {n_frames} frames x {n_ch} channels")
-    return (names, parents, np.array(offsets, np.float64), channels, {k: np.array(v) for k, v in end_sites.items()},
-            frame_time, values.reshape(n_frames, n_ch))
+    return (names, parents, np.array(offsets, np.float64), channels,
+            {k: np.array(v) for k, v in end_sites.items()}, frame_time,
+            values.reshape(n_frames, n_ch))
 
 
 def _words(name):
-    """'mixamorig:LeftUpLeg' -> ['left', 'up', 'leg']; 'LHipJoint' -> ['l', 'hip', 'joint']; 'thigh_l' -> ..."""
+    """'mixamorig:LeftUpLeg' -> ['left', 'up', 'leg']; 'LHipJoint' -> ['l', 'hip', 'joint'];
+    'thigh_l' -> ..."""
     s = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name.rsplit(":", 1)[-1])
     return re.findall(r"[a-z]+", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", s).lower())
 
@@ -117,7 +122,8 @@ def _unknown_rig(path, names, problems):
 
 
 def find_joints(path, names, parents, joint_map=None):
-    """{key of JOINT_MAP_KEYS: joint index}: joint_map's names first, the rest found by name and tree."""
+    """{key of JOINT_MAP_KEYS: joint index}: joint_map's names first, the rest found by
+    name and tree."""
     words = [_words(n) for n in names]
     depth = [0] * len(names)
     for j in range(1, len(names)):
@@ -164,7 +170,8 @@ def find_joints(path, names, parents, joint_map=None):
 
 
 def detect_unit(path, leg, unit):
-    """-> (metres per file unit, its name) from the hip-to-ankle length `leg` in file units, or the given unit."""
+    """-> (metres per file unit, its name) from the hip-to-ankle length `leg` in file units, or
+    the given unit."""
     if unit is not None:
         if isinstance(unit, str) and unit not in UNITS:
             try:
@@ -181,7 +188,8 @@ def detect_unit(path, leg, unit):
 
 
 def nearest_axis(path, v, what):
-    """A direction -> the signed coordinate axis nearest to it, e.g. (0.1, 0, -0.98) -> (0, 0, -1)."""
+    """A direction -> the signed coordinate axis nearest to it, e.g. (0.1, 0, -0.98)
+    -> (0, 0, -1)."""
     k = int(np.argmax(np.abs(v)))
     if abs(v[k]) < 0.5 * np.linalg.norm(v):
         raise ValueError(f"{path}: cannot tell which axis is up ({what} points along {np.round(v, 2)}): pass "
@@ -204,10 +212,11 @@ def read_joint_map(path):
 
 
 def rig_points(path, names, parents, offsets, end_sites, joint_map=None, unit=None):
-    """The skeleton's Human3.6M points -> dict: points [(joint, offset in its frame, file units)] of sites 1..18
-    (mocap.NUM_SITES order: the hips, knees ... wrists, toes; the pelvis is the hips' midpoint), joints {key:
-    index} (JOINT_MAP_KEYS, plus the spine and chest joints chosen), scale (metres per file unit) and unit (its
-    name), rest_up (pelvis -> thorax in the rest pose when that pose stands upright along an axis, else None)."""
+    """The skeleton's Human3.6M points -> dict: points [(joint, offset in its frame, file units)] of
+    sites 1..18 (mocap.NUM_SITES order: the hips, knees ... wrists, toes; the pelvis is the hips'
+    midpoint), joints {key: index} (JOINT_MAP_KEYS, plus the spine and chest joints chosen), scale
+    (metres per file unit) and unit (its name), rest_up (pelvis -> thorax in the rest pose when that
+    pose stands upright along an axis, else None)."""
     jt = find_joints(path, names, parents, joint_map)
     J = len(names)
     rest = np.zeros((J, 3))
@@ -251,7 +260,8 @@ def rig_points(path, names, parents, offsets, end_sites, joint_map=None, unit=No
     rest_up, rest_leg = rest[chest] + thorax - pelvis, (rest[jt["l_ankle"]] + rest[jt["r_ankle"]]) / 2 - pelvis
     upright = (rest_up @ rest_leg < -0.9 * np.linalg.norm(rest_up) * np.linalg.norm(rest_leg)
                and np.abs(rest_up).max() > 0.9 * np.linalg.norm(rest_up))
-    return {"points": points, "joints": jt, "scale": scale, "unit": unit_name, "rest_up": rest_up if upright else None}
+    return {"points": points, "joints": jt, "scale": scale, "unit": unit_name,
+            "rest_up": rest_up if upright else None}
 
 
 def axis_vector(path, up):

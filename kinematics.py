@@ -1,12 +1,13 @@
 """
-The 22 joint angles of MIMIC and the 17 Human3.6M joints they come from, both ways: pose3d_to_angles (IK) and
-angles_to_pose3d (FK, its exact inverse on everything IK can produce: IK(FK(a)) == a), plus mirroring. Poses are in
-the camera frame of their video (x right, y DOWN, z away from the camera): the convention the released model's
-angles are defined in (docs/conventions.md). numpy or torch in, the same out; the torch path is differentiable.
+The 22 joint angles of MIMIC and the 17 Human3.6M joints they come from, both ways: pose3d_to_angles
+(IK) and angles_to_pose3d (FK, its exact inverse on everything IK can produce: IK(FK(a)) == a), plus
+mirroring. Poses are in the camera frame of their video (x right, y DOWN, z away from the camera):
+the convention the released model's angles are defined in (docs/conventions.md). numpy or torch in,
+the same out; the torch path is differentiable.
 
-What IK does not encode (twist about a bone, the bend plane of knees and elbows, where hips and shoulders sit, hence
-one DoF of each upper arm) comes from a `template` pose if given (then FK(IK(p), template=p) == p), else from a
-canonical body facing the camera.
+What IK does not encode (twist about a bone, the bend plane of knees and elbows, where hips and
+shoulders sit, hence one DoF of each upper arm) comes from a `template` pose if given (then
+FK(IK(p), template=p) == p), else from a canonical body facing the camera.
 """
 
 import math
@@ -14,54 +15,66 @@ import math
 import numpy as np
 import torch
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Skeleton and angle layout
 
-H36M_JOINT_NAMES = ("pelvis", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine", "thorax",
-                    "neck", "head", "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist")
+H36M_JOINT_NAMES = ("pelvis", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine",
+                    "thorax", "neck", "head", "l_shoulder", "l_elbow", "l_wrist", "r_shoulder",
+                    "r_elbow", "r_wrist")
 H36M_PARENTS = (-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15)
 H36M_FLIP_PERM = (0, 4, 5, 6, 1, 2, 3, 7, 8, 9, 10, 14, 15, 16, 11, 12, 13)  # left <-> right
 
-# The code order of the original (the README table lists them differently). 3-DoF joints are (pitch, roll, yaw).
+# The code order of the original (the README table lists them differently). 3-DoF joints are
+# (pitch, roll, yaw).
 JOINT_NAMES = ("spine_pitch", "spine_roll", "spine_yaw",
                "l_hip_pitch", "l_hip_roll", "l_hip_yaw", "l_knee",
                "r_hip_pitch", "r_hip_roll", "r_hip_yaw", "r_knee",
                "l_shoulder_pitch", "l_shoulder_roll", "l_shoulder_yaw", "l_elbow",
                "r_shoulder_pitch", "r_shoulder_roll", "r_shoulder_yaw", "r_elbow",
                "neck_pitch", "neck_roll", "neck_yaw")
-JOINT_GROUPS = {"spine": [0, 1, 2], "legs": [3, 4, 5, 6, 7, 8, 9, 10], "arms": [11, 12, 13, 14, 15, 16, 17, 18],
-                "neck": [19, 20, 21]}
+JOINT_GROUPS = {"spine": [0, 1, 2], "legs": [3, 4, 5, 6, 7, 8, 9, 10],
+                "arms": [11, 12, 13, 14, 15, 16, 17, 18], "neck": [19, 20, 21]}
 _ROT_IDX = (0, 3, 7, 11, 15, 19)  # first angle of spine, l_hip, r_hip, l_shoulder, r_shoulder, neck
 _HINGE_IDX = (6, 10, 14, 18)      # l_knee, r_knee, l_elbow, r_elbow
-# Mirroring (x -> -x) conjugates a rotation by M = diag(-1, 1, 1): Rz(y)Ry(r)Rx(p) -> Rz(-y)Ry(-r)Rx(p), so pitch
-# is kept, roll and yaw change sign, and the left/right joints swap places. Hinge angles are mirror invariant.
+# Mirroring (x -> -x) conjugates a rotation by M = diag(-1, 1, 1): Rz(y)Ry(r)Rx(p) ->
+# Rz(-y)Ry(-r)Rx(p), so pitch is kept, roll and yaw change sign, and the left/right joints swap
+# places. Hinge angles are mirror invariant.
 ANGLE_FLIP_PERM = (0, 1, 2, 7, 8, 9, 10, 3, 4, 5, 6, 15, 16, 17, 18, 11, 12, 13, 14, 19, 20, 21)
-ANGLE_FLIP_SIGN = tuple(-1.0 if i in (1, 2, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21) else 1.0 for i in range(22))
+ANGLE_FLIP_SIGN = tuple(-1.0 if i in (1, 2, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21) else 1.0
+                        for i in range(22))
 
-# Default bone lengths in metres, indexed by the child joint (length of joint j - joint parent[j]): a ~1.75 m adult
-# with Human3.6M-like proportions (thigh/shin/upper arm/forearm close to the DeepMimic humanoid: .42/.41/.27/.26).
-DEFAULT_BONE_LENGTHS = {"r_hip": 0.11, "r_knee": 0.43, "r_ankle": 0.42, "l_hip": 0.11, "l_knee": 0.43,
-                        "l_ankle": 0.42, "spine": 0.22, "thorax": 0.24, "neck": 0.12, "head": 0.11,
-                        "l_shoulder": 0.16, "l_elbow": 0.28, "l_wrist": 0.25, "r_shoulder": 0.16,
-                        "r_elbow": 0.28, "r_wrist": 0.25}
+# Default bone lengths in metres, indexed by the child joint (length of joint j - joint parent[j]):
+# a ~1.75 m adult with Human3.6M-like proportions (thigh/shin/upper arm/forearm close to the
+# DeepMimic humanoid: .42/.41/.27/.26).
+DEFAULT_BONE_LENGTHS = {"r_hip": 0.11, "r_knee": 0.43, "r_ankle": 0.42, "l_hip": 0.11,
+                        "l_knee": 0.43, "l_ankle": 0.42, "spine": 0.22, "thorax": 0.24,
+                        "neck": 0.12, "head": 0.11, "l_shoulder": 0.16, "l_elbow": 0.28,
+                        "l_wrist": 0.25, "r_shoulder": 0.16, "r_elbow": 0.28, "r_wrist": 0.25}
 
-_PARALLEL_EPS = 1e-8  # |a x b| below this (unit vectors): parallel -> I, anti-parallel -> -I (as the original)
-_GIMBAL_EPS = 1e-6    # sqrt(R00^2 + R10^2) below this: gimbal branch of the Euler extraction (as the original)
-_NEG_I_TOL = 1e-5     # FK reads an angle triple within this of (+-pi, 0, +-pi) as IK's code for "-I"
+# the original's thresholds: |a x b| of unit vectors below _PARALLEL_EPS is parallel -> I or
+# anti-parallel -> -I; sqrt(R00^2 + R10^2) below _GIMBAL_EPS takes the Euler gimbal branch
+_PARALLEL_EPS = 1e-8
+_GIMBAL_EPS = 1e-6
+_NEG_I_TOL = 1e-5     # FK reads an angle triple within this of (+-pi, 0, +-pi) as IK's "-I"
 _TINY = 1e-30         # clamps under square roots so gradients stay finite at 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Small vector helpers (torch; numpy inputs are converted to float64 tensors by the public functions)
+# --------------------------------------------------------------------------------------------------
+# Small vector helpers (torch; the public functions convert numpy inputs to float64 tensors)
 
 
 def _to_torch(x):
-    """-> (tensor, back): numpy/lists become float64 tensors and `back` returns numpy of the input float dtype."""
+    """-> (tensor, back): numpy/lists become float64 tensors and `back` returns numpy of the
+    input float dtype."""
     if isinstance(x, torch.Tensor):
         return (x if x.is_floating_point() else x.double()), (lambda y: y)
     arr = np.asarray(x)
     out_dtype = arr.dtype if arr.dtype in (np.float32, np.float64) else np.float64
-    return torch.from_numpy(np.array(arr, dtype=np.float64)), (lambda y: y.detach().cpu().numpy().astype(out_dtype))
+
+    def back(y):
+        return y.detach().cpu().numpy().astype(out_dtype)
+
+    return torch.from_numpy(np.array(arr, dtype=np.float64)), back
 
 
 def _like(x, ref):
@@ -93,34 +106,40 @@ def _skew(v):
 
 
 def _rot_between(a, b):
-    """Minimal (Rodrigues) rotation taking direction a onto direction b; I if parallel, -I if anti-parallel.
-    a, b: (..., 3) -> (..., 3, 3). R = I + [v]x + [v]x^2 (1 - c) / s^2 with v = a x b, c = a.b, s = |v|."""
+    """Minimal (Rodrigues) rotation taking direction a onto direction b; I if parallel, -I if
+    anti-parallel. a, b: (..., 3) -> (..., 3, 3).
+    R = I + [v]x + [v]x^2 (1 - c) / s^2 with v = a x b, c = a.b, s = |v|."""
     a, b = _unit(a), _unit(b)
     v, c = _cross(a, b), _dot(a, b)
     s2 = _dot(v, v)
     par = s2 < _PARALLEL_EPS ** 2
     # (1 - c) / s^2 == 1 / (1 + c): use the form without cancellation on each side (c > 0 / c <= 0)
-    f = torch.where(c > 0, 1 / (1 + c.clamp_min(0)), (1 - c) / torch.where(par, torch.ones_like(s2), s2))
+    f = torch.where(c > 0, 1 / (1 + c.clamp_min(0)),
+                    (1 - c) / torch.where(par, torch.ones_like(s2), s2))
     K = _skew(v)
     eye = torch.eye(3, dtype=a.dtype, device=a.device)
     R = eye + K + (K @ K) * f[..., None, None]
-    # -eye has signed zeros off the diagonal, so its Euler angles are exactly the original's (-pi, 0, -pi)
+    # -eye has signed zeros off the diagonal, so its Euler angles are exactly the
+    # original's (-pi, 0, -pi)
     special = torch.where((c > 0)[..., None, None], eye, -eye)
     return torch.where(par[..., None, None], special, R)
 
 
 def _euler_from_matrix(R):
-    """(..., 3, 3) -> (..., 3) = (pitch, roll, yaw), R = Rz(yaw) Ry(roll) Rx(pitch); the original's gimbal branch."""
+    """(..., 3, 3) -> (..., 3) = (pitch, roll, yaw), R = Rz(yaw) Ry(roll) Rx(pitch); the original's
+    gimbal branch."""
     sy = torch.sqrt((R[..., 0, 0] ** 2 + R[..., 1, 0] ** 2).clamp_min(_TINY))
     sing = sy < _GIMBAL_EPS
-    pitch = torch.where(sing, torch.atan2(-R[..., 1, 2], R[..., 1, 1]), torch.atan2(R[..., 2, 1], R[..., 2, 2]))
+    pitch = torch.where(sing, torch.atan2(-R[..., 1, 2], R[..., 1, 1]),
+                        torch.atan2(R[..., 2, 1], R[..., 2, 2]))
     roll = torch.atan2(-R[..., 2, 0], sy)
     yaw = torch.where(sing, torch.zeros_like(sy), torch.atan2(R[..., 1, 0], R[..., 0, 0]))
     return torch.stack([pitch, roll, yaw], -1)
 
 
 def _matrix_from_euler(e):
-    """(..., 3) (pitch, roll, yaw) -> Rz(yaw) Ry(roll) Rx(pitch) (..., 3, 3), the inverse of _euler_from_matrix."""
+    """(..., 3) (pitch, roll, yaw) -> Rz(yaw) Ry(roll) Rx(pitch) (..., 3, 3), the inverse of
+    _euler_from_matrix."""
     cx, cy, cz = torch.cos(e).unbind(-1)
     sx, sy, sz = torch.sin(e).unbind(-1)
     return torch.stack([cy * cz, sx * sy * cz - cx * sz, cx * sy * cz + sx * sz,
@@ -128,16 +147,17 @@ def _matrix_from_euler(e):
                         -sy, sx * cy, cx * cy], -1).unflatten(-1, (3, 3))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # IK: pose3d -> 22 angles (docs/conventions.md)
 
 
 def pose3d_to_angles(pose3d):
-    """pose3d (..., 17, 3) (numpy or torch; camera frame, y down) -> angles (..., 22) in radians, same type.
-    3-DoF joints: Euler angles of the minimal rotation from reference a to bone b, with up = +y (image DOWN):
-    spine (up, spine - pelvis), hips (-up, knee - hip), shoulders (shoulder - thorax, elbow - shoulder),
-    neck (up, head - neck). Knee/elbow: pi - angle(proximal bone, distal bone), bones along the chain
-    (pi = straight). Vectorised and differentiable (torch in -> torch out)."""
+    """pose3d (..., 17, 3) (numpy or torch; camera frame, y down) -> angles (..., 22) in radians,
+    same type. 3-DoF joints: Euler angles of the minimal rotation from reference a to bone b, with
+    up = +y (image DOWN): spine (up, spine - pelvis), hips (-up, knee - hip), shoulders (shoulder
+    - thorax, elbow - shoulder), neck (up, head - neck). Knee/elbow: pi - angle(proximal bone,
+    distal bone), bones along the chain (pi = straight). Vectorised and differentiable (torch in
+    -> torch out)."""
     P, back = _to_torch(pose3d)
     if P.shape[-2:] != (17, 3):
         raise ValueError(f"pose3d must have shape (..., 17, 3), got {tuple(P.shape)}")
@@ -156,13 +176,13 @@ def pose3d_to_angles(pose3d):
     return back(out)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FK: 22 angles -> pose3d, the exact inverse of the IK above
 
 
 def _bone_lengths(bone_lengths, ref):
-    """None | dict {child joint name: metres} (others default) | (..., 17) per child joint (entry 0 ignored) |
-    (..., 16) per bone (joints 1..16) -> (..., 17) tensor."""
+    """None | dict {child joint name: metres} (others default) | (..., 17) per child joint (entry 0
+    ignored) | (..., 16) per bone (joints 1..16) -> (..., 17) tensor."""
     if bone_lengths is None or isinstance(bone_lengths, dict):
         given = dict(bone_lengths or {})
         unknown = sorted(set(given) - set(DEFAULT_BONE_LENGTHS))
@@ -180,15 +200,16 @@ def _bone_lengths(bone_lengths, ref):
 
 
 def bone_lengths_of(pose3d):
-    """(..., 17, 3) -> (..., 17): |joint j - joint parent[j]| (0 for the pelvis), the format FK takes."""
+    """(..., 17, 3) -> (..., 17): |joint j - joint parent[j]| (0 for the pelvis), as FK takes."""
     P, back = _to_torch(pose3d)
     d = P[..., 1:, :] - P[..., list(H36M_PARENTS[1:]), :]
     return back(torch.cat([torch.zeros_like(P[..., :1, 0]), _norm(d)], -1))
 
 
 def _first_unit(*vecs):
-    """Unit vector along the first of `vecs` whose norm is > 1e-6 (callers pass projections of unit vectors, so this
-    is relative); the last one must never be degenerate (pass two orthogonal fallbacks)."""
+    """Unit vector along the first of `vecs` whose norm is > 1e-6 (callers pass projections of
+    unit vectors, so this is relative); the last one must never be degenerate (pass two
+    orthogonal fallbacks)."""
     out = _unit(vecs[-1])
     for v in reversed(vecs[:-1]):
         out = torch.where((_norm(v) > 1e-6)[..., None], _unit(v), out)
@@ -196,13 +217,13 @@ def _first_unit(*vecs):
 
 
 def _perp_unit(axis, *cands):
-    """Unit vector along the part perpendicular to unit `axis` of the first candidate that has one (candidates are
-    normalised first, so "has one" means > 1e-6 of its length)."""
+    """Unit vector along the part perpendicular to unit `axis` of the first candidate that has one
+    (candidates are normalised first, so "has one" means > 1e-6 of its length)."""
     return _first_unit(*[c - _dot(c, axis)[..., None] * axis for c in map(_unit, cands)])
 
 
 def _rotate_min(p, q, x):
-    """Apply the minimal rotation taking unit p onto unit q to x; where p ~ -q (undefined) return x."""
+    """Apply the minimal rotation taking unit p onto unit q to x; where p ~ -q (undefined): x."""
     v, c = _cross(p, q), _dot(p, q)
     ok = (1 + c) > 1e-6
     d = torch.where(ok, 1 + c, torch.ones_like(c))[..., None]
@@ -211,9 +232,10 @@ def _rotate_min(p, q, x):
 
 
 def _body_frame(u):
-    """Canonical body axes for body-up u (unit, camera frame): lateral-left l and forward f, obtained by the minimal
-    rotation taking an upright person facing the camera (up -y, left +x, forward -z) onto u (closed form).
-    Upside down (u = +y) the rotation is undefined: use the frame turned by pi about z (left -x, forward -z)."""
+    """Canonical body axes for body-up u (unit, camera frame): lateral-left l and forward f,
+    obtained by the minimal rotation taking an upright person facing the camera (up -y, left +x,
+    forward -z) onto u (closed form). Upside down (u = +y) the rotation is undefined: use the frame
+    turned by pi about z (left -x, forward -z)."""
     ux, uy, uz = u.unbind(-1)
     d = 1 - uy
     ok = d > 1e-6
@@ -226,10 +248,11 @@ def _body_frame(u):
 
 
 def _shoulder_ref(E, hint):
-    """The part of `hint` perpendicular to the rotation axis n of E (un-normalised). A minimal rotation from a only
-    exists about an axis perpendicular to a, so FK must put the shoulder reference (shoulder - thorax) in that plane
-    for IK to read E back. Small angles: n from the skew part (2 sin(t) n); large: (2I - E - E^T) = 2(1-cos t)(I-nn^T).
-    E = I (n undefined, any reference works): the hint itself."""
+    """The part of `hint` perpendicular to the rotation axis n of E (un-normalised). A minimal
+    rotation from a only exists about an axis perpendicular to a, so FK must put the shoulder
+    reference (shoulder - thorax) in that plane for IK to read E back. Small angles: n from the skew
+    part (2 sin(t) n); large: (2I - E - E^T) = 2(1-cos t)(I-nn^T). E = I (n undefined, any reference
+    works): the hint itself."""
     w = torch.stack([E[..., 2, 1] - E[..., 1, 2], E[..., 0, 2] - E[..., 2, 0], E[..., 1, 0] - E[..., 0, 1]], -1)
     n = _unit(w)
     small = hint - _dot(hint, n)[..., None] * n
@@ -240,17 +263,18 @@ def _shoulder_ref(E, hint):
 
 
 def angles_to_pose3d(angles, bone_lengths=None, template=None):
-    """angles (..., 22) -> pose3d (..., 17, 3) (numpy or torch, same type; differentiable in torch), pelvis at the
-    origin (or at the template's pelvis). IK(FK(a)) == a for every a IK produces.
-    bone_lengths: None (DEFAULT_BONE_LENGTHS; the template's if a template is given), a dict {child joint: length},
-    (..., 17) per child joint or (..., 16) per bone.
-    template: optional (..., 17, 3) pose supplying every degree of freedom the angles do not encode (hip and
-    shoulder placement, spine->thorax->neck directions, knee/elbow bend planes); FK(IK(p), template=p) == p.
-    Without it FK builds a canonical body facing the camera: hips and shoulders along its lateral axis (shoulders
-    projected onto the plane each shoulder rotation allows), thorax and neck on the spine line, knees bending
-    backwards and elbows forwards. The spine, thigh and neck directions of p are always kept; an upper arm only as
-    far as p's shoulder - thorax direction matches the canonical one (the angles cannot tell a person facing away
-    with arms down from one facing the camera with arms raised)."""
+    """angles (..., 22) -> pose3d (..., 17, 3) (numpy or torch, same type; differentiable in torch),
+    pelvis at the origin (or at the template's pelvis). IK(FK(a)) == a for every a IK produces.
+    bone_lengths: None (DEFAULT_BONE_LENGTHS; the template's if a template is given), a dict {child
+    joint: length}, (..., 17) per child joint or (..., 16) per bone. template: optional (..., 17, 3)
+    pose supplying every degree of freedom the angles do not encode (hip and shoulder placement,
+    spine->thorax->neck directions, knee/elbow bend planes); FK(IK(p), template=p) == p. Without it
+    FK builds a canonical body facing the camera: hips and shoulders along its lateral axis
+    (shoulders projected onto the plane each shoulder rotation allows), thorax and neck on the spine
+    line, knees bending backwards and elbows forwards. The spine, thigh and neck directions of p are
+    always kept; an upper arm only as far as p's shoulder - thorax direction matches the canonical
+    one (the angles cannot tell a person facing away with arms down from one facing the camera with
+    arms raised)."""
     A, back = _to_torch(angles)
     if A.shape[-1] != 22:
         raise ValueError(f"angles must have last dim 22, got {tuple(A.shape)}")
@@ -260,13 +284,15 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
         if T.shape[-2:] != (17, 3):
             raise ValueError(f"template must have shape (..., 17, 3), got {tuple(T.shape)}")
     L = bone_lengths_of(T) if bone_lengths is None and T is not None else _bone_lengths(bone_lengths, A)
-    batch = torch.broadcast_shapes(A.shape[:-1], L.shape[:-1], *([] if T is None else [T.shape[:-2]]))
+    batch = torch.broadcast_shapes(A.shape[:-1], L.shape[:-1],
+                                   *([] if T is None else [T.shape[:-2]]))
     A, L = A.expand(*batch, 22), L.expand(*batch, 17).unbind(-1)
     T = None if T is None else T.expand(*batch, 17, 3)
 
     rot = A[..., [i + k for i in _ROT_IDX for k in range(3)]].unflatten(-1, (6, 3))               # (..., 6, 3)
     E = _matrix_from_euler(rot)                                                                    # (..., 6, 3, 3)
-    # IK writes the anti-parallel case as -I, whose Euler angles (-pi, 0, -pi) recompose to Ry(pi), not -I
+    # IK writes the anti-parallel case as -I, whose Euler angles (-pi, 0, -pi) recompose
+    # to Ry(pi), not -I
     neg_i = ((rot[..., 0].abs() - math.pi).abs() < _NEG_I_TOL) & (rot[..., 1].abs() < _NEG_I_TOL) \
         & ((rot[..., 2].abs() - math.pi).abs() < _NEG_I_TOL)
     eye = torch.eye(3, dtype=A.dtype, device=A.device)
@@ -279,13 +305,14 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
     head_dir = E_neck @ up
     thigh_l, thigh_r = -(E_lhip @ up), -(E_rhip @ up)  # reference a = -up
     l, f = _body_frame(u)
-    if T is not None:         # the template's lateral axis (left hip - right hip), kept perpendicular to the spine
+    if T is not None:         # the template's lateral axis (left hip - right hip), _|_ the spine
         t = T.unbind(-2)
         l = _perp_unit(u, t[4] - t[1], l, f)
         f = _cross(l, u)      # (f, l, u) is right-handed: f x l = u, l x u = f
 
-    def hint(i, j, canonical):  # direction of template bone i -> j if a template is given, else the canonical one
-        return canonical if T is None else _first_unit(_unit(T[..., j, :] - T[..., i, :]), canonical)
+    def hint(i, j, canonical):  # direction of the template's bone i -> j, else the canonical one
+        return canonical if T is None else _first_unit(_unit(T[..., j, :] - T[..., i, :]),
+                                                       canonical)
 
     pelvis = torch.zeros_like(u) if T is None else T[..., 0, :]
     spine = pelvis + L[7][..., None] * u
@@ -297,8 +324,9 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
 
     def leg(hip, thigh, knee_angle, i_knee, i_ankle, Lt, Ls):
         knee = hip + Lt[..., None] * thigh
-        # knee flexes backwards: the body's backward direction carried along by the rotation from body-down to
-        # the thigh (stays sensible when the thigh is horizontal, e.g. sitting); any unit w _|_ thigh inverts IK
+        # knee flexes backwards: the body's backward direction carried along by the rotation from
+        # body-down to the thigh (stays sensible when the thigh is horizontal, e.g. sitting); any
+        # unit w _|_ thigh inverts IK
         canon = _rotate_min(-u, thigh, -f)
         w = _perp_unit(thigh, canon, l, f) if T is None else \
             _perp_unit(thigh, T[..., i_ankle, :] - T[..., i_knee, :], canon, l, f)
@@ -309,13 +337,15 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
     l_knee, l_ankle = leg(l_hip, thigh_l, k_l, 5, 6, L[5], L[6])
 
     def arm(Es, elbow_angle, side_hint, i_sh, i_el, i_wr, Lsh, Lua, Lfa):
-        cands = [side_hint, f] if T is None else [_unit(T[..., i_sh, :] - T[..., 8, :]), side_hint, f]
-        # the first hint whose projection is usable; E = I or -I accept any reference, so the raw hint ends it
+        cands = [side_hint, f] if T is None else [_unit(T[..., i_sh, :] - T[..., 8, :]), side_hint,
+                                                  f]
+        # the first hint whose projection is usable; E = I or -I accept any reference, so the
+        # raw hint ends it
         a = _first_unit(*[_shoulder_ref(Es, c) for c in cands], side_hint)
         shoulder = thorax + Lsh[..., None] * a
-        b = (Es @ a[..., None])[..., 0]  # upper arm = E a: IK reads back the minimal rotation a -> b, i.e. E
+        b = (Es @ a[..., None])[..., 0]  # upper arm = E a: IK reads the rotation a -> b back: E
         elbow = shoulder + Lua[..., None] * b
-        # elbow flexes forwards: the forward direction (made _|_ a) carried along by the shoulder rotation
+        # elbow flexes forwards: the forward direction (made _|_ a) turned by the shoulder rotation
         canon = (Es @ _perp_unit(a, f, u)[..., None])[..., 0]
         w = _perp_unit(b, canon, l, f) if T is None else _perp_unit(b, T[..., i_wr, :] - T[..., i_el, :], canon, l, f)
         forearm = -torch.cos(elbow_angle)[..., None] * b + torch.sin(elbow_angle)[..., None] * w
@@ -328,7 +358,7 @@ def angles_to_pose3d(angles, bone_lengths=None, template=None):
     return back(out)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Encoding and mirroring
 
 
@@ -347,4 +377,6 @@ def flip_pose3d(p):
 def flip_angles(a):
     """The angles of the mirrored pose: flip_angles(IK(p)) == IK(flip_pose3d(p)) (mod 2 pi)."""
     q = a[..., list(ANGLE_FLIP_PERM)]
-    return q * (_like(ANGLE_FLIP_SIGN, q) if isinstance(q, torch.Tensor) else np.asarray(ANGLE_FLIP_SIGN, q.dtype))
+    if isinstance(q, torch.Tensor):
+        return q * _like(ANGLE_FLIP_SIGN, q)
+    return q * np.asarray(ANGLE_FLIP_SIGN, q.dtype)

@@ -1,18 +1,20 @@
 """
-Motion capture in: loaders of three formats (DeepMimic humanoid3d JSON, IsaacGymEnvs AMP arrays, BVH of any common
-rig through bvh.py), quaternions, forward kinematics onto the 17 Human3.6M joints, and resampling at any times (slerp,
-looping cycles without a seam).
+Motion capture in: loaders of three formats (DeepMimic humanoid3d JSON, IsaacGymEnvs AMP arrays, BVH
+of any common rig through bvh.py), quaternions, forward kinematics onto the 17 Human3.6M joints, and
+resampling at any times (slerp, looping cycles without a seam).
 
-A Motion holds local joint rotations on a fixed skeleton in a Y-up world (metres); sample_motion turns it into world
-points at the requested times: the 17 Human3.6M joints (the pelvis always the hips' midpoint, as in Human3.6M), then
-both toes and a face point (those three only for rendering). MOTIONS lists the MIT/BSD mocap shipped in assets/mocap/
-(see assets/mocap/ATTRIBUTION.md) with the action class and instructions of each; load_motion reads one of them.
-load_dir reads a folder of the user's mocap, saying for each file how it was read or why it was refused. synth.py
-renders motions into the demo dataset, fit3d.py and lifter.py view them through random cameras.
+A Motion holds local joint rotations on a fixed skeleton in a Y-up world (metres); sample_motion
+turns it into world points at the requested times: the 17 Human3.6M joints (the pelvis always the
+hips' midpoint, as in Human3.6M), then both toes and a face point (those three only for rendering).
+MOTIONS lists the MIT/BSD mocap shipped in assets/mocap/ (see assets/mocap/ATTRIBUTION.md) with the
+action class and instructions of each; load_motion reads one of them. load_dir reads a folder of the
+user's mocap, saying for each file how it was read or why it was refused. synth.py renders motions
+into the demo dataset, fit3d.py and lifter.py view them through random cameras.
 
-References: DeepMimic (Peng et al. 2018, github.com/xbpeng/DeepMimic, data/motions + data/characters/humanoid3d.txt);
-AMP (Peng et al. 2021) motions as shipped by NVIDIA-Omniverse/IsaacGymEnvs (assets/amp/motions, poselib
-SkeletonMotion); BVH format (Biovision); Human3.6M 17-joint order (kinematics.H36M_JOINT_NAMES).
+References: DeepMimic (Peng et al. 2018, github.com/xbpeng/DeepMimic, data/motions +
+data/characters/humanoid3d.txt); AMP (Peng et al. 2021) motions as shipped by
+NVIDIA-Omniverse/IsaacGymEnvs (assets/amp/motions, poselib SkeletonMotion); BVH format (Biovision);
+Human3.6M 17-joint order (kinematics.H36M_JOINT_NAMES).
 
 Commands:
   python mocap.py --inspect DIR_OR_FILES [--joint-map map.json] [--up z] [--unit cm] [--allow-pickle]
@@ -53,7 +55,8 @@ def quat_conj(q):
 
 
 def quat_axis_angle(axis, angle):
-    """Rotation by `angle` (radians, any shape) about a fixed unit `axis` (3,) -> (*angle.shape, 4)."""
+    """Rotation by `angle` (radians, any shape) about a fixed unit `axis` (3,) ->
+    (*angle.shape, 4)."""
     half = 0.5 * np.asarray(angle, dtype=np.float64)[..., None]
     return np.concatenate([np.cos(half), np.sin(half) * np.asarray(axis, dtype=np.float64)], -1)
 
@@ -105,7 +108,8 @@ class Motion:
 
 
 def joint_transforms(parents, offsets, root_pos, rot):
-    """(T, 3) root positions + (T, J, 4) rotations -> world rotations (T, J, 3, 3) and origins (T, J, 3)."""
+    """(T, 3) root positions + (T, J, 4) rotations -> world rotations (T, J, 3, 3) and
+    origins (T, J, 3)."""
     mats = quat_to_mat(rot)  # (T, J, 3, 3)
     world_r = [None] * len(parents)
     world_p = [None] * len(parents)
@@ -119,9 +123,10 @@ def joint_transforms(parents, offsets, root_pos, rot):
 
 
 def forward_kinematics(m, root_pos, rot):
-    """(T, 3) root positions + (T, J, 4) rotations -> (T, NUM_SITES, 3) world points. The pelvis is the midpoint
-    of the hips, as in Human3.6M (hips and pelvis on one line) whatever the skeleton's root joint: a root above the
-    hips (the CMU skeletons', ~0.1 m) would bend the two pelvis-hip bones into a V that no video pose has."""
+    """(T, 3) root positions + (T, J, 4) rotations -> (T, NUM_SITES, 3) world points. The pelvis is
+    the midpoint of the hips, as in Human3.6M (hips and pelvis on one line) whatever the skeleton's
+    root joint: a root above the hips (the CMU skeletons', ~0.1 m) would bend the two pelvis-hip
+    bones into a V that no video pose has."""
     world_r, world_p = joint_transforms(m.parents, m.offsets, root_pos, rot)
     r = world_r[:, m.site_joint]  # (T, S - 1, 3, 3)
     p = world_p[:, m.site_joint] + np.einsum("tsij,sj->tsi", r, m.site_offset)
@@ -129,7 +134,8 @@ def forward_kinematics(m, root_pos, rot):
 
 
 def _heading(m, q):
-    """Yaw about +Y of the body's facing direction (the angle psi of a rotation Ry(psi) taking +X onto it)."""
+    """Yaw about +Y of the body's facing direction (the angle psi of a rotation Ry(psi)
+    taking +X onto it)."""
     f = quat_to_mat(q) @ m.forward
     return math.atan2(-f[2], f[0])
 
@@ -139,13 +145,16 @@ def _yaw_quat(psi):
 
 
 def sample_motion(m, t):
-    """World points (T, NUM_SITES, 3) at times t (seconds, (T,)), plus the source frame index and time of each.
+    """World points (T, NUM_SITES, 3) at times t (seconds, (T,)), plus the source frame index
+    and time of each.
 
-    Non-looping motions hold their first/last frame outside [0, duration]. A looping motion of period P plays cycle
-    n = t // P displaced by D^n, D the horizontal rigid motion (yaw + translation) taking the root's heading and
-    ground position at the first frame onto those at the last frame (how DeepMimic chains its 'wrap' cycles). The
-    recorded cycles do not close exactly (up to ~90 deg at a shoulder of the roll clip), so the mismatch between the
-    last frame and the displaced first frame is spread linearly over the cycle: a continuous loop without a seam.
+    Non-looping motions hold their first/last frame outside [0, duration]. A looping motion of
+    period P plays cycle n = t // P displaced by D^n, D the horizontal rigid motion
+    (yaw + translation) taking the root's heading and ground position at the first frame onto
+    those at the last frame (how DeepMimic chains its 'wrap' cycles). The recorded cycles do not
+    close exactly (up to ~90 deg at a shoulder of the roll clip), so the mismatch between the
+    last frame and the displaced first frame is spread linearly over the cycle: a continuous
+    loop without a seam.
     """
     t = np.asarray(t, dtype=np.float64)
     period = m.times[-1]
@@ -160,7 +169,8 @@ def sample_motion(m, t):
         ry = quat_to_mat(_yaw_quat(dpsi))
         flat = np.array([1.0, 0.0, 1.0])
         shift = m.root_pos[-1] * flat - ry @ (m.root_pos[0] * flat)  # D(x) = ry @ x + shift
-        # seam closure: the rotation/offset taking the last frame onto the displaced first frame, scaled by tau / P
+        # seam closure: the rotation/offset taking the last frame onto the displaced first frame,
+        # scaled by tau / P
         target = np.concatenate([quat_mul(_yaw_quat(dpsi), m.rot[0, 0])[None], m.rot[0, 1:]], 0)  # (J, 4)
         corr = quat_mul(target, quat_conj(m.rot[-1]))
         s = tau / period
@@ -183,22 +193,26 @@ def sample_motion(m, t):
 
 
 # -----------------------------------------------------------------------------
-# loaders. Every skeleton maps onto the same NUM_SITES points (Human3.6M order, then toes and face). The pelvis is
-# always the hips' midpoint (forward_kinematics); each other point is (joint name, offset in that joint's frame).
-# DeepMimic / AMP: spine = the mid-torso joint (about midway between pelvis and thorax); nose/head points sit on
-# the neck's up axis, so the neck angle follows the head.
+# loaders. Every skeleton maps onto the same NUM_SITES points (Human3.6M order, then toes and
+# face). The pelvis is always the hips' midpoint (forward_kinematics); each other point is (joint
+# name, offset in that joint's frame). DeepMimic / AMP: spine = the mid-torso joint (about midway
+# between pelvis and thorax); nose/head points sit on the neck's up axis, so the neck angle
+# follows the head.
 
 _DM_SITES = [("right_hip", 0, 0, 0), ("right_knee", 0, 0, 0), ("right_ankle", 0, 0, 0),
-             ("left_hip", 0, 0, 0), ("left_knee", 0, 0, 0), ("left_ankle", 0, 0, 0), ("chest", 0, 0, 0),
-             ("neck", 0, 0, 0), ("neck", 0, 0.12, 0), ("neck", 0, 0.28, 0),
+             ("left_hip", 0, 0, 0), ("left_knee", 0, 0, 0), ("left_ankle", 0, 0, 0),
+             ("chest", 0, 0, 0), ("neck", 0, 0, 0), ("neck", 0, 0.12, 0), ("neck", 0, 0.28, 0),
              ("left_shoulder", 0, 0, 0), ("left_elbow", 0, 0, 0), ("left_wrist", 0, 0, 0),
              ("right_shoulder", 0, 0, 0), ("right_elbow", 0, 0, 0), ("right_wrist", 0, 0, 0),
-             ("right_ankle", 0.13, -0.045, 0), ("left_ankle", 0.13, -0.045, 0), ("neck", 0.09, 0.17, 0)]
-# AMP is the same body with Z up and +Y left: DeepMimic (x, y, z) is AMP (x, -z, y); its bodies are renamed
+             ("right_ankle", 0.13, -0.045, 0), ("left_ankle", 0.13, -0.045, 0),
+             ("neck", 0.09, 0.17, 0)]
+# AMP is the same body with Z up and +Y left: DeepMimic (x, y, z) is AMP (x, -z, y); its
+# bodies are renamed
 _AMP_NAMES = {"root": "pelvis", "chest": "torso", "neck": "head", "right_hip": "right_thigh",
               "right_knee": "right_shin", "right_ankle": "right_foot", "left_hip": "left_thigh",
-              "left_knee": "left_shin", "left_ankle": "left_foot", "right_shoulder": "right_upper_arm",
-              "right_elbow": "right_lower_arm", "right_wrist": "right_hand", "left_shoulder": "left_upper_arm",
+              "left_knee": "left_shin", "left_ankle": "left_foot",
+              "right_shoulder": "right_upper_arm", "right_elbow": "right_lower_arm",
+              "right_wrist": "right_hand", "left_shoulder": "left_upper_arm",
               "left_elbow": "left_lower_arm", "left_wrist": "left_hand"}
 
 
@@ -209,10 +223,10 @@ def _sites(names, spec, scale=1.0, axes=lambda v: v):
 
 
 def load_deepmimic(path, character=None):
-    """DeepMimic humanoid3d motion JSON -> Motion. Frame = [dt, root pos (3), root quat, chest, neck, r hip,
-    r knee (1), r ankle, r shoulder, r elbow (1), l hip, l knee (1), l ankle, l shoulder, l elbow (1)];
-    quaternions (w, x, y, z); revolute joints turn about their local z axis; offsets from the character file
-    (next to the motion, else the shipped humanoid3d one)."""
+    """DeepMimic humanoid3d motion JSON -> Motion. Frame = [dt, root pos (3), root quat, chest,
+    neck, r hip, r knee (1), r ankle, r shoulder, r elbow (1), l hip, l knee (1), l ankle, l
+    shoulder, l elbow (1)]; quaternions (w, x, y, z); revolute joints turn about their local z axis;
+    offsets from the character file (next to the motion, else the shipped humanoid3d one)."""
     path = Path(path)
     char_file = path.parent / "deepmimic_humanoid3d_character.json"
     char = json.loads(Path(character or (char_file if char_file.is_file() else
@@ -220,7 +234,8 @@ def load_deepmimic(path, character=None):
     joints = char["Skeleton"]["Joints"]
     names = [j["Name"] for j in joints]
     parents = [int(j["Parent"]) for j in joints]
-    offsets = np.array([[j["AttachX"], j["AttachY"], j["AttachZ"]] for j in joints], dtype=np.float64)
+    offsets = np.array([[j["AttachX"], j["AttachY"], j["AttachZ"]] for j in joints],
+                       dtype=np.float64)
     try:
         clip = json.loads(path.read_text())
         frames = np.asarray(clip["Frames"], dtype=np.float64)
@@ -254,8 +269,9 @@ def load_deepmimic(path, character=None):
 
 
 def read_amp_npy(src):
-    """An IsaacGymEnvs AMP motion .npy (a pickled poselib SkeletonMotion dict) -> a dict of plain arrays.
-    This UNPICKLES `src` (arbitrary code execution for an untrusted file): only run it on files you trust."""
+    """An IsaacGymEnvs AMP motion .npy (a pickled poselib SkeletonMotion dict) -> a dict of plain
+    arrays. This UNPICKLES `src` (arbitrary code execution for an untrusted file): only run it on
+    files you trust."""
     try:
         d = np.load(src, allow_pickle=True).item()
         st = d["skeleton_tree"]
@@ -273,16 +289,17 @@ def read_amp_npy(src):
 
 
 def convert_amp_npy(src, dst):
-    """One-off: an AMP motion .npy (UNPICKLED, see read_amp_npy) -> a plain .npz of arrays, which load_amp reads
-    with allow_pickle=False, so nothing is unpickled at run time."""
+    """One-off: an AMP motion .npy (UNPICKLED, see read_amp_npy) -> a plain .npz of arrays, which
+    load_amp reads with allow_pickle=False, so nothing is unpickled at run time."""
     buf = io.BytesIO()
     np.savez(buf, **read_amp_npy(src))
     data.atomic_write_bytes(dst, buf.getvalue())
 
 
 def find_loop(rot, times, min_dur, max_err_deg=12.0):
-    """(start, end) frames of the longest span lasting >= min_dur seconds whose end pose matches its start pose
-    (every non-root joint within max_err_deg); ties -> smallest mismatch. For recordings not cut as cycles."""
+    """(start, end) frames of the longest span lasting >= min_dur seconds whose end pose matches its
+    start pose (every non-root joint within max_err_deg); ties -> smallest mismatch. For recordings
+    not cut as cycles."""
     q = rot[:, 1:]  # (N, J-1, 4) local rotations; the root is handled by the cycle transform
     dots = np.abs(np.einsum("ajk,bjk->abj", q, q)).clip(0.0, 1.0)
     err = np.degrees(2.0 * np.arccos(dots)).max(-1)  # (N, N) worst joint mismatch
@@ -294,11 +311,12 @@ def find_loop(rot, times, min_dur, max_err_deg=12.0):
 
 
 def load_amp(path, loop=True, allow_pickle=False):
-    """IsaacGymEnvs AMP motion -> Motion: the converted .npz, or the original pickled .npy with allow_pickle=True.
-    Quaternions are (x, y, z, w), local to the parent, Z up: the root is turned into our Y-up world (Rx(-90 deg):
-    z -> y, y -> -z). With loop=True the longest near-cyclic span (>= 0.75 s) is cut out and played as a loop; the
-    recordings are not cut as cycles. The files hold 30 Hz captures at 60 fps, each pose twice: repeats are
-    dropped so that interpolation moves smoothly."""
+    """IsaacGymEnvs AMP motion -> Motion: the converted .npz, or the original pickled .npy with
+    allow_pickle=True. Quaternions are (x, y, z, w), local to the parent, Z up: the root is turned
+    into our Y-up world (Rx(-90 deg): z -> y, y -> -z). With loop=True the longest near-cyclic
+    span (>= 0.75 s) is cut out and played as a loop; the recordings are not cut as cycles. The
+    files hold 30 Hz captures at 60 fps, each pose twice: repeats are dropped so that
+    interpolation moves smoothly."""
     path = Path(path)
     if path.suffix == ".npy":
         if not allow_pickle:
@@ -309,7 +327,8 @@ def load_amp(path, loop=True, allow_pickle=False):
     else:
         with np.load(path, allow_pickle=False) as z:
             a = {k: z[k] for k in z.files}
-    need = {"rotation_xyzw", "root_translation", "node_names", "parent_indices", "local_translation", "fps"}
+    need = {"rotation_xyzw", "root_translation", "node_names", "parent_indices",
+            "local_translation", "fps"}
     if need - set(a):
         raise ValueError(f"{path}: not an AMP motion: no {sorted(need - set(a))}")
     names = [str(s) for s in a["node_names"]]
@@ -327,21 +346,24 @@ def load_amp(path, loop=True, allow_pickle=False):
     rot, root_pos, times = rot[src], root_pos[src], src / fps
     start, end = find_loop(rot, times, 0.75) if loop else (0, len(rot) - 1)
     dm_to_amp = lambda v: np.array([v[0], -v[2], v[1]])
-    idx, off = _sites(names, [(_AMP_NAMES[s[0]],) + tuple(s[1:]) for s in _DM_SITES], axes=dm_to_amp)
+    idx, off = _sites(names, [(_AMP_NAMES[s[0]],) + tuple(s[1:]) for s in _DM_SITES],
+                      axes=dm_to_amp)
     span = slice(start, end + 1)
     return Motion(path.stem, times[span] - times[start], root_pos[span], rot[span],
                   a["parent_indices"].tolist(), a["local_translation"].astype(np.float64), idx, off,
-                  np.array([1.0, 0.0, 0.0]), loop, fps, src[span], float(times[start]), info={"format": "AMP"})
+                  np.array([1.0, 0.0, 0.0]), loop, fps, src[span], float(times[start]),
+                  info={"format": "AMP"})
 
 
 # -----------------------------------------------------------------------------
-# BVH: the format and its rigs' joints and unit in bvh.py; here rotations, the up axis and the checks over frames
+# BVH: the format and its rigs' joints and unit in bvh.py; here rotations, the up axis and the
+# checks over frames
 
 
 def _bvh_rotations(path, names, offsets, channels, values):
-    """Channels -> rotations (N, J, 4) (Euler angles in degrees, R = R_c1 R_c2 R_c3 in the listed order), root
-    positions (N, 3), file units. Position channels of other joints are accepted when they only restate the
-    offset (or are 0): constant bones, as some exporters write them."""
+    """Channels -> rotations (N, J, 4) (Euler angles in degrees, R = R_c1 R_c2 R_c3 in the listed
+    order), root positions (N, 3), file units. Position channels of other joints are accepted when
+    they only restate the offset (or are 0): constant bones, as some exporters write them."""
     n = len(values)
     rot, root_pos, col = np.zeros((n, len(names), 4)), np.zeros((n, 3)), 0
     for j, chans in enumerate(channels):
@@ -366,10 +388,11 @@ def _bvh_rotations(path, names, offsets, channels, values):
 
 
 def load_bvh(path, joint_map=None, up=None, unit=None, loop=False):
-    """BVH of any common rig (or any rig with a joint map {key of bvh.JOINT_MAP_KEYS: the file's joint}; see
-    bvh.py for the rigs, the points and the unit) -> Motion. The up axis is the rest pose's when it stands upright
-    along an axis, else the body's mean up over the frames; up='z' / '-y' ... forces it, unit='cm' (a bvh.UNITS
-    name or metres per unit) the unit. A rig whose toes point backwards (left and right swapped) is refused."""
+    """BVH of any common rig (or any rig with a joint map {key of bvh.JOINT_MAP_KEYS: the file's
+    joint}; see bvh.py for the rigs, the points and the unit) -> Motion. The up axis is the rest
+    pose's when it stands upright along an axis, else the body's mean up over the frames; up='z' /
+    '-y' ... forces it, unit='cm' (a bvh.UNITS name or metres per unit) the unit. A rig whose toes
+    point backwards (left and right swapped) is refused."""
     path = Path(path)
     names, parents, offsets, channels, end_sites, frame_time, values = bvh.parse(path)
     rot, root_pos = _bvh_rotations(path, names, offsets, channels, values)
@@ -393,8 +416,8 @@ def load_bvh(path, joint_map=None, up=None, unit=None, loop=False):
     else:
         up_vec = bvh.nearest_axis(path, np.mean(body_up / np.linalg.norm(body_up, axis=-1, keepdims=True), 0),
                                   "the mean spine over the frames")
-    # rendering only: a face point 4.5 cm up and 9 cm ahead of the head joint, toes 13 cm ahead of ankles without
-    # a foot chain, each in its joint's frame at frame 0
+    # rendering only: a face point 4.5 cm up and 9 cm ahead of the head joint, toes 13 cm ahead of
+    # ankles without a foot chain, each in its joint's frame at frame 0
     u0, f0 = body_up[0] / np.linalg.norm(body_up[0]), facing[0] / np.linalg.norm(facing[0])
     site_joint, site_offset = np.append(idx, jt["head"]), np.append(off * scale, [0.045 * u0 + 0.09 * f0], 0)
     site_offset[18] = wr[0, jt["head"]].T @ site_offset[18]
@@ -410,13 +433,15 @@ def load_bvh(path, joint_map=None, up=None, unit=None, loop=False):
         root_pos = root_pos @ quat_to_mat(q_fix).T
     info = {"format": "BVH", "up": ("-" if up_vec.sum() < 0 else "") + "xyz"[int(np.argmax(np.abs(up_vec)))],
             "unit": rig["unit"], "joints": {k: names[j] for k, j in jt.items()}}
-    return Motion(path.stem, np.arange(len(values)) * frame_time, root_pos, rot, parents, offsets * scale,
-                  site_joint, site_offset, wr[0, 0].T @ f0, loop, float(round(1.0 / frame_time)), info=info)
+    return Motion(path.stem, np.arange(len(values)) * frame_time, root_pos, rot, parents,
+                  offsets * scale, site_joint, site_offset, wr[0, 0].T @ f0, loop,
+                  float(round(1.0 / frame_time)), info=info)
 
 
 # -----------------------------------------------------------------------------
-# the motions of the demo: (key, file, action class, phrasings of the instruction). Texts never say left/right:
-# the mocap does not document which side kicks or punches, and flip augmentation swaps those words anyway.
+# the motions of the demo: (key, file, action class, phrasings of the instruction). Texts never say
+# left/right: the mocap does not document which side kicks or punches, and flip augmentation swaps
+# those words anyway.
 
 MOTIONS = [
     ("walk", "deepmimic_humanoid3d_walk.txt", "walk",
@@ -459,7 +484,8 @@ _MOTION_CACHE = {}
 
 
 def load_motion(file):
-    """Load (once per process) a shipped mocap file by name, with the loader its extension implies."""
+    """Load (once per process) a shipped mocap file by name, with the loader its
+    extension implies."""
     if file not in _MOTION_CACHE:
         path = ASSET_DIR / file
         if not path.exists():
@@ -469,13 +495,15 @@ def load_motion(file):
 
 
 # -----------------------------------------------------------------------------
-# folders of the user's mocap: every file loaded or refused with the reason, never skipped in silence
+# folders of the user's mocap: every file loaded or refused with the reason, never
+# skipped in silence
 
 MOCAP_SUFFIXES = {".txt": "DeepMimic", ".npz": "AMP", ".npy": "AMP (a pickle)", ".bvh": "BVH"}
 
 
 def load_file(path, joint_map=None, up=None, unit=None, allow_pickle=False):
-    """Any mocap file of MOCAP_SUFFIXES -> Motion, by its extension; the options are load_bvh's and load_amp's."""
+    """Any mocap file of MOCAP_SUFFIXES -> Motion, by its extension; the options are load_bvh's
+    and load_amp's."""
     path = Path(path)
     kind = path.suffix.lower()
     if kind == ".txt":
@@ -488,8 +516,9 @@ def load_file(path, joint_map=None, up=None, unit=None, allow_pickle=False):
 
 
 def load_dir(root, **kwargs):
-    """Every file under `root` (a folder, searched recursively, or one file) -> (loaded [(path, Motion)], refused
-    [(path, why)], ignored [paths without a mocap extension]); kwargs go to load_file."""
+    """Every file under `root` (a folder, searched recursively, or one file) -> (loaded
+    [(path, Motion)], refused [(path, why)], ignored [paths without a mocap extension]); kwargs go
+    to load_file."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -506,7 +535,8 @@ def load_dir(root, **kwargs):
 
 
 def describe(m):
-    """One line on how a Motion was read: format, frames, and for BVH the up axis, unit and joints used."""
+    """One line on how a Motion was read: format, frames, and for BVH the up axis, unit
+    and joints used."""
     i = m.info
     line = f"{i.get('format', '?')}, {len(m.times)} frames over {m.times[-1]:.1f} s ({m.src_fps:g} fps)"
     if "unit" in i:
@@ -525,22 +555,27 @@ def load_report(loaded, refused, ignored):
 
 def add_source_args(ap):
     """The options of load_dir as command-line flags (lifter.py train, this file's --inspect)."""
-    ap.add_argument("--joint-map", default=None, help="JSON {key: BVH joint} for a rig the names do not reveal")
+    ap.add_argument("--joint-map", default=None,
+                    help="JSON {key: BVH joint} for a rig the names do not reveal")
     ap.add_argument("--up", default=None, help="BVH up axis (x, y, z, -z, ...), default: detected")
-    ap.add_argument("--unit", default=None, help=f"BVH unit ({', '.join(bvh.UNITS)} or metres per unit), "
+    ap.add_argument("--unit", default=None,
+                    help=f"BVH unit ({', '.join(bvh.UNITS)} or metres per unit), "
                     "default: detected from the leg length")
-    ap.add_argument("--allow-pickle", action="store_true", help="load AMP .npy files (pickles: they can run code)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="load AMP .npy files (pickles: they can run code)")
 
 
 def source_kwargs(args):
-    return dict(joint_map=bvh.read_joint_map(args.joint_map) if args.joint_map else None, up=args.up, unit=args.unit,
-                allow_pickle=args.allow_pickle)
+    return dict(joint_map=bvh.read_joint_map(args.joint_map) if args.joint_map else None,
+                up=args.up, unit=args.unit, allow_pickle=args.allow_pickle)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Motion capture tools (see module docstring).")
-    ap.add_argument("--inspect", nargs="+", metavar="PATH", help="load mocap files / folders, say how each was read")
-    ap.add_argument("--convert-amp", nargs=2, metavar=("SRC_NPY", "DST_NPZ"), help="convert an AMP motion .npy")
+    ap.add_argument("--inspect", nargs="+", metavar="PATH",
+                    help="load mocap files / folders, say how each was read")
+    ap.add_argument("--convert-amp", nargs=2, metavar=("SRC_NPY", "DST_NPZ"),
+                    help="convert an AMP motion .npy")
     add_source_args(ap)
     args = ap.parse_args()
     try:

@@ -1,13 +1,16 @@
-"""MoveNet-332 importer: the public release's Parquet rows + your local Kinetics videos -> our clip format.
+"""MoveNet-332 importer: the public release's Parquet rows + your local Kinetics videos ->
+our clip format.
 
-The release stores poses at the SOURCE frame rate with the decoded-frame number of each, not at 10 Hz. Each video is
-decoded once, front to back (PyAV); for each 10 Hz time the nearest pose frame and the video frame it was computed on
-are taken together, so image, box, pose and angles of a sample always come from the same source frame (no
-interpolation). The release's pose3d is already in our camera frame (x right, y down, z away), so it is stored as
-is; the angles are recomputed with kinematics.pose3d_to_angles (the stored ones are compared as a check).
+The release stores poses at the SOURCE frame rate with the decoded-frame number of each, not at
+10 Hz. Each video is decoded once, front to back (PyAV); for each 10 Hz time the nearest pose frame
+and the video frame it was computed on are taken together, so image, box, pose and angles of a
+sample always come from the same source frame (no interpolation). The release's pose3d is already in our
+camera frame (x right, y down, z away), so it is stored as is; the angles are recomputed with
+kinematics.pose3d_to_angles (the stored ones are compared as a check).
 
-Every row ends in OUT/movenet_import.jsonl: ok | missing (no video: OUT/missing.txt, retried next run) | skipped with
-a reason (OUT/skipped.txt; retried with --retry-skipped). Re-running resumes. Needs pyarrow and PyAV.
+Every row ends in OUT/movenet_import.jsonl: ok | missing (no video: OUT/missing.txt, retried next
+run) | skipped with a reason (OUT/skipped.txt; retried with --retry-skipped). Re-running resumes.
+Needs pyarrow and PyAV.
 
     python movenet.py --parquet DIR --videos DIR --out DIR [--min-frames 20] [--max-short-side 480] [--retry-skipped]
 """
@@ -30,19 +33,22 @@ import data
 import kinematics
 import model_io
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Row schema of the release: metadata columns, and zlib(level 6)-compressed little-endian arrays with F pose frames:
 #   pose3d (F,17,3) f32   keypoints2d (F,17,2) f32   scores2d (F,17) f32   bboxes (F,4) f32 xyxy, NaN = no track
 #   joint_angles (F,44) f32 sin/cos   frame_indices (F,) i32 source-video frame numbers   tracking_confidence f32
 # `fps` is the source video's frame rate (the poses are not at 10 Hz).
 
 # compressed array columns: (numpy dtype, per-frame shape); frame_indices / pose3d fix F
-ARRAY_FIELDS = {"pose3d": ("<f4", (17, 3)), "keypoints2d": ("<f4", (17, 2)), "scores2d": ("<f4", (17,)),
-                "bboxes": ("<f4", (4,)), "joint_angles": ("<f4", (44,)), "frame_indices": ("<i4", ())}
-REQUIRED_COLUMNS = ("clip_id", "action_class", "fps", "video_width", "video_height", "pose3d", "frame_indices")
-OPTIONAL_COLUMNS = ("youtube_id", "time_start", "time_end", "split", "instruction", "num_pose_frames",
-                    "has_hard_cuts", "quality", "keypoints2d", "scores2d", "bboxes", "joint_angles",
-                    "tracking_confidence")
+ARRAY_FIELDS = {"pose3d": ("<f4", (17, 3)), "keypoints2d": ("<f4", (17, 2)),
+                "scores2d": ("<f4", (17,)),
+                "bboxes": ("<f4", (4,)), "joint_angles": ("<f4", (44,)),
+                "frame_indices": ("<i4", ())}
+REQUIRED_COLUMNS = ("clip_id", "action_class", "fps", "video_width", "video_height", "pose3d",
+                    "frame_indices")
+OPTIONAL_COLUMNS = ("youtube_id", "time_start", "time_end", "split", "instruction",
+                    "num_pose_frames", "has_hard_cuts", "quality", "keypoints2d", "scores2d",
+                    "bboxes", "joint_angles", "tracking_confidence")
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 LOG_FILE = "movenet_import.jsonl"
 
@@ -84,7 +90,8 @@ class Row:
 
 
 def _decompress(value, name, dtype, tail, F, where):
-    """zlib bytes -> array (F, *tail), or None for a null value. Raises RowError naming the field."""
+    """zlib bytes -> array (F, *tail), or None for a null value. Raises RowError
+    naming the field."""
     if value is None:
         return None
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -106,7 +113,8 @@ def _decompress(value, name, dtype, tail, F, where):
 
 
 def decode_row(row, where="row"):
-    """A Parquet row (dict of column -> value) -> Row, every array decoded and shape-checked. Raises RowError."""
+    """A Parquet row (dict of column -> value) -> Row, every array decoded and shape-checked.
+    Raises RowError."""
     missing = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
     if missing:
         raise RowError(f"{where}: missing or null required fields {missing}")
@@ -114,7 +122,8 @@ def decode_row(row, where="row"):
     where = f"{where} (clip_id {cid!r})"
     if not data.CLIP_ID_RE.match(cid):
         raise RowError(f"{where}: clip_id is not filesystem-safe (must match {data.CLIP_ID_RE.pattern})")
-    idx = _decompress(row["frame_indices"], "frame_indices", *ARRAY_FIELDS["frame_indices"], None, where)
+    idx = _decompress(row["frame_indices"], "frame_indices", *ARRAY_FIELDS["frame_indices"], None,
+                      where)
     F = len(idx)
     if F == 0:
         raise RowError(f"{where}: no pose frames (frame_indices is empty)")
@@ -151,12 +160,13 @@ def decode_row(row, where="row"):
             pass
         names.append(str(yt))
     split = row.get("split") if row.get("split") in ("train", "val") else ""
-    return Row(clip_id=cid, action_class=str(row["action_class"]), description=str(row.get("instruction") or ""),
+    return Row(clip_id=cid, action_class=str(row["action_class"]),
+               description=str(row.get("instruction") or ""),
                split=split, fps=fps, width=w, height=h, frame_indices=idx.astype(np.int64),
                names=tuple(dict.fromkeys(names)), extra=extra, **arrs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Finding videos
 
 
@@ -180,11 +190,12 @@ def index_videos(root):
 
 
 def find_video(row, index):
-    """The row's video path or None: the first of row.names (its clip_id, the Kinetics-700 file name
-    "<youtube_id>_<start6>_<end6>"; then that name rebuilt from the time columns; then the bare youtube_id) that is a
-    file stem under --videos; among several files with that stem, the one in a folder named like the action class
-    (case, spaces and underscores ignored), else the first in sorted order. So `k700-2020/train/<class>/<id>.mp4`
-    and a flat folder of `<id>.mp4` both work."""
+    """The row's video path or None: the first of row.names (its clip_id, the Kinetics-700 file
+    name "<youtube_id>_<start6>_<end6>"; then that name rebuilt from the time columns; then the
+    bare youtube_id) that is a file stem under --videos; among several files with that stem,
+    the one in a folder named like the action class (case, spaces and underscores ignored),
+    else the first in sorted order. So `k700-2020/train/<class>/<id>.mp4` and a flat folder of
+    `<id>.mp4` both work."""
     for name in row.names:
         paths = index.get(name)
         if paths:
@@ -193,7 +204,7 @@ def find_video(row, index):
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One decode per video: every row of that video picks its 10 Hz samples from the same frame stream
 
 
@@ -202,8 +213,9 @@ class SkipVideo(Exception):
 
 
 class RowSampler:
-    """Online nearest-in-time selection of one row's pose frames at t0 + k / fps. feed() sees every decoded frame;
-    samples are (k, pose row, source index, source time, jpeg) or None for a time with no pose frame near enough."""
+    """Online nearest-in-time selection of one row's pose frames at t0 + k / fps. feed() sees every
+    decoded frame; samples are (k, pose row, source index, source time, jpeg) or None for a time
+    with no pose frame near enough."""
 
     def __init__(self, row, cfg, encode):
         ok = np.isfinite(row.pose3d).all(axis=(1, 2))  # a non-finite pose cannot give angles: treated as a gap
@@ -214,7 +226,8 @@ class RowSampler:
         self.t0, self.k, self.prev, self.samples, self.times = None, 0, None, [], []
 
     def _emit_until(self, limit, cur):
-        # every sample time <= limit is decided: the nearer of prev and cur (ties: the earlier, prev)
+        # every sample time <= limit is decided: the nearer of prev and cur (ties:
+        # the earlier, prev)
         while self.t0 + self.k * self.period <= limit + 1e-9:
             target = self.t0 + self.k * self.period
             best = [c for c in (self.prev, cur) if c is not None]
@@ -318,13 +331,14 @@ def decode_for_rows(path, rows, cfg):
     return info, samplers, rejected
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Row + samples -> Clip
 
 
 def boxes_from_keypoints(kp, sc, width, height, min_score=0.3, pad=0.1):
-    """(T,17,2) pixels, (T,17) scores -> (T,4) xyxy: extent of the joints with score >= min_score (>= 2 of them),
-    padded by `pad` x the extent per side, clipped to the frame; NaN rows where fewer than 2 joints qualify."""
+    """(T,17,2) pixels, (T,17) scores -> (T,4) xyxy: extent of the joints with score >= min_score
+    (>= 2 of them), padded by `pad` x the extent per side, clipped to the frame; NaN rows where
+    fewer than 2 joints qualify."""
     ok = (sc >= min_score) & np.isfinite(kp).all(-1)                                  # (T, 17)
     big = np.where(ok[..., None], kp, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -339,7 +353,8 @@ def boxes_from_keypoints(kp, sc, width, height, min_score=0.3, pad=0.1):
 
 
 def build_clip(row, sampler, info, cfg):
-    """The longest gap-free run of a row's samples -> data.Clip. Raises SkipVideo with the reason."""
+    """The longest gap-free run of a row's samples -> data.Clip. Raises SkipVideo
+    with the reason."""
     runs, cur = [], []
     for s in sampler.samples + [None]:
         if s is not None:
@@ -387,16 +402,20 @@ def build_clip(row, sampler, info, cfg):
         notes.append("DECODE_ERROR_PARTIAL")
     if notes:
         extra["warnings"] = ",".join(notes)
-    return data.Clip(clip_id=row.clip_id, frames_jpeg=[s[4] for s in run], boxes=boxes.astype(np.float32),
-                     pose3d=pose3d, angles=angles, src_frame_index=np.array([s[2] for s in run], np.int64),
-                     src_time=np.array([s[3] for s in run], np.float64), src_fps=info["fps"] or row.fps,
-                     width=info["width"], height=info["height"], action_class=row.action_class,
-                     description=row.description, video_id=row.clip_id, split=row.split, extra=extra)
+    return data.Clip(clip_id=row.clip_id, frames_jpeg=[s[4] for s in run],
+                     boxes=boxes.astype(np.float32),
+                     pose3d=pose3d, angles=angles,
+                     src_frame_index=np.array([s[2] for s in run], np.int64),
+                     src_time=np.array([s[3] for s in run], np.float64),
+                     src_fps=info["fps"] or row.fps, width=info["width"], height=info["height"],
+                     action_class=row.action_class, description=row.description,
+                     video_id=row.clip_id, split=row.split, extra=extra)
 
 
 def _check_match(row, info, cfg):
-    """Reason the row cannot be this video's, or None. Rows whose fps is not the video's (the release's re-tracked
-    rows store fps=20 with local frame numbers) cannot be paired with its frames."""
+    """Reason the row cannot be this video's, or None. Rows whose fps is not the video's
+    (the release's re-tracked rows store fps=20 with local frame numbers) cannot be paired
+    with its frames."""
     if info["fps"] and abs(row.fps / info["fps"] - 1) > cfg.fps_tolerance:
         return (f"FPS_MISMATCH: row fps {row.fps:g} vs video {info['fps']:.3f} (frame_indices would point at "
                 f"the wrong frames)")
@@ -406,7 +425,7 @@ def _check_match(row, info, cfg):
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The import loop
 
 
@@ -436,9 +455,10 @@ def _atomic_text(path, text):
     data.atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_size=64, progress=True):
-    """Import every row of the Parquet file(s) under `parquet` whose video is under `videos` into the dataset folder
-    `out`. Returns the summary dict (also written to out/import_summary.json)."""
+def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_size=64,
+                   progress=True):
+    """Import every row of the Parquet file(s) under `parquet` whose video is under `videos` into
+    the dataset folder `out`. Returns the summary dict (also written to out/import_summary.json)."""
     import pyarrow.parquet as pq  # noqa: PLC0415 (optional extra)
     cfg = cfg or ImportConfig()
     out = Path(out)
@@ -484,7 +504,8 @@ def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_si
                         continue
                     path = find_video(row, vindex)
                     if path is None:
-                        record(row.clip_id, "missing", "no video named " + " / ".join(row.names), "")
+                        record(row.clip_id, "missing", "no video named " + " / ".join(row.names),
+                               "")
                         continue
                     groups.setdefault(path, []).append(row)
                 base += batch.num_rows
@@ -508,15 +529,19 @@ def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_si
                         except ValueError as e:  # e.g. write_clip refusing infinite boxes: this row only
                             record(row.clip_id, "skipped", f"BAD_VALUES: {e}", path)
                         bar.update(1)
-                        bar.set_postfix(ok=counts["ok"], missing=counts["missing"], skipped=counts["skipped"])
+                        bar.set_postfix(ok=counts["ok"], missing=counts["missing"],
+                                        skipped=counts["skipped"])
     bar.close()
     entries = data.write_index(out)
     final = {}
     for rec in log.values():
         final.setdefault(rec["status"], []).append(rec)
-    _atomic_text(out / "missing.txt", "".join(f"{r['clip_id']}\t{r['reason']}\n" for r in final.get("missing", [])))
-    _atomic_text(out / "skipped.txt", "".join(f"{r['clip_id']}\t{r['reason']}\n" for r in final.get("skipped", [])))
-    summary = {"this_run": counts, "clips_in_dataset": len(entries), "missing_total": len(final.get("missing", [])),
+    _atomic_text(out / "missing.txt",
+                 "".join(f"{r['clip_id']}\t{r['reason']}\n" for r in final.get("missing", [])))
+    _atomic_text(out / "skipped.txt",
+                 "".join(f"{r['clip_id']}\t{r['reason']}\n" for r in final.get("skipped", [])))
+    summary = {"this_run": counts, "clips_in_dataset": len(entries),
+               "missing_total": len(final.get("missing", [])),
                "skipped_total": len(final.get("skipped", [])), "rows": total}
     _atomic_text(out / "import_summary.json", json.dumps(summary, indent=1) + "\n")
     if progress:
@@ -528,12 +553,17 @@ def import_movenet(parquet, videos, out, cfg=None, retry_skipped=False, batch_si
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="MoveNet-332 Parquet + local Kinetics videos -> MIMIC clips")
-    ap.add_argument("--parquet", required=True, help="a .parquet file or a folder of them (searched recursively)")
-    ap.add_argument("--videos", required=True, help="folder of local Kinetics videos (searched recursively)")
+    ap.add_argument("--parquet", required=True,
+                    help="a .parquet file or a folder of them (searched recursively)")
+    ap.add_argument("--videos", required=True,
+                    help="folder of local Kinetics videos (searched recursively)")
     ap.add_argument("--out", required=True, help="output dataset folder (resumable)")
-    ap.add_argument("--min-frames", type=int, default=ImportConfig.min_frames, help="shortest clip kept (10 Hz)")
-    ap.add_argument("--max-short-side", type=int, default=ImportConfig.max_short_side, help="frame downscale")
-    ap.add_argument("--retry-skipped", action="store_true", help="retry rows skipped in an earlier run")
+    ap.add_argument("--min-frames", type=int, default=ImportConfig.min_frames,
+                    help="shortest clip kept (10 Hz)")
+    ap.add_argument("--max-short-side", type=int, default=ImportConfig.max_short_side,
+                    help="frame downscale")
+    ap.add_argument("--retry-skipped", action="store_true",
+                    help="retry rows skipped in an earlier run")
     args = ap.parse_args(argv)
     cfg = ImportConfig(min_frames=args.min_frames, max_short_side=args.max_short_side)
     import_movenet(args.parquet, args.videos, args.out, cfg, retry_skipped=args.retry_skipped)

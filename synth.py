@@ -1,10 +1,11 @@
 """
-Synthetic data from motion capture: the embedded demo dataset (mocap.py's motions rendered as video clips of a shaded
-3D body) and rendered demo videos with their ground truth, which stand in for perception so the pipeline runs
-without models.
+Synthetic data from motion capture: the embedded demo dataset (mocap.py's motions rendered as video
+clips of a shaded 3D body) and rendered demo videos with their ground truth, which stand in for
+perception so the pipeline runs without models.
 
-`python train.py` on a fresh machine must train with no download, so this file turns the MIT/BSD mocap shipped in
-assets/mocap/ (see assets/mocap/ATTRIBUTION.md) into clips in the format of data.py:
+`python train.py` on a fresh machine must train with no download, so this file turns the
+MIT/BSD mocap shipped in assets/mocap/ (see assets/mocap/ATTRIBUTION.md) into clips in the
+format of data.py:
 
   1. load a mocap clip (mocap.load_motion) and resample it to 10 Hz (clips marked as loops are played for several
      cycles, so that short cycles make long clips),
@@ -15,14 +16,15 @@ assets/mocap/ (see assets/mocap/ATTRIBUTION.md) into clips in the format of data
      sky/ground background, and the target box is the projected body extent plus a margin,
   5. data.write_clip writes each clip; angles = kinematics.pose3d_to_angles(pose3d).
 
-Same seed -> the same frames, arrays and texts, byte for byte (clip i depends only on (seed, i), so a smaller build is
-a prefix of the full one). A marker file written last lets a second call skip the build. The default 408 clips
-(17 motions x 24 cameras/looks/phases; 17k frames, 840 stride-16 windows, 12 clips in val by the md5 rule) take
-~35-50 s on 2 cores and ~185 MiB on disk.
+Same seed -> the same frames, arrays and texts, byte for byte (clip i depends only on (seed, i), so
+a smaller build is a prefix of the full one). A marker file written last lets a second call skip the
+build. The default is 408 clips: 17 motions x 24 cameras, looks and phases (README: its size and
+build time).
 
-Rendered demo videos (render_demo_videos, `python pipeline.py --render-demo DIR`): mp4 files plus `<video>.gt.npz`
-ground-truth sidecars and a manifest; load_ground_truth reads them back, and GroundTruthDetector / GroundTruthPose
-serve them as stand-in perception (pipeline.py without --detector / --pose).
+Rendered demo videos (render_demo_videos, `python pipeline.py --render-demo DIR`): mp4 files plus
+`<video>.gt.npz` ground-truth sidecars and a manifest; load_ground_truth reads them back, and
+GroundTruthDetector / GroundTruthPose serve them as stand-in perception (pipeline.py without
+--detector / --pose).
 
 Commands:
   python synth.py --out data/demo                 # build the default demo (408 clips), skipped if already built
@@ -56,7 +58,8 @@ MIN_FRAMES = 36  # context 4 + horizon 16, two stride-16 windows: s = 4 and s = 
 MAX_FRAMES = 52  # looped clips draw their length from MIN_FRAMES..MAX_FRAMES
 WIDTH, HEIGHT = 320, 240
 MARKER = "DEMO_COMPLETE.json"
-# 24 camera/appearance/phase draws per motion. The md5 split rule (data.split_of) sends 12 of these 408 ids to val.
+# 24 camera/appearance/phase draws per motion. The md5 split rule (data.split_of) sends 12 of
+# these 408 ids to val.
 DEFAULT_NUM_CLIPS = 24 * len(mocap.MOTIONS)
 
 # -----------------------------------------------------------------------------
@@ -74,7 +77,8 @@ class Camera:
 
 
 def look_rotation(forward, up=(0.0, 1.0, 0.0)):
-    """Rows (right, down, forward): right-handed, so a mirror-free rotation (left stays left in camera space)."""
+    """Rows (right, down, forward): right-handed, so a mirror-free rotation (left stays left in
+    camera space)."""
     f = np.asarray(forward, dtype=np.float64)
     f = f / np.linalg.norm(f)
     r = np.cross(f, up)
@@ -88,14 +92,16 @@ def world_to_camera(cam, p):
 
 
 def project(cam, pc):
-    """(..., 3) camera-frame points -> (..., 2) pixels (u right, v down); principal point at the centre."""
+    """(..., 3) camera-frame points -> (..., 2) pixels (u right, v down); principal point
+    at the centre."""
     return cam.focal * pc[..., :2] / pc[..., 2:3] + np.array([cam.width / 2, cam.height / 2])
 
 
 def random_camera(rng, points):
-    """A camera for one clip: azimuth all around the body, elevation -10..30 deg, focal 1.0..1.3 x width, distance
-    from a target body size, pushed back until the whole clip stays in frame. It follows the smoothed horizontal
-    path of the pelvis (a tracking shot), so walking clips stay in view."""
+    """A camera for one clip: azimuth all around the body, elevation -10..30 deg, focal 1.0..1.3
+    x width, distance from a target body size, pushed back until the whole clip stays in frame.
+    It follows the smoothed horizontal path of the pelvis (a tracking shot), so walking clips
+    stay in view."""
     T = len(points)
     pelvis = points[:, 0] * np.array([1.0, 0.0, 1.0])
     k = 10  # +-1 s moving average of the path
@@ -110,26 +116,30 @@ def random_camera(rng, points):
         # keep the lens >= 0.3 m above the ground (low cameras on crawling / lying bodies)
         el_c = max(el, math.asin(float(np.clip((0.3 - height) / dist, -1.0, 1.0))))
         back = np.array([math.cos(el_c) * math.cos(az), math.sin(el_c), math.cos(el_c) * math.sin(az)])
-        cam = Camera(look_rotation(-back), track + np.array([0.0, height, 0.0]) + dist * back, focal)
+        position = track + np.array([0.0, height, 0.0]) + dist * back
+        cam = Camera(look_rotation(-back), position, focal)
         uv = project(cam, world_to_camera(cam, points))
         pad = 0.12 * focal / dist  # limb radius + margin, in pixels
         if (uv.min((0, 1)) >= pad).all() and (uv.max((0, 1)) <= [WIDTH - pad, HEIGHT - pad]).all():
             break
         dist *= 1.12
-    cam.params = dict(azimuth_deg=round(math.degrees(az), 3), elevation_deg=round(math.degrees(el_c), 3),
-                      distance_m=round(dist, 4), focal_px=round(focal, 3))
+    cam.params = dict(azimuth_deg=round(math.degrees(az), 3),
+                      elevation_deg=round(math.degrees(el_c), 3), distance_m=round(dist, 4),
+                      focal_px=round(focal, 3))
     return cam
 
 
 # -----------------------------------------------------------------------------
-# renderer: capsules and spheres, painter's algorithm (farthest first), shading from a directional light
+# renderer: capsules and spheres, painter's algorithm (farthest first), shading from a
+# directional light
 
-# (site a, site b, radius in metres, colour key) of each capsule; head, face and hands are spheres (render_frame)
-_CAPSULES = [(1, 2, 0.075, "pants"), (2, 3, 0.058, "shins"), (4, 5, 0.075, "pants"), (5, 6, 0.058, "shins"),
-             (3, 17, 0.045, "shoes"), (6, 18, 0.045, "shoes"), (1, 4, 0.09, "pants"), (0, 7, 0.11, "shirt"),
-             (7, 8, 0.11, "shirt"), (11, 14, 0.065, "shirt"), (8, 9, 0.05, "skin"),
-             (11, 12, 0.052, "shirt"), (12, 13, 0.042, "sleeves"), (14, 15, 0.052, "shirt"),
-             (15, 16, 0.042, "sleeves")]
+# (site a, site b, radius in metres, colour key) of each capsule; head, face and hands are
+# spheres (render_frame)
+_CAPSULES = [(1, 2, 0.075, "pants"), (2, 3, 0.058, "shins"), (4, 5, 0.075, "pants"),
+             (5, 6, 0.058, "shins"), (3, 17, 0.045, "shoes"), (6, 18, 0.045, "shoes"),
+             (1, 4, 0.09, "pants"), (0, 7, 0.11, "shirt"), (7, 8, 0.11, "shirt"),
+             (11, 14, 0.065, "shirt"), (8, 9, 0.05, "skin"), (11, 12, 0.052, "shirt"),
+             (12, 13, 0.042, "sleeves"), (14, 15, 0.052, "shirt"), (15, 16, 0.042, "sleeves")]
 
 
 def _hsv(rng, h, s, v):
@@ -143,18 +153,22 @@ def random_look(rng):
     """Clothes, skin, light and background draws for one clip."""
     skin = np.array([[255, 219, 172], [224, 172, 105], [198, 134, 66], [141, 85, 36], [241, 194, 125]])[
         rng.integers(5)].astype(np.float64)
-    shirt, pants = _hsv(rng, (0, 1), (0.2, 0.9), (0.3, 0.95)), _hsv(rng, (0, 1), (0.1, 0.7), (0.15, 0.7))
+    shirt = _hsv(rng, (0, 1), (0.2, 0.9), (0.3, 0.95))
+    pants = _hsv(rng, (0, 1), (0.1, 0.7), (0.15, 0.7))
     look = dict(skin=skin, shirt=shirt, pants=pants, shoes=_hsv(rng, (0, 1), (0, 0.5), (0.05, 0.5)),
                 hair=_hsv(rng, (0.02, 0.12), (0.3, 0.8), (0.05, 0.6)))
     look["sleeves"] = shirt if rng.random() < 0.5 else skin  # long or short sleeves
     look["shins"] = pants if rng.random() < 0.75 else skin  # trousers or shorts
     light = np.array([rng.uniform(-0.7, 0.7), rng.uniform(-1.0, -0.3), rng.uniform(-0.9, -0.2)])
     look["light"] = light / np.linalg.norm(light)  # towards the light, camera frame: above and in front
-    look["sky"] = (_hsv(rng, (0.5, 0.7), (0.1, 0.6), (0.6, 1.0)), _hsv(rng, (0, 1), (0, 0.3), (0.7, 1.0)))
-    look["ground"] = (_hsv(rng, (0.05, 0.4), (0.1, 0.6), (0.25, 0.7)), _hsv(rng, (0.05, 0.4), (0.1, 0.6), (0.2, 0.6)))
+    look["sky"] = (_hsv(rng, (0.5, 0.7), (0.1, 0.6), (0.6, 1.0)),
+                   _hsv(rng, (0, 1), (0, 0.3), (0.7, 1.0)))
+    look["ground"] = (_hsv(rng, (0.05, 0.4), (0.1, 0.6), (0.25, 0.7)),
+                      _hsv(rng, (0.05, 0.4), (0.1, 0.6), (0.2, 0.6)))
     look["grid"] = rng.random() < 0.7  # tiles / court lines on the ground, which also show the camera's motion
     look["grid_rgba"] = tuple(int(c) for c in _hsv(rng, (0, 1), (0, 0.4), (0.1, 1.0))) + (int(rng.integers(40, 110)),)
-    # blotchy low-frequency shading, mostly brightness with a little colour (a lawn, a wall, a hazy sky)
+    # blotchy low-frequency shading, mostly brightness with a little colour (a lawn, a
+    # wall, a hazy sky)
     look["noise"] = (rng.normal(size=(6, 8, 1)) + 0.3 * rng.normal(size=(6, 8, 3))) * rng.uniform(4, 14)
     look["grain"] = rng.uniform(1.0, 4.0)
     look["seed"] = int(rng.integers(2**31))
@@ -162,7 +176,8 @@ def random_look(rng):
 
 
 def render_background(cam, look):
-    """Sky gradient above the horizon, ground gradient below, low-frequency colour noise and grain (uint8 HxWx3)."""
+    """Sky gradient above the horizon, ground gradient below, low-frequency colour noise and grain
+    (uint8 HxWx3)."""
     el = math.asin(-cam.rot[2, 1])  # pitch of the view below the horizon
     horizon = cam.height / 2 - cam.focal * math.tan(el)
     v = np.arange(cam.height, dtype=np.float64)[:, None]
@@ -180,8 +195,8 @@ def render_background(cam, look):
 
 
 def _ground_lines(cam, t, centre, half=8):
-    """Unit-spaced lines on the ground plane around `centre`, clipped to z > 0.3 m in front of the camera,
-    as pixel segments (K, 4)."""
+    """Unit-spaced lines on the ground plane around `centre`, clipped to z > 0.3 m in front of the
+    camera, as pixel segments (K, 4)."""
     c = np.floor(centre[[0, 2]])
     g = np.arange(-half, half + 1, dtype=np.float64)
     zero, lo, hi = 0 * g, 0 * g - half, 0 * g + half
@@ -206,8 +221,9 @@ def _shade(colour, level):
 
 
 def render_frame(background, cam, look, pw, pc, t, scale=2):
-    """One RGB frame: background, ground lines, a contact shadow and the body. pw / pc: (S, 3) world and camera
-    points of this frame. Drawn at `scale` x the size then box-filtered down, for anti-aliased edges."""
+    """One RGB frame: background, ground lines, a contact shadow and the body. pw / pc: (S, 3) world
+    and camera points of this frame. Drawn at `scale` x the size then box-filtered down, for
+    anti-aliased edges."""
     img = background.resize((cam.width * scale, cam.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(img, "RGBA")  # RGBA mode blends translucent fills (shadow, lines) into the RGB image
     if look["grid"]:
@@ -253,7 +269,8 @@ def render_frame(background, cam, look, pw, pc, t, scale=2):
             ends = [(project(cam, c3) * scale, r * f / c3[2])]
         amount = float(np.linalg.norm(lp))
         shift = lp[:2] / max(np.linalg.norm(lp[:2]), 1e-9)  # towards the light, in the image
-        for size, level in ((1.0, 0.35 + 0.2 * amount), (0.72, 0.45 + 0.5 * amount), (0.38, 0.55 + 0.75 * amount)):
+        for size, level in ((1.0, 0.35 + 0.2 * amount), (0.72, 0.45 + 0.5 * amount),
+                            (0.38, 0.55 + 0.75 * amount)):
             fill = _shade(col, dim * level)
             pts = [(p + shift * (1 - size) * rad * 0.8, rad * size) for p, rad in ends]
             for p, rad in pts:
@@ -267,7 +284,8 @@ def render_frame(background, cam, look, pw, pc, t, scale=2):
 
 
 def body_box(cam, pc, margin=0.05):
-    """x1, y1, x2, y2: the projected body (joints grown by a limb radius) plus a margin, clipped to the frame."""
+    """x1, y1, x2, y2: the projected body (joints grown by a limb radius) plus a margin, clipped
+    to the frame."""
     uv = project(cam, pc)
     rad = 0.11 * cam.focal / pc[..., 2]  # the thickest part (torso) in pixels
     lo, hi = (uv - rad[..., None]).min(-2), (uv + rad[..., None]).max(-2)
@@ -281,8 +299,9 @@ def body_box(cam, pc, margin=0.05):
 
 
 def clip_times(rng, m):
-    """Sample times (T,) at 10 Hz. Loops: a random phase and length. One-shot motions are used once: a random
-    window when long enough, else the whole motion with its first/last pose held before/after (standing still)."""
+    """Sample times (T,) at 10 Hz. Loops: a random phase and length. One-shot motions are used once:
+    a random window when long enough, else the whole motion with its first/last pose held
+    before/after (standing still)."""
     dur = float(m.times[-1])
     if m.loop:
         return rng.uniform(0.0, dur) + np.arange(int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1))) / FPS
@@ -294,7 +313,8 @@ def clip_times(rng, m):
 
 
 def make_clip(index, seed=0, scale=2):
-    """Clip `index` of the demo (a data.Clip); depends only on (seed, index), so any subset builds the same bytes."""
+    """Clip `index` of the demo (a data.Clip); depends only on (seed, index), so any subset builds
+    the same bytes."""
     key, file, action, texts = mocap.MOTIONS[index % len(mocap.MOTIONS)]
     rng = np.random.default_rng([seed, index])
     m = mocap.load_motion(file)
@@ -308,17 +328,20 @@ def make_clip(index, seed=0, scale=2):
     frames = []
     for i in range(len(t)):
         buf = io.BytesIO()
-        render_frame(background, cam, look, points[i], pc[i], i, scale).save(buf, format="JPEG", quality=85)
+        im = render_frame(background, cam, look, points[i], pc[i], i, scale)
+        im.save(buf, format="JPEG", quality=85)
         frames.append(buf.getvalue())
     pose3d = pc[:, :17].astype(np.float32)
-    extra = {"motion": m.name, "source": f"assets/mocap/{file}", "demo_version": DEMO_VERSION, "seed": str(seed),
-             "camera": json.dumps(cam.params, sort_keys=True)}
+    extra = {"motion": m.name, "source": f"assets/mocap/{file}", "demo_version": DEMO_VERSION,
+             "seed": str(seed), "camera": json.dumps(cam.params, sort_keys=True)}
     return data.Clip(clip_id=f"demo-{key}-{index // len(mocap.MOTIONS):03d}", frames_jpeg=frames,
                      boxes=body_box(cam, pc[:, :19]).astype(np.float32), pose3d=pose3d,
                      angles=np.asarray(kinematics.pose3d_to_angles(pose3d), dtype=np.float32),
-                     src_frame_index=src_index.astype(np.int64), src_time=src_time.astype(np.float64),
-                     src_fps=m.src_fps, width=WIDTH, height=HEIGHT, action_class=action,
-                     description=texts[int(rng.integers(len(texts)))], video_id=f"mocap-{key}", extra=extra)
+                     src_frame_index=src_index.astype(np.int64),
+                     src_time=src_time.astype(np.float64), src_fps=m.src_fps, width=WIDTH,
+                     height=HEIGHT, action_class=action,
+                     description=texts[int(rng.integers(len(texts)))], video_id=f"mocap-{key}",
+                     extra=extra)
 
 
 def _write_one(job):
@@ -327,7 +350,8 @@ def _write_one(job):
 
 
 def _finish_index(out, paths):
-    """Drop demo clips of an earlier, different build (they would be indexed too), then write data's index."""
+    """Drop demo clips of an earlier, different build (they would be indexed too), then write
+    data's index."""
     keep = {Path(p).resolve() for p in paths}
     for p in out.rglob("demo-*.safetensors"):
         if p.resolve() not in keep:
@@ -336,8 +360,9 @@ def _finish_index(out, paths):
 
 
 def build_demo(out_dir, seed=0, num_clips=None, workers=2):
-    """Build the demo dataset under out_dir (clips 0..num_clips-1, default DEFAULT_NUM_CLIPS) and return its path.
-    Skipped when the marker (written last) says a complete build of this version, seed and size is there."""
+    """Build the demo dataset under out_dir (clips 0..num_clips-1, default DEFAULT_NUM_CLIPS) and
+    return its path. Skipped when the marker (written last) says a complete build of this version,
+    seed and size is there."""
     out = Path(out_dir)
     n = DEFAULT_NUM_CLIPS if num_clips is None else int(num_clips)
     want = {"demo_version": DEMO_VERSION, "seed": int(seed), "num_clips": n}
@@ -354,7 +379,8 @@ def build_demo(out_dir, seed=0, num_clips=None, workers=2):
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(i, int(seed), str(out)) for i in range(n)]
     if workers > 1 and n > 1:
-        # fork keeps the caller's imports (no __main__ guard needed); clips are independent, so order is irrelevant
+        # fork keeps the caller's imports (no __main__ guard needed); clips are independent, so
+        # order is irrelevant
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(min(workers, n)) as pool:
             paths = pool.map(_write_one, jobs, chunksize=1)
@@ -366,13 +392,15 @@ def build_demo(out_dir, seed=0, num_clips=None, workers=2):
 
 
 def preview(path, seed=0, indices=range(len(mocap.MOTIONS)), cols=6):
-    """A contact sheet (PNG) of the middle frame of some clips with their target box: to look at the renders."""
+    """A contact sheet (PNG) of the middle frame of some clips with their target box: to look
+    at the renders."""
     tiles = []
     for i in indices:
         clip = make_clip(i, seed)
         j = len(clip.frames_jpeg) // 2
         im = Image.open(io.BytesIO(clip.frames_jpeg[j])).convert("RGB")
-        ImageDraw.Draw(im).rectangle([float(v) for v in clip.boxes[j]], outline=(0, 255, 0), width=2)
+        ImageDraw.Draw(im).rectangle([float(v) for v in clip.boxes[j]], outline=(0, 255, 0),
+                                     width=2)
         tiles.append(im)
     rows = (len(tiles) + cols - 1) // cols
     sheet = Image.new("RGB", (WIDTH * cols, HEIGHT * rows))
@@ -385,16 +413,18 @@ def preview(path, seed=0, indices=range(len(mocap.MOTIONS)), cols=6):
 # rendered demo videos and their ground truth, the stand-in perception of the pipeline
 
 
-# Two demo renders share the sky/ground palette: spliced as they are, the cut's correlation was 0.394, a hair under
-# the 0.4 threshold. At 60% brightness the cut measures -0.14 after encoding (> 0.99 inside either shot).
+# Two demo renders share the sky/ground palette: spliced as they are, the cut's correlation was
+# 0.394, a hair under the 0.4 threshold. At 60% brightness the cut measures -0.14 after encoding (>
+# 0.99 inside either shot).
 DIM_SECOND_SHOT = 0.6
 
 
 def render_demo_videos(out_dir, num_videos=4, seed=0, repeat=3):
-    """Demo clips (make_clip) as mp4 videos (each 10 Hz frame shown `repeat` times at 10 * repeat fps) plus
-    `<video>.gt.npz` sidecars: boxes (F, 2, 4) of the target and of a static distractor figure, kp2d (F, 17, 2)
-    projected Human3.6M joints; a manifest.jsonl with the clips' action classes and instructions. Video 1 is two
-    clips spliced (a hard cut), the second shot dimmed to DIM_SECOND_SHOT of its brightness. Returns the video paths."""
+    """Demo clips (make_clip) as mp4 videos (each 10 Hz frame shown `repeat` times at 10 * repeat
+    fps) plus `<video>.gt.npz` sidecars: boxes (F, 2, 4) of the target and of a static distractor
+    figure, kp2d (F, 17, 2) projected Human3.6M joints; a manifest.jsonl with the clips' action
+    classes and instructions. Video 1 is two clips spliced (a hard cut), the second shot dimmed to
+    DIM_SECOND_SHOT of its brightness. Returns the video paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -415,7 +445,8 @@ def render_demo_videos(out_dir, num_videos=4, seed=0, repeat=3):
                 d = ImageDraw.Draw(im)
                 d.ellipse([dbox[0] + 0.3 * (dbox[2] - dbox[0]), dbox[1], dbox[2] - 0.3 * (dbox[2] - dbox[0]),
                            dbox[1] + 0.25 * (dbox[3] - dbox[1])], fill=(120, 120, 120))
-                d.rectangle([dbox[0], dbox[1] + 0.25 * (dbox[3] - dbox[1]), dbox[2], dbox[3]], fill=(110, 110, 110))
+                d.rectangle([dbox[0], dbox[1] + 0.25 * (dbox[3] - dbox[1]), dbox[2], dbox[3]],
+                            fill=(110, 110, 110))
                 arr = np.asarray(im)
                 if shot:  # another light: the cut's histogram correlation lands far below the 0.4 threshold
                     arr = (arr * DIM_SECOND_SHOT).astype(np.uint8)
@@ -437,13 +468,14 @@ def render_demo_videos(out_dir, num_videos=4, seed=0, repeat=3):
     return paths
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The rendered videos' ground truth, read back as stand-in perception (pipeline.py without --detector / --pose)
+# --------------------------------------------------------------------------------------------------
+# The rendered videos' ground truth, read back as stand-in perception (pipeline.py without
+# --detector / --pose)
 
 
 def load_ground_truth(video_path):
-    """The `<video>.gt.npz` sidecar of a rendered video: boxes (F, P, 4) per source frame and person (NaN: absent),
-    kp2d (F, 17, 2) Human3.6M pixels of person 0, or None when there is none."""
+    """The `<video>.gt.npz` sidecar of a rendered video: boxes (F, P, 4) per source frame and person
+    (NaN: absent), kp2d (F, 17, 2) Human3.6M pixels of person 0, or None when there is none."""
     p = Path(str(video_path) + ".gt.npz")
     if not p.is_file():
         return None
@@ -452,7 +484,8 @@ def load_ground_truth(video_path):
 
 
 class GroundTruthDetector:
-    """Stand-in detector (pipeline.Detector's call): the sidecar boxes of each source frame (score 0.9), nothing for videos without one."""
+    """Stand-in detector (pipeline.Detector's call): the sidecar boxes of each source frame
+    (score 0.9), nothing for videos without one."""
 
     def __init__(self, sidecars):
         self.sidecars = sidecars  # video_id -> load_ground_truth(...) dict or None
@@ -471,7 +504,8 @@ class GroundTruthDetector:
 
 
 class GroundTruthPose:
-    """Stand-in 2D pose (pipeline.PoseEstimator's call): the sidecar's projected Human3.6M joints (score 0.95) when the box overlaps person 0."""
+    """Stand-in 2D pose (pipeline.PoseEstimator's call): the sidecar's projected Human3.6M joints
+    (score 0.95) when the box overlaps person 0."""
 
     keypoint_format = "h36m"
 
@@ -490,7 +524,8 @@ class GroundTruthPose:
 
 
 class SidecarCache(dict):
-    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as pipeline.list_videos."""
+    """video_id -> ground-truth sidecar, loaded on first use (the stand-ins' data); jobs as
+    shards.list_videos."""
 
     def __init__(self, jobs):
         super().__init__()
@@ -508,9 +543,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build the demo dataset from the shipped mocap (see module docstring).")
     ap.add_argument("--out", default="data/demo", help="dataset folder")
     ap.add_argument("--seed", type=int, default=0, help="same seed -> same bytes")
-    ap.add_argument("--num-clips", type=int, default=DEFAULT_NUM_CLIPS, help="clips 0..N-1 (a prefix of the full set)")
+    ap.add_argument("--num-clips", type=int, default=DEFAULT_NUM_CLIPS,
+                    help="clips 0..N-1 (a prefix of the full set)")
     ap.add_argument("--workers", type=int, default=2, help="processes rendering clips")
-    ap.add_argument("--preview", default="", help="write a contact sheet PNG of one clip per motion instead")
+    ap.add_argument("--preview", default="",
+                    help="write a contact sheet PNG of one clip per motion instead")
     args = ap.parse_args()
     if args.preview:
         preview(args.preview, args.seed)

@@ -1,39 +1,26 @@
 """
-Target person and track quality for the data pipeline (pipeline.py stages 3-4 and 7): which person to follow through
-a cut-free segment, and whether the resulting track is good enough to become a clip. Pure numpy on boxes, scores and
-poses; pipeline.process_segment runs the detector / pose / lifter models and calls these.
+Target person and track quality for the data pipeline (pipeline.py stages 3-4 and 7): which
+person to follow through a cut-free segment, and whether the track is good enough to become a
+clip. Pure numpy on boxes, scores and poses; pipeline.process_segment runs the models and calls
+these. The limits are fields of pipeline.PipelineConfig, passed in as `cfg` (this file does not
+import pipeline).
 
-Target (anchor_frame, heuristic_scores; ../shared/reference/pipeline.md 2.4 steps 3-5, the v2 "retrack" design):
-the anchor is the frame with most detections among the 5 at linspace(0, T-1, 5), ties towards the middle; its
-detections are the candidates (pipeline.py caps them at 6, orders them by a VLM oracle's pick or by the heuristic,
-and tries up to 3). The heuristic is ours (v2 falls back on detector confidence; v1's get_main_track score mixed
-pixels and fractions, pipeline.md 1.3): sqrt(area fraction) x centrality x run fraction, in normalised coordinates.
+Target (anchor_frame, heuristic_scores): the anchor is the frame with most detections among 5 evenly
+spaced ones; its detections are the candidates, ordered by a VLM oracle's pick or by our heuristic,
+sqrt(area fraction) x centrality x run fraction in normalised coordinates (the original's score
+mixed pixels and fractions).
 
-Sticky IoU tracker (sticky_track, fill_gaps; pipeline.md 2.4 steps 6-7, upstream constants): from the anchor, both
-ways, take the detection of highest IoU with the last accepted box; it is accepted iff IoU >= 0.5 and the area ratio
-max(a/b, b/a) <= 2.5, else the frame is a miss; more than 3 consecutive misses end that direction. Ours on top
-(PipelineConfig.track_sole_iou = 0.2): when the best detection is the only one overlapping the last box at all,
-IoU >= 0.2 suffices. Measured on the shipped mocap (6 random tracking-shot cameras x 40 samples per motion, perfect
-boxes, anchor in the middle; python bench/track.py): the upstream rule keeps 65% of a backflip, 58% of a sideflip
-and 83% of a roll; with the sole-overlap rule all three are kept whole and no other motion changes. The cost: a
-person who is the only one overlapping a target the detector missed is taken over (the VLM judge's
-tracking_consistent is the safeguard). The result is one contiguous run containing the anchor; pipeline.py accepts
-a run of >= 20 samples (cfg.min_frames) and fills the NaN gaps inside it by linear interpolation per coordinate.
+Sticky IoU tracker (sticky_track, fill_gaps): the original pipeline's thresholds, IoU >= 0.5, area
+ratio <= 2.5, <= 3 consecutive misses, and one rule of ours: the only detection overlapping the last
+box needs just IoU >= 0.2, which keeps flips and rolls whole at 10 Hz. Its price: a bystander who is
+the only one overlapping a missed target takes the track over; the VLM judge's tracking_consistent
+is the safeguard.
 
-Checks (run_checks, core_coverage): the thresholds are upstream's (pipeline.md 2.2 prog verdict, 1.8 coverage):
-BBOX_JUMPS <= 5% of transitions, SIZE_SPIKES <= 3%, POSE_JUMPS <= 5%, LOW_CONFIDENCE <= 40% of frames, IOU_BREAKS
-<= 10%, TOO_SHORT >= 20 samples, SMALL_BBOX median area >= 8% of the frame, LOW_COVERAGE >= 40% of frames, no hard
-cut. Upstream's per-frame definitions are unpublished, so these are ours (pipeline.md 5): a centre jump is > 0.5 x
-the mean box diagonal, a size spike an area ratio > 2, a pose jump a root-relative joint displacement (body heights)
-above max(median + 6 MAD, 0.5), a low-confidence frame a mean joint score < 0.3. Upstream's own: an IoU break is IoU
-< 0.1 and area ratio > 2 between consecutive detected boxes; a covered frame has >= 3 of 5 core joints (nose,
-shoulders, hips) > 0.3, but indexed in the estimator's own layout (upstream applied COCO indices to Human3.6M
-keypoints). LOW_MOTION is ours: peak root-relative joint speed >= 0.3 body heights / s (upstream's 3.0 "m/s" was
-on unitless model output). FIT_COLLAPSE is ours: the 3D pose's fit3d.objective residual (computed by pipeline.py)
-<= 0.05. The limits are fields of pipeline.PipelineConfig, passed in as `cfg`; this file does not import pipeline.
+Checks (run_checks, core_coverage): the original pipeline's thresholds; where it published no
+per-frame definition, ours (run_checks lists them).
 
-No commands of its own: pipeline.py runs it (python pipeline.py --help), bench/pipeline.py times it,
-tests/test_track.py tests it.
+No commands of its own: pipeline.py runs it, bench/pipeline.py times it, bench/track.py measures how
+much of each motion the tracker keeps.
 """
 
 import math
@@ -42,7 +29,7 @@ import numpy as np
 
 import kinematics
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3-4. Boxes, sticky IoU tracker, candidates, picker
 
 
@@ -63,12 +50,13 @@ def box_iou(a, b):
 
 
 def sticky_track(dets, anchor, box, iou_thr=0.5, size_ratio_max=2.5, max_misses=3, sole_iou=0.0):
-    """Follow `box` from frame `anchor` both ways: at each frame take the detection of highest IoU with the last
-    accepted box, accepted iff IoU >= iou_thr and area ratio <= size_ratio_max, else a miss; more than max_misses
-    consecutive misses end that direction. sole_iou > 0 (ours): a detection that is the ONLY one overlapping the last
-    box is also accepted from IoU >= sole_iou, because a flipping, rolling or spinning body changes its box's shape
-    faster than IoU 0.5 allows at 10 Hz, while with several overlapping people the upstream 0.5 rule still decides.
-    Returns (boxes (T, 4) NaN where not accepted, (start, end) inclusive)."""
+    """Follow `box` from frame `anchor` both ways: at each frame take the detection of highest IoU
+    with the last accepted box, accepted iff IoU >= iou_thr and area ratio <= size_ratio_max, else a
+    miss; more than max_misses consecutive misses end that direction. sole_iou > 0 (ours): a
+    detection that is the ONLY one overlapping the last box is also accepted from IoU >= sole_iou,
+    because a flipping, rolling or spinning body changes its box's shape faster than IoU 0.5 allows
+    at 10 Hz, while with several overlapping people the upstream 0.5 rule still decides. Returns
+    (boxes (T, 4) NaN where not accepted, (start, end) inclusive)."""
     T = len(dets)
     boxes = np.full((T, 4), np.nan)
     boxes[anchor] = box
@@ -91,7 +79,7 @@ def sticky_track(dets, anchor, box, iou_thr=0.5, size_ratio_max=2.5, max_misses=
             t += step
         ends.append(end)
     start, stop = ends[1], ends[0]
-    boxes[:start], boxes[stop + 1:] = np.nan, np.nan  # misses beyond the run ends are not part of it
+    boxes[:start], boxes[stop + 1:] = np.nan, np.nan  # misses beyond the run ends are not in it
     return boxes, (start, stop)
 
 
@@ -107,7 +95,8 @@ def fill_gaps(boxes):
 
 
 def anchor_frame(dets, pool_frames=5):
-    """Of the frames at linspace(0, T-1, pool_frames), the one with most detections (ties: nearest the middle)."""
+    """Of the frames at linspace(0, T-1, pool_frames), the one with most detections (ties: nearest
+    the middle), and its count."""
     T = len(dets)
     pool = np.unique(np.linspace(0, T - 1, pool_frames).round().astype(int))
     counts = np.array([len(dets[i]) for i in pool])
@@ -116,24 +105,26 @@ def anchor_frame(dets, pool_frames=5):
 
 
 def heuristic_scores(cands, runs, width, height, T):
-    """The oracle-free picker: sqrt(area fraction) x centrality x run fraction, in normalised coordinates (the v1
-    target score mixed pixels and fractions). centrality = 1 - distance of the box centre from the frame centre / half
-    the frame diagonal."""
+    """The oracle-free picker: sqrt(area fraction) x centrality x run fraction, in normalised
+    coordinates (the v1 target score mixed pixels and fractions). centrality = 1 - distance of the
+    box centre from the frame centre / half the frame diagonal."""
     c = np.asarray(cands, np.float64)
     size = np.sqrt(box_area(c[:, :4]) / (width * height))
-    centre = np.stack([(c[:, 0] + c[:, 2]) / 2 / width - 0.5, (c[:, 1] + c[:, 3]) / 2 / height - 0.5], 1)
+    centre = np.stack([(c[:, 0] + c[:, 2]) / 2 / width - 0.5,
+                       (c[:, 1] + c[:, 3]) / 2 / height - 0.5], 1)
     central = 1 - np.clip(np.linalg.norm(centre, axis=1) / math.sqrt(0.5), 0, 1)
     run = np.array([(e - s + 1) / T for s, e in runs])
     return size * central * run
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Deterministic checks (pipeline.md 2.2 thresholds; the per-frame definitions are ours, section 5)
+# --------------------------------------------------------------------------------------------------
+# 7. Deterministic checks (the original pipeline's thresholds; the per-frame definitions are ours)
 
 
 def _robust_threshold(x, floor):
-    """median + 6 robust sigmas (1.4826 x MAD is sigma for Gaussian data), at least `floor`: the limit adapts to
-    the clip's own motion, so a fast dance is not all jumps, and a still clip is not flagged for noise."""
+    """median + 6 robust sigmas (1.4826 x MAD is sigma for Gaussian data), at least `floor`: the
+    limit adapts to the clip's own motion, so a fast dance is not all jumps, and a still clip is not
+    flagged for noise."""
     med = np.median(x)
     return max(med + 6 * 1.4826 * np.median(np.abs(x - med)), floor)
 
@@ -141,24 +132,26 @@ def _robust_threshold(x, floor):
 def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=None, raw_valid=None,
                fit_residual=None):
     """Every check of a clip: {name: {"value", "limit", "ok"}}, and the list of failing issue codes.
-    boxes (T, 4) tracked (gaps filled); kp_scores (T, 17); pose3d (T, 17, 3) metres; core_ok (T,) bool: >= 3 of
-    the 5 core joints (nose, shoulders, hips in the estimator's own layout) confident; raw_valid (T,) bool: the box
-    came from a detection (not interpolated); fit_residual: fit3d.objective's residual of pose3d. Definitions:
-      HARD_CUTS       a cut inside the clip                     (upstream: has_hard_cuts)
+    boxes (T, 4) tracked (gaps filled); kp_scores (T, 17); pose3d (T, 17, 3) metres; core_ok (T,)
+    bool: >= 3 of the 5 core joints (nose, shoulders, hips in the estimator's own layout) confident;
+    raw_valid (T,) bool: the box came from a detection (not interpolated); fit_residual:
+    fit3d.objective's residual of pose3d. A check fails when (default limits; * = the original's
+    definition, the others are ours where it published none):
+      HARD_CUTS*      a cut inside the clip
       TOO_SHORT       T < min_frames
-      BBOX_JUMPS      centre moves > 0.5 x mean box diagonal     ratio of transitions > 0.05
-      SIZE_SPIKES     area ratio > 2 between consecutive boxes  ratio > 0.03
-      IOU_BREAKS      IoU < 0.1 and area ratio > 2 between consecutive detected boxes   ratio > 0.1 (upstream)
-      POSE_JUMPS      max root-relative joint displacement / body height above max(median + 6 MAD, 0.5)
-                      ratio of transitions > 0.05
-      LOW_CONFIDENCE  frames whose mean joint score < 0.3       ratio > 0.4
-      LOW_COVERAGE    frames with >= 3 of 5 core joints > 0.3 (COCO indices before conversion, fixing upstream)
-                      ratio < 0.4
-      LOW_MOTION      peak (3-frame median) root-relative joint speed < 0.3 body heights / s
+      BBOX_JUMPS      the centre moves > 0.5 x mean box diagonal in > 5% of transitions
+      SIZE_SPIKES     area ratio > 2 between consecutive boxes in > 3% of transitions
+      IOU_BREAKS*     IoU < 0.1 and area ratio > 2 in > 10% of pairs of consecutive detected boxes
+      POSE_JUMPS      max root-relative joint displacement / body height above
+                      max(median + 6 MAD, 0.5) in > 5% of transitions
+      LOW_CONFIDENCE  mean joint score < 0.3 in > 40% of frames
+      LOW_COVERAGE*   >= 3 of 5 core joints > 0.3 in < 40% of frames (indexed in the estimator's own
+                      layout: the original applied COCO indices to Human3.6M keypoints)
+      LOW_MOTION      peak (3-frame median) root-relative joint speed < 0.3 body heights / s (the
+                      original's 3.0 "m/s" was on unitless model output)
       SMALL_BBOX      median box area < 8% of the frame
-      FIT_COLLAPSE    (with fit_residual) the 3D pose cannot match the 2D: residual > 0.05, i.e. a typical frame's
-                      joints off by > 5% of the person's 2D size after the fit (ours, calibrated on the fit's
-                      mocap benchmark: fit3d.COLLAPSE_RESIDUAL)"""
+      FIT_COLLAPSE    (with fit_residual) residual > 0.05: a typical frame's joints are off by > 5%
+                      of the person's 2D size after the fit (fit3d.COLLAPSE_RESIDUAL)"""
     T = len(boxes)
     b = np.asarray(boxes, np.float64)
     area = np.maximum(box_area(b), 1e-9)
@@ -173,7 +166,8 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
     centre = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
     diag = np.hypot(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
     jump = np.linalg.norm(np.diff(centre, axis=0), axis=1) > 0.5 * (diag[1:] + diag[:-1]) / 2
-    put("BBOX_JUMPS", jump.sum() / n, cfg.max_box_jump_ratio, jump.sum() / n <= cfg.max_box_jump_ratio)
+    jumps = jump.sum() / n
+    put("BBOX_JUMPS", jumps, cfg.max_box_jump_ratio, jumps <= cfg.max_box_jump_ratio)
     ratio = np.maximum(area[1:] / area[:-1], area[:-1] / area[1:])
     spike = (ratio > 2).sum() / n
     put("SIZE_SPIKES", spike, cfg.max_size_spike_ratio, spike <= cfg.max_size_spike_ratio)
@@ -184,7 +178,8 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
     put("IOU_BREAKS", brk, cfg.max_iou_break_ratio, brk <= cfg.max_iou_break_ratio)
     rel = np.asarray(pose3d, np.float64) - np.asarray(pose3d, np.float64)[:, :1]
     bl = kinematics.bone_lengths_of(rel)  # (T, 17)
-    height_m = float(np.median(bl[:, [7, 8, 9, 10, 2, 3]].sum(1))) or 1.0  # pelvis->head + thigh + shin
+    # body height: pelvis -> head + thigh + shin
+    height_m = float(np.median(bl[:, [7, 8, 9, 10, 2, 3]].sum(1))) or 1.0
     disp = np.linalg.norm(np.diff(rel, axis=0), axis=2).max(1) / height_m if T > 1 else np.zeros(1)
     pj = (disp > _robust_threshold(disp, 0.5)).sum() / n
     put("POSE_JUMPS", pj, cfg.max_pose_jump_ratio, pj <= cfg.max_pose_jump_ratio)
@@ -199,7 +194,8 @@ def run_checks(boxes, kp_scores, pose3d, width, height, cfg, n_cuts=0, core_ok=N
     med_area = float(np.median(area)) / (width * height)
     put("SMALL_BBOX", med_area, cfg.min_box_area, med_area >= cfg.min_box_area)
     if fit_residual is not None:
-        put("FIT_COLLAPSE", fit_residual, cfg.max_fit_residual, fit_residual <= cfg.max_fit_residual)
+        ok = fit_residual <= cfg.max_fit_residual
+        put("FIT_COLLAPSE", fit_residual, cfg.max_fit_residual, ok)
     return out, [k for k, v in out.items() if not v["ok"]]
 
 

@@ -24,7 +24,7 @@ ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, appr
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shared ViT pieces and the checkpoint loader
 
 
@@ -48,8 +48,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 -> act -> fc2. ViTPose+ (experts > 1): fc2 gives the first dim - part features, and one of the experts,
-    chosen per sample by its dataset index, gives the last part features from the same hidden activations."""
+    """fc1 -> act -> fc2. ViTPose+ (experts > 1): fc2 gives the first dim - part features, and one
+    of the experts, chosen per sample by its dataset index, gives the last part features from the
+    same hidden activations."""
 
     def __init__(self, dim, hidden, act, experts=1, part_features=0):
         super().__init__()
@@ -59,8 +60,9 @@ class MLP(nn.Module):
         self.experts = nn.ModuleList(nn.Linear(hidden, part_features) for _ in range(experts)) if experts > 1 else None
 
     def forward(self, x, expert=None):
-        """x (B, T, C); expert: the dataset index (int: the whole batch, one matmul) or (B,) long indices (a mixed
-        batch: each expert present runs on all rows, kept where selected, as the reference does)."""
+        """x (B, T, C); expert: the dataset index (int: the whole batch, one matmul) or (B,) long
+        indices (a mixed batch: each expert present runs on all rows, kept where selected, as the
+        reference does)."""
         h = self.act(self.fc1(x))
         if self.experts is None:
             return self.fc2(h)
@@ -86,15 +88,14 @@ class Block(nn.Module):
         return x + self.mlp(self.layernorm_after(x), expert)
 
 
-# Our parameter names -> the HF checkpoint's, by fragment replacement in this order (the only renames; the rest of
-# each key is the HF name verbatim).
+# Our parameter names -> the HF checkpoint's, by fragment replacement in this order (the only
+# renames; the rest of each key is the HF name verbatim).
 TRUNK_RENAMES = ((".patch_embed.", ".embeddings.patch_embeddings.projection."),
                  (".cls_token", ".embeddings.cls_token"),
                  (".detection_tokens", ".embeddings.detection_tokens"),
                  (".position_embeddings", ".embeddings.position_embeddings"),
                  (".mid_position_embeddings", ".encoder.mid_position_embeddings"),
-                 (".blocks.", ".encoder.layer."),
-                 (".attn.proj.", ".attention.output.dense."),
+                 (".blocks.", ".encoder.layer."), (".attn.proj.", ".attention.output.dense."),
                  (".attn.", ".attention.attention."))
 
 
@@ -111,8 +112,8 @@ def read_json(path):
 
 
 def load_weights(model, folder, renames, device="cpu", dtype=torch.float32):
-    """Fill a meta-built `model` from folder/model.safetensors (or a sharded index). Missing, unexpected and
-    mis-shaped keys raise, named as in the checkpoint."""
+    """Fill a meta-built `model` from folder/model.safetensors (or a sharded index). Missing,
+    unexpected and mis-shaped keys raise, named as in the checkpoint."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -143,7 +144,8 @@ def load_weights(model, folder, renames, device="cpu", dtype=torch.float32):
 
 
 def pick_fields(cls, d):
-    """The dataclass fields of cls present in the HF dict d (HF names are ours where they coincide)."""
+    """The dataclass fields of cls present in the HF dict d (HF names are ours where
+    they coincide)."""
     return {f.name: d[f.name] for f in fields(cls) if f.name in d}
 
 

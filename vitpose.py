@@ -127,13 +127,15 @@ def _vitpose_out_stage(bb, n):
 
 
 class PoseViT(nn.Module):
-    """ViTPose backbone: padded patch conv, learned positions (no cls token; its position is added to all)."""
+    """ViTPose backbone: padded patch conv, learned positions (no cls token; its position is
+    added to all)."""
 
     def __init__(self, c: ViTPoseConfig):
         super().__init__()
         self.c = c
         gh, gw = c.image_size[0] // c.patch_size[0], c.image_size[1] // c.patch_size[1]
-        self.patch_embed = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, padding=2)
+        self.patch_embed = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
+                                     padding=2)
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + gh * gw, c.hidden_size))
         self.blocks = nn.ModuleList(
             Block(c.hidden_size, c.num_attention_heads, int(c.hidden_size * c.mlp_ratio), c.hidden_act,
@@ -181,8 +183,8 @@ class ViTPose(nn.Module):
         self.head = SimpleHead(c) if c.use_simple_decoder else ClassicHead(c)
 
     def forward(self, pixels, dataset_index=0):
-        """pixels (B, 3, 256, 192) normalised crops; dataset_index: int or (B,) (ViTPose+ expert; 0 = COCO) ->
-        heatmaps (B, K, 64, 48), float32 whatever the backbone's dtype."""
+        """pixels (B, 3, 256, 192) normalised crops; dataset_index: int or (B,) (ViTPose+ expert; 0
+        = COCO) -> heatmaps (B, K, 64, 48), float32 whatever the backbone's dtype."""
         B, c = pixels.shape[0], self.c
         expert = dataset_index
         if torch.is_tensor(expert):  # per-sample indices; one value for all is the fast int path
@@ -211,21 +213,22 @@ class ViTPose(nn.Module):
 
 
 def box_to_center_scale(xywh, c: ViTPoseConfig):
-    """(N, 4) float64 COCO boxes -> centre (N, 2), scale (N, 2) float32: the box widened or heightened to the crop
-    aspect, in units of normalize_factor px, times padding_factor (box_to_center_and_scale)."""
+    """(N, 4) float64 COCO boxes -> centre (N, 2), scale (N, 2) float32: the box widened or
+    heightened to the crop aspect, in units of normalize_factor px, times padding_factor
+    (box_to_center_and_scale)."""
     x, y, w, h = np.asarray(xywh, np.float64).T
     aspect = c.image_size[1] / c.image_size[0]
     center = np.stack([x + w * 0.5, y + h * 0.5], 1).astype(np.float32)
     w2 = np.where(w < aspect * h, h * aspect, w)  # widen a tall box ...
     h2 = np.where(w > aspect * h, w * 1.0 / aspect, h)  # ... or heighten a wide one
-    scale = np.stack([w2 / c.normalize_factor, h2 / c.normalize_factor], 1).astype(np.float32) * np.float32(
-        c.padding_factor)
-    return center, scale
+    scale = np.stack([w2 / c.normalize_factor, h2 / c.normalize_factor], 1).astype(np.float32)
+    return center, scale * np.float32(c.padding_factor)
 
 
 def crop_to_frame(center, scale, c: ViTPoseConfig):
-    """The inverse (crop pixel -> frame pixel) of the unbiased warp (get_warp_matrix, rotation 0), built with the
-    reference's float32/float64 steps: per box (ax, bx, ay, by) float64, frame x = ax * u + bx, y = ay * v + by."""
+    """The inverse (crop pixel -> frame pixel) of the unbiased warp (get_warp_matrix, rotation 0),
+    built with the reference's float32/float64 steps: per box (ax, bx, ay, by) float64, frame x = ax
+    * u + bx, y = ay * v + by."""
     size_in, target = center * 2.0, scale * np.float32(200.0)  # float32, as the reference (its 200 is fixed)
     sx = np.float64(c.image_size[1] - 1.0) / target[:, 0].astype(np.float64)
     sy = np.float64(c.image_size[0] - 1.0) / target[:, 1].astype(np.float64)
@@ -240,9 +243,10 @@ def crop_to_frame(center, scale, c: ViTPoseConfig):
 
 
 def warp_crops(frames, inv, out_hw):
-    """Bilinear crops as scipy.ndimage.affine_transform(order=1, mode='constant') computes them: a sample outside
-    [0, W-1] x [0, H-1] is 0, inside it interpolates the 4 neighbours in float64 and rounds half up to uint8.
-    frames (N, H, W, 3) uint8 tensor; inv: crop_to_frame output -> (N, h, w, 3) uint8."""
+    """Bilinear crops as scipy.ndimage.affine_transform(order=1, mode='constant') computes them: a
+    sample outside [0, W-1] x [0, H-1] is 0, inside it interpolates the 4 neighbours in float64 and
+    rounds half up to uint8. frames (N, H, W, 3) uint8 tensor; inv: crop_to_frame output ->
+    (N, h, w, 3) uint8."""
     N, H, W, _ = frames.shape
     dev = frames.device
     ax, bx, ay, by = (torch.as_tensor(a, dtype=torch.float64, device=dev).view(-1, 1) for a in inv)
@@ -268,9 +272,10 @@ def warp_crops(frames, inv, out_hw):
 
 
 def gaussian_blur(hm, sigma=0.8, radius=5):
-    """scipy.ndimage.gaussian_filter(sigma, radius, mode='reflect') over the last two axes of float32 heatmaps
-    (a tensor, on any device): rows then columns, each pass accumulated in float64 in scipy's symmetric order
-    (centre, then the pairs from the outermost in) and stored as float32, so the result is bit-identical."""
+    """scipy.ndimage.gaussian_filter(sigma, radius, mode='reflect') over the last two axes of
+    float32 heatmaps (a tensor, on any device): rows then columns, each pass accumulated in float64
+    in scipy's symmetric order (centre, then the pairs from the outermost in) and stored as float32,
+    so the result is bit-identical."""
     x = np.arange(-radius, radius + 1)
     k = np.exp(-0.5 / (sigma * sigma) * x ** 2)
     k = k / k.sum()
@@ -292,8 +297,9 @@ def gaussian_blur(hm, sigma=0.8, radius=5):
 
 
 def heatmaps_to_keypoints(heatmaps, center, scale, kernel=11):
-    """float32 heatmaps (N, K, h, w) -> keypoints (N, K, 2) float32 frame pixels, scores (N, K): argmax, DARK
-    Newton step on the log of the blurred heatmap, then the UDP map back (keypoints_from_heatmaps)."""
+    """float32 heatmaps (N, K, h, w) -> keypoints (N, K, 2) float32 frame pixels, scores (N, K):
+    argmax, DARK Newton step on the log of the blurred heatmap, then the UDP map back
+    (keypoints_from_heatmaps)."""
     hm = torch.as_tensor(heatmaps).float()
     blurred = gaussian_blur(hm, 0.8, (kernel - 1) // 2).cpu().numpy()  # the heavy part, on the heatmaps' device
     heatmaps = hm.cpu().numpy()
@@ -306,7 +312,8 @@ def heatmaps_to_keypoints(heatmaps, center, scale, kernel=11):
     pad = np.pad(lg, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge").ravel()
     # linear index of each peak in the flattened padded maps (the reference indexes the same way)
     i = coords[..., 0] + 1 + (coords[..., 1] + 1) * (w + 2)
-    # (summed in float64: exact, where the reference's in-place float32 sum loses integers past 2**24 (> ~300 crops))
+    # (summed in float64: exact, where the reference's in-place float32 sum loses integers past
+    # 2**24 (> ~300 crops))
     i = (i + (w + 2) * (h + 2) * np.arange(N * K).reshape(-1, K)).astype(int)
     v = lambda off: pad[i + off]  # noqa: E731
     c0, xp, xm, yp, ym = v(0), v(1), v(-1), v(w + 2), v(-w - 2)
@@ -325,11 +332,11 @@ def heatmaps_to_keypoints(heatmaps, center, scale, kernel=11):
 
 
 class ViTPoseEstimator:
-    """pipeline.PoseEstimator: `pose(images, boxes, keys=None) -> keypoints (N, 17, 2), scores (N, 17)` float64,
-    COCO-17 order, frame pixels; one xyxy box per image. Boxes that are not finite or have no area give zeros.
-    dataset_index: the ViTPose+ expert (0 = COCO); ignored by single-expert models. dtype: the
-    backbone's; the head and the keypoint decoding run in float32 regardless. No flip test (the
-    reference does none by default)."""
+    """pipeline.PoseEstimator: `pose(images, boxes, keys=None) -> keypoints (N, 17, 2), scores
+    (N, 17)` float64, COCO-17 order, frame pixels; one xyxy box per image. Boxes that are not finite
+    or have no area give zeros. dataset_index: the ViTPose+ expert (0 = COCO); ignored by
+    single-expert models. dtype: the backbone's; the head and the keypoint decoding run in float32
+    regardless. No flip test (the reference does none by default)."""
 
     keypoint_format = "coco"
 
@@ -338,15 +345,18 @@ class ViTPoseEstimator:
         self.device, self.dataset_index, self.batch_size = device, dataset_index, batch_size
 
     def preprocess(self, frames, xywh):
-        """Same-size frames (N, H, W, 3) uint8 + COCO boxes (N, 4) -> crops (N, 3, h, w) float32, centre, scale."""
+        """Same-size frames (N, H, W, 3) uint8 + COCO boxes (N, 4) -> crops (N, 3, h, w) float32,
+        centre, scale."""
         c = self.model.c
         center, scale = box_to_center_scale(xywh, c)
-        u8 = warp_crops(torch.as_tensor(frames).to(self.device), crop_to_frame(center, scale, c), c.image_size)
+        u8 = warp_crops(torch.as_tensor(frames).to(self.device), crop_to_frame(center, scale, c),
+                        c.image_size)
         return normalize(u8, c, self.device), center, scale
 
     @torch.no_grad()
     def estimate(self, images, xywh):
-        """images: list of (H, W, 3) uint8; xywh (N, 4) boxes -> keypoints (N, K, 2) float32, scores (N, K)."""
+        """images: list of (H, W, 3) uint8; xywh (N, 4) boxes -> keypoints (N, K, 2) float32,
+        scores (N, K)."""
         K = self.model.c.num_keypoints
         kp, sc = np.zeros((len(images), K, 2), np.float32), np.zeros((len(images), K), np.float32)
         groups = {}  # frames of one shape are warped together
@@ -355,7 +365,8 @@ class ViTPoseEstimator:
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 sel = idx[s:s + self.batch_size]
-                pixels, center, scale = self.preprocess(np.stack([images[n] for n in sel]), xywh[sel])
+                pixels, center, scale = self.preprocess(np.stack([images[n] for n in sel]),
+                                                        xywh[sel])
                 hm = self.model(pixels, self.dataset_index)
                 kp[sel], sc[sel] = heatmaps_to_keypoints(hm, center, scale)
         return kp, sc

@@ -1,6 +1,7 @@
-"""The VLM stage of pipeline.py: a chat client (an OpenAI-compatible HTTP server, or our qwen3vl.py on a local
-checkpoint), the three prompts (target oracle, judge, captioner), the images they are shown, and the parsing of the
-replies. A failed or garbled call is a record, never an exception, so one bad answer cannot stop a shard.
+"""The VLM stage of pipeline.py: a chat client (an OpenAI-compatible HTTP server, or our qwen3vl.py
+on a local checkpoint), the three prompts (target oracle, judge, captioner), the images they are
+shown, and the parsing of the replies. A failed or garbled call is a record, never an exception, so
+one bad answer cannot stop a shard.
 
     from vlm import VLMClient, LocalQwen3VL, judge_clip, caption_clip
     client = VLMClient("http://host:8000/v1", "MODEL")        # or VLMClient(local=LocalQwen3VL("ckpt/Qwen3-VL-8B"))
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import model_io
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Transport: one chat call = images + a prompt -> a reply record (HTTP or a local model)
 
 
@@ -37,7 +38,8 @@ def _jpeg_b64(image, max_side):
 
 
 class LocalQwen3VL:
-    """Backend on a local Qwen3-VL checkpoint folder through our qwen3vl.py (greedy unless temperature > 0)."""
+    """Backend on a local Qwen3-VL checkpoint folder through our qwen3vl.py (greedy unless
+    temperature > 0)."""
 
     def __init__(self, path, device="cpu", dtype=None):
         import torch
@@ -45,7 +47,8 @@ class LocalQwen3VL:
         import qwen3vl
         self.torch = torch
         self.processor = qwen3vl.Qwen3VLProcessor.from_pretrained(path)
-        self.model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=dtype or torch.bfloat16, device=device)
+        self.model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=dtype or torch.bfloat16,
+                                                     device=device)
         self.device = device
         eos = [self.processor.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
         self.eos = [i for i in eos if i is not None]
@@ -57,23 +60,25 @@ class LocalQwen3VL:
         enc = self.processor(text, images=pil or None)
         mv = lambda k: enc[k].to(self.device) if k in enc and enc[k] is not None else None  # noqa: E731
         out = self.model.generate(mv("input_ids"), attention_mask=mv("attention_mask"),
-                                  pixel_values=mv("pixel_values"), image_grid_thw=mv("image_grid_thw"),
-                                  max_new_tokens=max_tokens, do_sample=temperature > 0,
-                                  temperature=max(temperature, 1e-5), top_p=0.9 if temperature > 0 else 1.0,
-                                  eos_token_id=self.eos, pad_token_id=self.processor.pad_token_id)
+                                  pixel_values=mv("pixel_values"),
+                                  image_grid_thw=mv("image_grid_thw"), max_new_tokens=max_tokens,
+                                  do_sample=temperature > 0, temperature=max(temperature, 1e-5),
+                                  top_p=0.9 if temperature > 0 else 1.0, eos_token_id=self.eos,
+                                  pad_token_id=self.processor.pad_token_id)
         return self.processor.decode(out[0], skip_special_tokens=True)
 
 
 class VLMClient:
-    """One chat call = images (RGB arrays or PIL) + a text prompt -> a reply record, never an exception:
-    {"text": str | None, "error": str | None, "attempts": int, "seconds": float}.
-    Backends: an OpenAI-compatible HTTP endpoint (`url` = base like http://host:8000/v1; POST /chat/completions with
-    images as base64 JPEG data URLs, images first, text last; stdlib urllib) or `local` (a LocalQwen3VL or any
-    callable(images, prompt, max_tokens, temperature) -> str). Transient failures (connection errors, timeouts,
-    HTTP 408/429/5xx, an unparseable envelope) are retried `retries` times with exponential backoff."""
+    """One chat call = images (RGB arrays or PIL) + a text prompt -> a reply record, never an
+    exception: {"text": str | None, "error": str | None, "attempts": int, "seconds": float}.
+    Backends: an OpenAI-compatible HTTP endpoint (`url` = base like http://host:8000/v1; POST
+    /chat/completions with images as base64 JPEG data URLs, images first, text last; stdlib urllib)
+    or `local` (a LocalQwen3VL or any callable(images, prompt, max_tokens, temperature) -> str).
+    Transient failures (connection errors, timeouts, HTTP 408/429/5xx, an unparseable envelope) are
+    retried `retries` times with exponential backoff."""
 
-    def __init__(self, url="", model="", api_key="", timeout=120.0, retries=3, backoff=1.0, local=None,
-                 max_side=640, sleep=time.sleep):
+    def __init__(self, url="", model="", api_key="", timeout=120.0, retries=3, backoff=1.0,
+                 local=None, max_side=640, sleep=time.sleep):
         if not url and local is None:
             raise ValueError("VLMClient needs an HTTP url or a local backend")
         self.url, self.model, self.api_key, self.timeout = url.rstrip("/"), model, api_key, timeout
@@ -87,7 +92,8 @@ class VLMClient:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + "/chat/completions", data=body, headers=headers, method="POST")
+        req = urllib.request.Request(self.url + "/chat/completions", data=body, headers=headers,
+                                     method="POST")
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             reply = json.loads(resp.read().decode("utf-8"))
         text = reply["choices"][0]["message"]["content"]
@@ -103,7 +109,8 @@ class VLMClient:
                     text = self.local(images, prompt, max_tokens, temperature)
                 else:
                     text = self._http(images, prompt, max_tokens, temperature)
-                return {"text": text, "error": None, "attempts": attempt, "seconds": round(time.time() - t0, 3)}
+                return {"text": text, "error": None, "attempts": attempt,
+                        "seconds": round(time.time() - t0, 3)}
             except urllib.error.HTTPError as e:
                 err = f"HTTP {e.code}"
                 if e.code not in (408, 429) and e.code < 500:
@@ -116,16 +123,18 @@ class VLMClient:
                 err = f"{type(e).__name__}: {e}"[:200]
             if attempt <= self.retries:
                 self.sleep(self.backoff * 2 ** (attempt - 1))
-        return {"text": None, "error": err, "attempts": attempt, "seconds": round(time.time() - t0, 3)}
+        return {"text": None, "error": err, "attempts": attempt,
+                "seconds": round(time.time() - t0, 3)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Replies: the JSON slice of a reply, and a regex repair of one boolean field
 
 
 def strip_thinking(text):
-    """A reply without its reasoning: everything up to the last </think> (Qwen3 Thinking chat templates open the
-    <think> block in the prompt, so the reply has only the closing tag), then any <think>... left open."""
+    """A reply without its reasoning: everything up to the last </think> (Qwen3 Thinking chat
+    templates open the <think> block in the prompt, so the reply has only the closing tag), then any
+    <think>... left open."""
     text = text or ""
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
@@ -133,7 +142,8 @@ def strip_thinking(text):
 
 
 def _json_object(text):
-    """The JSON object of a VLM reply: thinking stripped, the slice from the first '{' to the last '}'."""
+    """The JSON object of a VLM reply: thinking stripped, the slice from the first '{' to
+    the last '}'."""
     text = strip_thinking(text)
     i, j = text.find("{"), text.rfind("}")
     if i < 0 or j <= i:
@@ -155,8 +165,9 @@ def _bool_field(obj, text, key):
     return v
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Oracle: one frame with numbered candidate boxes -> {"chosen_index": k}; an index outside 1..n is no answer
+# --------------------------------------------------------------------------------------------------
+# Oracle: one frame with numbered candidate boxes -> {"chosen_index": k}; an index outside
+# 1..n is no answer
 
 
 PICK_PROMPT = (
@@ -166,11 +177,13 @@ PICK_PROMPT = (
     "most engaged one. You MUST return one number from 1 to {n}.\n"
     "Reply with ONLY this JSON: {{\"chosen_index\": <int 1..{n}>, \"reason\": \"<under 20 words>\"}}")
 
-_PALETTE = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220)]
+_PALETTE = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (255, 0, 255),
+            (0, 220, 220)]
 
 
 def draw_numbered_boxes(image, boxes):
-    """The oracle's view: each candidate box outlined in a palette colour with its 1-based number on a filled tag."""
+    """The oracle's view: each candidate box outlined in a palette colour with its 1-based number on
+    a filled tag."""
     im = Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(im)
     font = ImageFont.load_default(size=max(14, im.height // 18))
@@ -185,8 +198,8 @@ def draw_numbered_boxes(image, boxes):
 
 
 def parse_pick(text, n):
-    """A picker reply -> 0-based candidate index, or None (no/garbled answer or outside 1..n). Accepts the JSON
-    {"chosen_index": k, ...}, else a regex repair of `"chosen_index": k`."""
+    """A picker reply -> 0-based candidate index, or None (no/garbled answer or outside 1..n).
+    Accepts the JSON {"chosen_index": k, ...}, else a regex repair of `"chosen_index": k`."""
     obj, text = _json_object(text)
     k = obj.get("chosen_index") if obj is not None else None
     if obj is None:
@@ -199,9 +212,9 @@ def parse_pick(text, n):
     return int(k) - 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Judge: evenly spaced skeleton overlays (red = right, blue = left, green = spine), JPEG q75 at max side 640,
-# temperature 0 -> {tracking_consistent, motion_matches}; a missing field counts as False
+# --------------------------------------------------------------------------------------------------
+# Judge: evenly spaced skeleton overlays (red = right, blue = left, green = spine), JPEG q75 at max
+# side 640, temperature 0 -> {tracking_consistent, motion_matches}; a missing field counts as False
 
 
 JUDGE_PROMPT = (
@@ -217,9 +230,9 @@ JUDGE_PROMPT = (
     "Reply with ONLY this JSON: {{\"tracking_consistent\": true/false, \"motion_matches\": true/false, "
     "\"explanation\": \"<under 15 words>\"}}")
 
-_SKELETON = [(0, 1, "r"), (1, 2, "r"), (2, 3, "r"), (0, 4, "l"), (4, 5, "l"), (5, 6, "l"), (0, 7, "c"), (7, 8, "c"),
-             (8, 9, "c"), (9, 10, "c"), (8, 11, "l"), (11, 12, "l"), (12, 13, "l"), (8, 14, "r"), (14, 15, "r"),
-             (15, 16, "r")]
+_SKELETON = [(0, 1, "r"), (1, 2, "r"), (2, 3, "r"), (0, 4, "l"), (4, 5, "l"), (5, 6, "l"),
+             (0, 7, "c"), (7, 8, "c"), (8, 9, "c"), (9, 10, "c"), (8, 11, "l"), (11, 12, "l"),
+             (12, 13, "l"), (8, 14, "r"), (14, 15, "r"), (15, 16, "r")]
 _SIDE_COLOUR = {"r": (230, 30, 30), "l": (40, 90, 255), "c": (40, 200, 40)}
 
 
@@ -230,33 +243,37 @@ def draw_skeleton(image, kp2d, scores, thr=0.3):
     wdt = max(2, im.height // 120)
     for a, b, side in _SKELETON:
         if scores[a] > thr and scores[b] > thr:
-            draw.line([tuple(map(float, kp2d[a])), tuple(map(float, kp2d[b]))], fill=_SIDE_COLOUR[side], width=wdt)
+            draw.line([tuple(map(float, kp2d[a])), tuple(map(float, kp2d[b]))],
+                      fill=_SIDE_COLOUR[side], width=wdt)
     return im
 
 
 def parse_verdict(text):
-    """Judge reply -> {"tracking_consistent", "motion_matches", "explanation", "judged"}; a missing or garbled
-    field is False (strict default) and judged says whether both booleans were actually read."""
+    """Judge reply -> {"tracking_consistent", "motion_matches", "explanation", "judged"}; a
+    missing or garbled field is False (strict default) and judged says whether both booleans were
+    actually read."""
     obj, body = _json_object(text)
     tc, mm = _bool_field(obj, body, "tracking_consistent"), _bool_field(obj, body, "motion_matches")
     expl = obj.get("explanation", "") if obj is not None else ""
-    return {"tracking_consistent": tc is True, "motion_matches": mm is True, "explanation": str(expl)[:200],
-            "judged": tc is not None and mm is not None}
+    return {"tracking_consistent": tc is True, "motion_matches": mm is True,
+            "explanation": str(expl)[:200], "judged": tc is not None and mm is not None}
 
 
 def judge_clip(vlm, frames, kp2d, scores, action, text, cfg):
-    """The v2 judge: judge_frames evenly spaced skeleton overlays + JUDGE_PROMPT, greedy -> verdict record
-    (parse_verdict fields + error, attempts, raw reply kept for audit)."""
+    """The v2 judge: judge_frames evenly spaced skeleton overlays + JUDGE_PROMPT, greedy -> verdict
+    record (parse_verdict fields + error, attempts, raw reply kept for audit)."""
     sel = np.linspace(0, len(frames) - 1, cfg.judge_frames).round().astype(int)
     imgs = [draw_skeleton(frames[i], kp2d[i], scores[i]) for i in sel]
     prompt = JUDGE_PROMPT.format(n=len(imgs), action=action or "unknown", text=(text or "")[:300])
     reply = vlm.chat(imgs, prompt, max_tokens=2048, temperature=0.0)
     verdict = parse_verdict(reply["text"]) if reply["text"] is not None else parse_verdict("")
-    return {**verdict, "error": reply["error"], "attempts": reply["attempts"], "raw": (reply["text"] or "")[:2000]}
+    return {**verdict, "error": reply["error"], "attempts": reply["attempts"],
+            "raw": (reply["text"] or "")[:2000]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Captions: frames with the green target box -> 1-3 imperative sentences (greedy; the original sampled at 0.7)
+# --------------------------------------------------------------------------------------------------
+# Captions: frames with the green target box -> 1-3 imperative sentences (greedy; the
+# original sampled at 0.7)
 
 
 CAPTION_PROMPT = (
@@ -270,8 +287,9 @@ CAPTION_PROMPT = (
 
 
 def parse_caption(text):
-    """Captioner reply -> the imperative description (thinking, 'Description:' headers, a stray 'assistant' line and
-    quotes removed; at most 3 sentences), or None when nothing usable remains."""
+    """Captioner reply -> the imperative description (thinking, 'Description:' headers, a
+    stray 'assistant' line and quotes removed; at most 3 sentences), or None when nothing
+    usable remains."""
     text = strip_thinking(text).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip().lower() != "assistant"]
     for i, ln in enumerate(lines):
@@ -286,12 +304,13 @@ def parse_caption(text):
 
 
 def caption_clip(vlm, frames, boxes, action, cfg):
-    """The 1.9 captioner: caption_frames evenly spaced frames with the green target box + CAPTION_PROMPT. Greedy
-    (the original sampled at temperature 0.7), so a rerun gives the same text. -> {"text" | None, "error", "raw"}."""
+    """The 1.9 captioner: caption_frames evenly spaced frames with the green target box +
+    CAPTION_PROMPT. Greedy (the original sampled at temperature 0.7), so a rerun gives the same
+    text. -> {"text" | None, "error", "raw"}."""
     sel = np.linspace(0, len(frames) - 1, cfg.caption_frames).round().astype(int)
     imgs = [model_io.draw_box(Image.fromarray(frames[i]), boxes[i]) for i in sel]
-    reply = vlm.chat(imgs, CAPTION_PROMPT.format(n=len(imgs), action=action or "a motion"), max_tokens=150,
-                     temperature=0.0)
+    reply = vlm.chat(imgs, CAPTION_PROMPT.format(n=len(imgs), action=action or "a motion"),
+                     max_tokens=150, temperature=0.0)
     cap = parse_caption(reply["text"]) if reply["text"] is not None else None
     return {"text": cap, "error": reply["error"] or (None if cap else "EMPTY_CAPTION"),
             "raw": (reply["text"] or "")[:1000]}

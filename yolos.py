@@ -125,7 +125,8 @@ def _yolos_size(pre):
 
 
 class YolosViT(nn.Module):
-    """ViT over [cls, patches, detection tokens] with bicubically interpolated (mid-)position embeddings."""
+    """ViT over [cls, patches, detection tokens] with bicubically interpolated
+    (mid-)position embeddings."""
 
     def __init__(self, c: YolosConfig):
         super().__init__()
@@ -144,7 +145,8 @@ class YolosViT(nn.Module):
         self._pos_cache = {}  # (H, W, device, dtype) -> interpolated (pos, mid pos): computed once per input size
 
     def resize_pos(self, pos, gh, gw):
-        """pos (L, 1, 1 + grid + det, D) -> the same with the patch part bicubically resized to gh x gw."""
+        """pos (L, 1, 1 + grid + det, D) -> the same with the patch part bicubically
+        resized to gh x gw."""
         c, nd = self.c, self.c.num_detection_tokens
         L, _, _, D = pos.shape
         h0, w0 = c.image_size[0] // c.patch_size, c.image_size[1] // c.patch_size
@@ -157,7 +159,8 @@ class YolosViT(nn.Module):
         key = (H, W, device, dtype)
         if key not in self._pos_cache:
             gh, gw = H // self.c.patch_size, W // self.c.patch_size
-            # bicubic in float32 whatever the model dtype (bf16 interpolation is not supported everywhere)
+            # bicubic in float32 whatever the model dtype (bf16 interpolation is not
+            # supported everywhere)
             pos = self.resize_pos(self.position_embeddings[None].float(), gh, gw)[0].to(dtype)  # (1, T, D)
             mid = self.resize_pos(self.mid_position_embeddings.float(), gh, gw)[:, 0].to(dtype) \
                 if self.c.use_mid_position_embeddings else None  # (L-1, T, D)
@@ -221,8 +224,8 @@ class Yolos(nn.Module):
 
 
 def yolos_resize_shape(h, w, shortest, longest, mod=16):
-    """The reference's output (H, W): shortest edge -> `shortest` unless the longest would pass `longest`, both
-    rounded down to a multiple of `mod` (get_size_with_aspect_ratio_yolos)."""
+    """The reference's output (H, W): shortest edge -> `shortest` unless the longest would pass
+    `longest`, both rounded down to a multiple of `mod` (get_size_with_aspect_ratio_yolos)."""
     raw = None
     if longest is not None and max(h, w) / min(h, w) * shortest > longest:
         raw = longest * min(h, w) / max(h, w)
@@ -288,8 +291,9 @@ def yolos_preprocess(images, c: YolosConfig, device="cpu", pool=None):
 
 
 def yolos_postprocess(logits, boxes, sizes, threshold, label=None):
-    """-> per image (scores (N,), labels (N,), boxes (N, 4) xyxy in original pixels) with score > threshold, as
-    post_process_object_detection; `label` keeps one class only (the reference does no NMS)."""
+    """-> per image (scores (N,), labels (N,), boxes (N, 4) xyxy in original pixels) with score
+    > threshold, as post_process_object_detection; `label` keeps one class only (the reference
+    does no NMS)."""
     prob = logits.float().softmax(-1)
     scores, labels = prob[..., :-1].max(-1)  # best real class per query
     cx, cy, w, h = boxes.float().unbind(-1)
@@ -306,20 +310,21 @@ def yolos_postprocess(logits, boxes, sizes, threshold, label=None):
 
 
 class YolosDetector:
-    """pipeline.Detector: `det(images, keys=None) -> list of (N_i, 5) float64 [x1, y1, x2, y2, score]`, people only.
-    threshold: the reference's score threshold (its default is 0.5; 0.3 matches the pipeline's
-    det_conf). dtype: the ViT trunk's; the heads and the box decoding run in float32 regardless."""
+    """pipeline.Detector: `det(images, keys=None) -> list of (N_i, 5) float64 [x1, y1, x2, y2,
+    score]`, people only. threshold: the reference's score threshold (its default is 0.5; 0.3
+    matches the pipeline's det_conf). dtype: the ViT trunk's; the heads and the box decoding run in
+    float32 regardless."""
 
-    def __init__(self, path, device="cpu", dtype=torch.float32, threshold=0.3, batch_size=8, person_label=None,
-                 workers=1):
+    def __init__(self, path, device="cpu", dtype=torch.float32, threshold=0.3, batch_size=8,
+                 person_label=None, workers=1):
         self.model = Yolos.from_pretrained(path, device, dtype, person_label)
         self.device, self.threshold, self.batch_size = device, threshold, batch_size
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # parallel Pillow resizes
 
     @torch.no_grad()
     def detect(self, images, people_only=True):
-        """-> list of (scores, labels, boxes) tensors per image; people_only=False keeps every class (the
-        reference's output)."""
+        """-> list of (scores, labels, boxes) tensors per image; people_only=False keeps every class
+        (the reference's output)."""
         c, out = self.model.c, [None] * len(images)
         label = c.person_label if people_only else None
         groups = {}  # without padding (do_pad false) only images of one resized shape share a batch
@@ -329,7 +334,8 @@ class YolosDetector:
         for idx in groups.values():
             for i in range(0, len(idx), self.batch_size):
                 sel = idx[i:i + self.batch_size]
-                pixels, sizes = yolos_preprocess([images[n] for n in sel], c, self.device, self.pool)
+                pixels, sizes = yolos_preprocess([images[n] for n in sel], c, self.device,
+                                                 self.pool)
                 logits, boxes = self.model(pixels)
                 res = yolos_postprocess(logits, boxes, sizes, self.threshold, label)
                 for n, r in zip(sel, res):

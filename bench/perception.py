@@ -3,9 +3,9 @@ Benchmark of the pipeline's perception (yolos.py, vitpose.py): frames/s of YOLOS
 and ViTPose top-down pose (one box per frame), end to end (pre-processing + model + post-processing)
 and the model alone.
 
-Without checkpoints it builds random-weight models in the Hugging Face layout (config.json + model.safetensors) from
-the presets below (the architectures of the public checkpoints) and loads them through the normal loader; with
---detector / --pose it times the real checkpoint folders.
+Without checkpoints it builds random-weight models in the Hugging Face layout (config.json +
+model.safetensors) from the presets below (the architectures of the public checkpoints) and loads
+them through the normal loader; with --detector / --pose it times the real checkpoint folders.
 
   python bench/perception.py                                    # CPU, small sizes (tiny-like models, small frames)
   python bench/perception.py --real --device cuda --dtype bf16 --frames 32 --workers 8  # GPU, 480p frames
@@ -49,7 +49,8 @@ POSE_PRESETS = {
 
 
 def write_random_checkpoint(model, folder, config, renames, seed=0):
-    """Random weights for `model` saved under the HF names, with its config.json: a stand-in checkpoint folder."""
+    """Random weights for `model` saved under the HF names, with its config.json: a stand-in
+    checkpoint folder."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, t in model.state_dict().items():
@@ -65,7 +66,8 @@ def write_random_checkpoint(model, folder, config, renames, seed=0):
 
 def random_yolos(folder, preset, shortest, longest):
     cfg = {"model_type": "yolos", "patch_size": 16, "num_detection_tokens": 100,
-           "id2label": {str(i): ("person" if i == 1 else f"c{i}") for i in range(91)}, **YOLOS_PRESETS[preset]}
+           "id2label": {str(i): ("person" if i == 1 else f"c{i}") for i in range(91)},
+           **YOLOS_PRESETS[preset]}
     c = yolos.YolosConfig.from_hf(cfg)
     renames = vit.TRUNK_RENAMES + yolos.YOLOS_MLP_RENAMES
     write_random_checkpoint(yolos.Yolos(c), folder, cfg, renames)
@@ -73,7 +75,8 @@ def random_yolos(folder, preset, shortest, longest):
 
 
 def random_vitpose(folder, preset):
-    bb = {"image_size": [256, 192], "patch_size": [16, 16], "out_indices": [-1], **POSE_PRESETS[preset]}
+    bb = {"image_size": [256, 192], "patch_size": [16, 16], "out_indices": [-1],
+          **POSE_PRESETS[preset]}
     cfg = {"model_type": "vitpose", "backbone_config": bb, "use_simple_decoder": True,
            "id2label": {str(i): f"kp{i}" for i in range(17)}}
     write_random_checkpoint(vitpose.ViTPose(vitpose.ViTPoseConfig.from_hf(cfg)), folder, cfg,
@@ -96,22 +99,31 @@ def timed(fn, device, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--detector", default="", help="YOLOS checkpoint folder (default: random weights of a preset)")
-    ap.add_argument("--pose", default="", help="ViTPose checkpoint folder (default: random weights of a preset)")
-    ap.add_argument("--real", action="store_true", help="real sizes: yolos-small, vitpose-plus-base, 480x854 frames")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--detector", default="",
+                    help="YOLOS checkpoint folder (default: random weights of a preset)")
+    ap.add_argument("--pose", default="",
+                    help="ViTPose checkpoint folder (default: random weights of a preset)")
+    ap.add_argument("--real", action="store_true",
+                    help="real sizes: yolos-small, vitpose-plus-base, 480x854 frames")
     ap.add_argument("--det-preset", default="", help=f"one of {sorted(YOLOS_PRESETS)}")
     ap.add_argument("--pose-preset", default="", help=f"one of {sorted(POSE_PRESETS)}")
-    ap.add_argument("--height", type=int, default=0, help="frame height (default 120, or 480 with --real)")
-    ap.add_argument("--width", type=int, default=0, help="frame width (default 160, or 854 with --real)")
-    ap.add_argument("--shortest-edge", type=int, default=0, help="YOLOS resize (default 128, or 800 with --real)")
-    ap.add_argument("--longest-edge", type=int, default=0, help="YOLOS resize cap (default 224, or 1333)")
+    ap.add_argument("--height", type=int, default=0,
+                    help="frame height (default 120, or 480 with --real)")
+    ap.add_argument("--width", type=int, default=0,
+                    help="frame width (default 160, or 854 with --real)")
+    ap.add_argument("--shortest-edge", type=int, default=0,
+                    help="YOLOS resize (default 128, or 800 with --real)")
+    ap.add_argument("--longest-edge", type=int, default=0,
+                    help="YOLOS resize cap (default 224, or 1333)")
     ap.add_argument("--frames", type=int, default=4, help="frames per call (= batch)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    ap.add_argument("--workers", type=int, default=1, help="threads for the detector's Pillow resizes")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="threads for the detector's Pillow resizes")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

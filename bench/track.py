@@ -1,8 +1,9 @@
 """
-How much of a motion the sticky tracker keeps: the upstream rule (IoU >= 0.5 with the last box) against ours (also
-IoU >= 0.2 for the only detection overlapping the last box, pipeline.PipelineConfig.track_sole_iou), on perfect body
-boxes of the shipped mocap seen by synth.py's random tracking-shot cameras at 10 Hz, the anchor in the middle of each
-window. Prints, per motion, the mean fraction of the window inside the tracked run.
+How much of a motion the sticky tracker keeps: the original rule (IoU >= 0.5 with the last box)
+against ours (also IoU >= 0.2 for the only detection overlapping the last box,
+pipeline.PipelineConfig.track_sole_iou), on perfect body boxes of the shipped mocap seen by
+synth.py's random tracking-shot cameras at 10 Hz, the anchor in the middle of each window. Prints,
+per motion, the mean fraction of the window inside the tracked run.
 
   python bench/track.py                   # 6 cameras x 40 samples per motion
   python bench/track.py --cameras 20 --frames 60
@@ -22,7 +23,8 @@ import track  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cameras", type=int, default=6)
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
@@ -44,8 +46,8 @@ def main():
             boxes = synth.body_box(cam, synth.world_to_camera(cam, pts))
             dets = [np.concatenate([b, [0.9]])[None] for b in boxes]  # (1, 5): one person, score 0.9
             for name, sole in rules.items():
-                _, (s, e) = track.sticky_track(dets, T // 2, boxes[T // 2], cfg.iou_track, cfg.size_ratio_max,
-                                               cfg.max_misses, sole)
+                _, (s, e) = track.sticky_track(dets, T // 2, boxes[T // 2], cfg.iou_track,
+                                               cfg.size_ratio_max, cfg.max_misses, sole)
                 cov[name].append((e - s + 1) / T)
         for name in rules:
             kept[name].append(np.mean(cov[name]))

@@ -1,5 +1,5 @@
-# Tests of lifter.py: features, mirrored training data, training, save/load, the refine that keeps learned depths,
-# and that cross-validation never trains on a held-out motion.
+# Tests of lifter.py: features, mirrored training data, training, save/load, the refine that keeps
+# learned depths, and that cross-validation never trains on a held-out motion.
 import dataclasses
 import json
 import shutil
@@ -50,7 +50,8 @@ def test_training_set_mirrors_left_and_right():
     X, Y = lifter.training_set(clips, 9)
     assert X.shape == (20, 9 * lifter.FEATURES) and Y.shape == (20, 16, 3)
     np.testing.assert_allclose(Y.norm(dim=-1), 1.0, atol=1e-5)
-    # bones are (child joint - 1): 1 = right thigh, 4 = left thigh; a mirror swaps them and negates x
+    # bones are (child joint - 1): 1 = right thigh, 4 = left thigh; a mirror swaps
+    # them and negates x
     np.testing.assert_allclose(Y[10:, 4], Y[:10, 1] * torch.tensor([-1.0, 1.0, 1.0]), atol=1e-6)
     np.testing.assert_allclose(Y[10:, 14], Y[:10, 11] * torch.tensor([-1.0, 1.0, 1.0]), atol=1e-6)
 
@@ -62,7 +63,8 @@ def _direction_error(net, X, Y):
 
 def test_training_learns_the_directions():
     motions = [mocap.load_motion(mocap.MOTIONS[i][1]) for i in (0, 2)]
-    X, Y = lifter.training_set(lifter.mocap_clips(motions, TINY.clips, TINY.seed, TINY.frames), TINY.window)
+    X, Y = lifter.training_set(lifter.mocap_clips(motions, TINY.clips, TINY.seed, TINY.frames),
+                               TINY.window)
     torch.manual_seed(TINY.seed)
     before = _direction_error(lifter.LifterNet(TINY).eval(), X, Y)
     net = lifter.train_lifter(motions, TINY, progress=False)
@@ -113,7 +115,8 @@ def test_refine_matches_the_2d_and_keeps_the_learned_directions(trained):
     assert _reproj_px(pose, kp, sc, f, W, H) < 0.7 * _reproj_px(start, kp, sc, f, W, H)
     cos = (lifter.bone_directions(pose) * lifter.bone_directions(start)).sum(-1)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).mean() < 15.0
-    # the refined body still satisfies the clip invariant angles == IK(pose3d) with a consistent FK round trip
+    # the refined body still satisfies the clip invariant angles == IK(pose3d) with a
+    # consistent FK round trip
     back = kinematics.angles_to_pose3d(kinematics.pose3d_to_angles(pose), template=pose)
     cos = (lifter.bone_directions(back)[:, [1, 4, 6]] * lifter.bone_directions(pose)[:, [1, 4, 6]]).sum(-1)
     assert cos.min() > 0.999
@@ -129,9 +132,11 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
 
     monkeypatch.setattr(lifter, "train_lifter", spy)
     fast = fit3d.FitConfig(steps=5, yaws=(0.0,))
-    res, rows, cases = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast, refine=dataclasses.replace(fast, w_init=0.1),
+    res, rows, cases = lifter.cross_validate(folds=3, cfg=TINY, fit_cfg=fast,
+                                             refine=dataclasses.replace(fast, w_init=0.1),
                                              n_clips=4, frames=6, progress=False, return_poses=True)
-    assert set(res) == {"lifter", "lifter+fit", "fit"} and all(np.isfinite(r["rmse_deg"]) for r in res.values())
+    assert set(res) == {"lifter", "lifter+fit",
+                        "fit"} and all(np.isfinite(r["rmse_deg"]) for r in res.values())
     assert [r["motion"] for r in rows] == [c[0] for c in cases]
     assert all(r["kept"] in ("init", "refined") and r["fit_residual"] > 0 for r in rows)
     assert len(cases) == 4 and all(p.shape == gt.shape == (6, 17, 3) for _, poses, gt in cases for p in poses.values())
@@ -153,13 +158,14 @@ def test_cross_validation_never_trains_on_a_held_out_motion(monkeypatch, tmp_pat
 def test_pipeline_uses_a_learned_lifter(trained, tmp_path):
     pytest.importorskip("av")
     import pipeline
+    import shards
     import synth
     _, path = trained
     synth.render_demo_videos(tmp_path / "vids", num_videos=1)
     out = tmp_path / "out"
     assert pipeline.main(["--videos", str(tmp_path / "vids"), "--out", str(out), "--lifter", str(path),
                           "--fit-steps", "20", "--no-progress"]) == 0
-    records = pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl")
+    records = shards.read_records(out / "status" / "shard-00000-of-00001.jsonl")
     assert len(records) == 1 and records[0]["lifter"].startswith("LearnedLifter(") and records[0]["written"] >= 1
     for e in data.list_clips(out):
         clip = data.read_clip(out / e["path"])
@@ -177,7 +183,8 @@ def test_directions_are_mirror_equivariant(trained):
     kp_m[..., 0] = W - kp_m[..., 0]
     d, d_m = lift.directions(kp, sc, W, H), lift.directions(kp_m, sc[:, flip], W, H)
     np.testing.assert_allclose(np.linalg.norm(d, axis=-1), 1.0, atol=1e-9)
-    # the mirrored view's left thigh (bone 4) is the original's right thigh (bone 1) with x negated, etc.
+    # the mirrored view's left thigh (bone 4) is the original's right thigh (bone 1)
+    # with x negated, etc.
     bone_flip = [j - 1 for j in flip[1:]]
     np.testing.assert_allclose(d_m[:, bone_flip] * np.array([-1.0, 1.0, 1.0]), d, atol=1e-5)
 
@@ -192,8 +199,9 @@ def test_lifter_file_from_another_version_is_a_clear_error(trained, tmp_path):
 
 
 def test_refine_never_ends_above_the_lifters_own_pose(trained):
-    # the refine's objective at its result never exceeds its value at the lifter's pose (the init); a refine that
-    # cannot improve (here Adam's steps are absurdly large, so every step overshoots) returns the init itself
+    # the refine's objective at its result never exceeds its value at the lifter's pose (the init);
+    # a refine that cannot improve (here Adam's steps are absurdly large, so every step overshoots)
+    # returns the init itself
     net, _ = trained
     _, kp, sc, gt, f, W, H = _case()
     for refine, kept in ((dataclasses.replace(lifter.REFINE, steps=60), "refined"),
@@ -202,9 +210,11 @@ def test_refine_never_ends_above_the_lifters_own_pose(trained):
         init = lift.initial_pose(kp, sc, W, H)
         pose, info = lift.lift(kp, sc, W, H)
         assert info["kept"] == kept and info["loss"] <= info["loss_init"]
-        # loss_init is the fit's objective evaluated at the lifter's output, and loss the one at the result
+        # loss_init is the fit's objective evaluated at the lifter's output, and loss the
+        # one at the result
         assert info["loss_init"] == pytest.approx(fit3d.objective(init, kp, sc, W, H, f, refine)["total"], rel=1e-9)
-        # (objective() takes the elevation prior's mean, the refine its fitted elevation: a tiny gravity term apart)
+        # (objective() takes the elevation prior's mean, the refine its fitted elevation: a tiny
+        # gravity term apart)
         assert info["loss"] == pytest.approx(fit3d.objective(pose, kp, sc, W, H, f, refine)["total"]
                                              + refine.w_init * info["losses"]["init"], rel=1e-3)
         if kept == "init":
@@ -219,9 +229,11 @@ def _amp_npy(path):
     """The shipped AMP walk written back in its original format, a pickled poselib dict."""
     with np.load(mocap.ASSET_DIR / "isaac_amp_humanoid_walk.npz", allow_pickle=False) as z:
         a = {k: z[k] for k in z.files}
-    d = {"rotation": {"arr": a["rotation_xyzw"]}, "root_translation": {"arr": a["root_translation"]},
+    d = {"rotation": {"arr": a["rotation_xyzw"]},
+         "root_translation": {"arr": a["root_translation"]},
          "skeleton_tree": {"node_names": list(a["node_names"]), "parent_indices": {"arr": a["parent_indices"]},
-                           "local_translation": {"arr": a["local_translation"]}}, "is_local": True, "fps": 60.0}
+                           "local_translation": {"arr": a["local_translation"]}}, "is_local": True,
+                           "fps": 60.0}
     np.save(path, np.array(d, dtype=object), allow_pickle=True)
 
 
@@ -243,7 +255,8 @@ def test_mocap_dir_lists_and_refuses_never_skips(tmp_path):
     np.testing.assert_array_equal(named[1][1].rot, mocap.load_motion("isaac_amp_humanoid_walk.npz").rot)
     # the command line says why and exits, before any training
     r = subprocess.run([sys.executable, "lifter.py", "train", "--mocap-dir", str(tmp_path), "--out",
-                        str(tmp_path / "l.safetensors")], capture_output=True, text=True, timeout=120,
+                        str(tmp_path / "l.safetensors")], capture_output=True, text=True,
+                        timeout=120,
                        cwd=Path(lifter.__file__).parent)
     assert r.returncode == 2 and "refused" in r.stderr + r.stdout and "walk.npy" in r.stdout
     assert not (tmp_path / "l.safetensors").exists()

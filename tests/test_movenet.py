@@ -1,6 +1,7 @@
-"""MoveNet-332 importer (movenet.py) on a tiny Parquet written here (the release's schema) + videos written with
-PyAV: clips load with data.read_clip, frames/boxes/pose/angles come from the same source frame at 10 Hz, a missing
-video is listed, a corrupt one skipped with a reason, a re-run resumes, malformed rows give clear errors."""
+"""MoveNet-332 importer (movenet.py) on a tiny Parquet written here (the release's schema) + videos
+written with PyAV: clips load with data.read_clip, frames/boxes/pose/angles come from the same
+source frame at 10 Hz, a missing video is listed, a corrupt one skipped with a reason, a re-run
+resumes, malformed rows give clear errors."""
 
 import io
 import json
@@ -26,7 +27,8 @@ def z(arr, dtype):
 
 
 def code_of(i):
-    """Frame i is drawn as two gray halves encoding i // 10 and i % 10 (steps of 16 survive two lossy codecs)."""
+    """Frame i is drawn as two gray halves encoding i // 10 and i % 10 (steps of 16 survive two
+    lossy codecs)."""
     return 40 + 16 * (i // 10), 40 + 16 * (i % 10)
 
 
@@ -68,15 +70,16 @@ def make_row(rng, cid, cls, fps, idx, w, h, boxes=True, yt=None, split="train"):
             "split": split, "instruction": f"do {cls}", "fps": float(fps), "num_pose_frames": F,
             "video_width": w, "video_height": h, "has_hard_cuts": False, "quality": 1.0,
             "pose3d": z(pose, "<f4"), "keypoints2d": z(kp, "<f4"), "scores2d": z(sc, "<f4"),
-            "bboxes": z(bb, "<f4") if boxes else None, "joint_angles": z(model_io.encode_angles(angles), "<f4"),
+            "bboxes": z(bb, "<f4") if boxes else None,
+            "joint_angles": z(model_io.encode_angles(angles), "<f4"),
             "frame_indices": z(idx, "<i4"), "tracking_confidence": z(np.full(F, 0.9), "<f4")}, \
         {"pose": pose.astype(np.float32), "kp": kp.astype(np.float32), "sc": sc.astype(np.float32),
          "bb": bb.astype(np.float32), "idx": np.asarray(idx)}
 
 
 def expected_samples(idx, fps, rate=10.0):
-    """Independent reference: for t0 + k / rate (t0 = first pose time) the nearest pose frame (ties: earlier),
-    while within half a period; returns pose rows."""
+    """Independent reference: for t0 + k / rate (t0 = first pose time) the nearest pose frame
+    (ties: earlier), while within half a period; returns pose rows."""
     t = np.asarray(idx) / fps
     rows, k = [], 0
     while t[0] + k / rate <= t[-1] + 0.5 / rate + 1e-9:
@@ -94,18 +97,21 @@ def dataset(tmp_path_factory):
     vids, pq_dir = tmp / "videos", tmp / "parquet"
     # A: Kinetics layout, poses at the native 30 fps on frames 3..74
     write_video(vids / "train" / "jumping_jacks" / "aaaaaaaaaaa_000010_000020.mp4", 75, 30, 64, 48)
-    # B: flat folder, 25 fps, poses at upstream's 10 Hz sampling int(k * 2.5); the row's pixels are 2x the video's
+    # B: flat folder, 25 fps, poses at upstream's 10 Hz sampling int(k * 2.5); the row's pixels
+    # are 2x the video's
     write_video(vids / "bbbbbbbbbbb_000010_000020.mp4", 60, 25, 96, 72)
     # D: a corrupt file
     (vids / "ddddddddddd_000010_000020.mp4").write_bytes(os.urandom(3000))
     idx_b = np.array([int(k * 2.5) for k in range(24)])
-    ra, ta = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64, 48)
-    rb, tb = make_row(rng, "bbbbbbbbbbb_000010_000020", "waving", 25, idx_b, 192, 144, boxes=False, split="val")
+    ra, ta = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64,
+                      48)
+    rb, tb = make_row(rng, "bbbbbbbbbbb_000010_000020", "waving", 25, idx_b, 192, 144, boxes=False,
+                      split="val")
     rc, _ = make_row(rng, "ccccccccccc_000010_000020", "running", 30, np.arange(0, 60), 64, 48)
     rd, _ = make_row(rng, "ddddddddddd_000010_000020", "running", 30, np.arange(0, 60), 64, 48)
     # E: stores fps 20 (a v2 retrack row) for A's video (found through youtube_id): cannot be paired
-    re_, _ = make_row(rng, "eeeeeeeeeee_000000_000010", "jumping jacks", 20, np.arange(0, 40), 64, 48,
-                      yt="aaaaaaaaaaa")
+    re_, _ = make_row(rng, "eeeeeeeeeee_000000_000010", "jumping jacks", 20, np.arange(0, 40), 64,
+                      48, yt="aaaaaaaaaaa")
     pq_dir.mkdir()
     pq.write_table(pa.Table.from_pylist([ra, rb, rc]), pq_dir / "train-00000-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist([rd, re_]), pq_dir / "train-00001-of-00002.parquet")
@@ -160,7 +166,8 @@ def test_missing_skipped_and_summary(dataset):
     assert sorted(e["clip_id"] for e in data.list_clips(out)) == ["aaaaaaaaaaa_000010_000020",
                                                                    "bbbbbbbbbbb_000010_000020"]
     s = json.loads((out / "import_summary.json").read_text())
-    assert s["this_run"] == {"ok": 2, "missing": 1, "skipped": 2, "already_done": 0} and s["rows"] == 5
+    assert s["this_run"] == {"ok": 2, "missing": 1, "skipped": 2,
+                             "already_done": 0} and s["rows"] == 5
 
 
 def test_resume_does_not_redo(dataset):
@@ -187,31 +194,36 @@ def test_malformed_rows_name_the_field(tmp_path):
         movenet.decode_row(dict(row, frame_indices=None), "r0")
     with pytest.raises(movenet.RowError, match="strictly increasing"):
         movenet.decode_row(dict(row, frame_indices=z(np.r_[0, 2, 1, 3:10], "<i4")), "r0")
-    # a malformed row in a shard is skipped with the message; a shard without a required column is refused
+    # a malformed row in a shard is skipped with the message; a shard without a required
+    # column is refused
     (tmp_path / "v").mkdir()
     pq.write_table(pa.Table.from_pylist([bad]), tmp_path / "a.parquet")
     movenet.import_movenet(tmp_path / "a.parquet", tmp_path / "v", tmp_path / "o", progress=False)
     assert "BAD_ROW" in (tmp_path / "o" / "skipped.txt").read_text()
-    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "fps"}]), tmp_path / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "fps"}]),
+                   tmp_path / "b.parquet")
     with pytest.raises(ValueError, match=r"missing columns \['fps'\]"):
-        movenet.import_movenet(tmp_path / "b.parquet", tmp_path / "v", tmp_path / "o2", progress=False)
+        movenet.import_movenet(tmp_path / "b.parquet", tmp_path / "v", tmp_path / "o2",
+                               progress=False)
 
 
 def test_gap_keeps_longest_run_and_one_decode_serves_two_rows(dataset):
     vid = dataset["vids"] / "train" / "jumping_jacks" / "aaaaaaaaaaa_000010_000020.mp4"
     rng = np.random.default_rng(2)
-    raw1, t1 = make_row(rng, "ggggggggggg_000010_000020", "jumping jacks", 30, np.arange(0, 75), 64, 48)
+    raw1, t1 = make_row(rng, "ggggggggggg_000010_000020", "jumping jacks", 30, np.arange(0, 75), 64,
+                        48)
     pose = t1["pose"].copy()
     pose[20:24] = np.nan  # frames 20..23 have no pose: the 0.7 s sample (frame 21) has none within 0.05 s
     raw1["pose3d"] = z(pose, "<f4")
-    raw2, t2 = make_row(rng, "hhhhhhhhhhh_000010_000020", "jumping jacks", 30, np.arange(30, 75), 64, 48)
+    raw2, t2 = make_row(rng, "hhhhhhhhhhh_000010_000020", "jumping jacks", 30, np.arange(30, 75),
+                        64, 48)
     rows = [movenet.decode_row(raw1, "r1"), movenet.decode_row(raw2, "r2")]
     cfg = movenet.ImportConfig(min_frames=5)
     info, samplers, rejected = movenet.decode_for_rows(vid, rows, cfg)
     assert not rejected and info["num_decoded"] == 75 and info["fps"] == 30
     c1 = movenet.build_clip(rows[0], samplers[rows[0].clip_id], info, cfg)
-    # samples 0.0..0.6 s (frames 0..18, 7) | gap at 0.7 s | 0.8..2.5 s (18, the longest run, kept); the 2.5 s
-    # sample has no frame 75 and takes frame 74 (1/30 s away)
+    # samples 0.0..0.6 s (frames 0..18, 7) | gap at 0.7 s | 0.8..2.5 s (18, the longest run, kept);
+    # the 2.5 s sample has no frame 75 and takes frame 74 (1/30 s away)
     expect = [*range(24, 75, 3), 74]
     np.testing.assert_array_equal(c1.src_frame_index, expect)
     assert c1.extra["warnings"] == "GAP_TRIMMED"
@@ -220,20 +232,24 @@ def test_gap_keeps_longest_run_and_one_decode_serves_two_rows(dataset):
     np.testing.assert_array_equal(c2.src_frame_index, [*range(30, 75, 3), 74])
     assert [decode_code(j) for j in c2.frames_jpeg] == [*range(30, 75, 3), 74]
     with pytest.raises(movenet.SkipVideo, match="TOO_SHORT"):
-        movenet.build_clip(rows[1], samplers[rows[1].clip_id], info, movenet.ImportConfig(min_frames=20))
+        movenet.build_clip(rows[1], samplers[rows[1].clip_id], info,
+                           movenet.ImportConfig(min_frames=20))
 
 
 def test_a_row_with_infinite_values_is_skipped_with_the_reason(dataset, tmp_path):
-    """write_clip refuses non-finite arrays; the importer records that row as skipped and goes on."""
+    """write_clip refuses non-finite arrays; the importer records that row as
+    skipped and goes on."""
     rng = np.random.default_rng(3)
-    good, _ = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64, 48)
-    bad, t = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64, 48,
-                      yt="aaaaaaaaaaa")
+    good, _ = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64,
+                       48)
+    bad, t = make_row(rng, "aaaaaaaaaaa_000010_000020", "jumping jacks", 30, np.arange(3, 75), 64,
+                      48, yt="aaaaaaaaaaa")
     bb = t["bb"].copy()
     bb[10:] = np.inf
     bad = dict(bad, clip_id="iiiiiiiiiii_000010_000020", bboxes=z(bb, "<f4"))
     pq.write_table(pa.Table.from_pylist([bad, good]), tmp_path / "x.parquet")
-    s = movenet.import_movenet(tmp_path / "x.parquet", dataset["vids"], tmp_path / "o", progress=False)
+    s = movenet.import_movenet(tmp_path / "x.parquet", dataset["vids"], tmp_path / "o",
+                               progress=False)
     assert s["this_run"]["ok"] == 1 and s["this_run"]["skipped"] == 1
     skipped = dict(line.split("\t", 1) for line in (tmp_path / "o" / "skipped.txt").read_text().splitlines())
     assert skipped["iiiiiiiiiii_000010_000020"].startswith("BAD_VALUES") and "boxes" in skipped[

@@ -1,14 +1,16 @@
-# The whole pipeline on its real perception and VLM code paths: `python pipeline.py --videos/--manifest ... --detector
-# YOLOS_DIR --pose VITPOSE_DIR --vlm-local QWEN_DIR` (pipeline.main in-process) on rendered demo videos, the three
-# folders being tiny random checkpoints written here (YOLOS / ViTPose by transformers' save_pretrained, the test-only
-# reference; Qwen3-VL in our own format from model.TINY_QWEN). Random models see nothing and say nothing useful: the
-# run must still finish, write one status record per video with every stage's outcome and reason, and print the
-# attrition table. (1) all random: every segment stops at NO_DETECTIONS. (2) the detector's last head layers pinned
-# so every detection token says "person" at a fixed box around the walker: the chain goes through the oracle, tracking,
-# ViTPose, the 2D->3D fit, the checks, the captioner and the judge; the garbage replies are recorded as unparsed and
-# the written clip holds exactly what the models and the fit give. (3) a pinned box too small: SMALL_BBOX fails and the
-# default keep mode writes nothing. (4) --device auto places the perception models and the local VLM together. CPU
-# only, no network; ~17 s.
+# The whole pipeline on its real perception and VLM code paths: `python pipeline.py
+# --videos/--manifest ... --detector YOLOS_DIR --pose VITPOSE_DIR --vlm-local QWEN_DIR`
+# (pipeline.main in-process) on rendered demo videos, the three folders being tiny random
+# checkpoints written here (YOLOS / ViTPose by transformers' save_pretrained, the test-only
+# reference; Qwen3-VL in our own format from model.TINY_QWEN). Random models see nothing and say
+# nothing useful: the run must still finish, write one status record per video with every stage's
+# outcome and reason, and print the attrition table. (1) all random: every segment stops at
+# NO_DETECTIONS. (2) the detector's last head layers pinned so every detection token says "person"
+# at a fixed box around the walker: the chain goes through the oracle, tracking, ViTPose, the 2D->3D
+# fit, the checks, the captioner and the judge; the garbage replies are recorded as unparsed and the
+# written clip holds exactly what the models and the fit give. (3) a pinned box too small:
+# SMALL_BBOX fails and the default keep mode writes nothing. (4) --device auto places the perception
+# models and the local VLM together. CPU only, no network; ~17 s.
 import json
 
 import numpy as np
@@ -20,6 +22,7 @@ import data
 import fit3d
 import pipeline
 import qwen3vl
+import shards
 import synth
 import video
 import vitpose
@@ -29,8 +32,8 @@ from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
 
 transformers = pytest.importorskip("transformers")
 
-CHECKS = {"HARD_CUTS", "TOO_SHORT", "BBOX_JUMPS", "SIZE_SPIKES", "IOU_BREAKS", "POSE_JUMPS", "LOW_CONFIDENCE",
-          "LOW_COVERAGE", "LOW_MOTION", "SMALL_BBOX", "FIT_COLLAPSE"}
+CHECKS = {"HARD_CUTS", "TOO_SHORT", "BBOX_JUMPS", "SIZE_SPIKES", "IOU_BREAKS", "POSE_JUMPS",
+          "LOW_CONFIDENCE", "LOW_COVERAGE", "LOW_MOTION", "SMALL_BBOX", "FIT_COLLAPSE"}
 FAST = ["--fit-steps", "20", "--fit-flip-steps", "0", "--no-progress"]
 
 
@@ -42,11 +45,13 @@ def _randomize(model, seed, std):
 
 
 def _yolos_dir(path, person_box=None, seed=0):
-    """A tiny random YOLOS folder whose labels include "person" (the class the detector keeps). person_box: (cx, cy,
-    w, h) normalised; when given, the last layers of both heads are zeroed and their biases set so that every
-    detection token says "person" (score ~1) at exactly that box, whatever the image."""
-    cfg = transformers.YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   image_size=[64, 96], num_detection_tokens=10, use_mid_position_embeddings=True,
+    """A tiny random YOLOS folder whose labels include "person" (the class the detector keeps).
+    person_box: (cx, cy, w, h) normalised; when given, the last layers of both heads are zeroed and
+    their biases set so that every detection token says "person" (score ~1) at exactly that box,
+    whatever the image."""
+    cfg = transformers.YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, image_size=[64, 96],
+                                   num_detection_tokens=10, use_mid_position_embeddings=True,
                                    id2label={0: "N/A", 1: "person", 2: "dog"})
     torch.manual_seed(seed)
     model = transformers.YolosForObjectDetection(cfg).eval()
@@ -64,8 +69,9 @@ def _yolos_dir(path, person_box=None, seed=0):
 
 
 def _vitpose_dir(path, seed=0):
-    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32,
-                                            num_hidden_layers=2, num_attention_heads=2, out_indices=[2])
+    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16],
+                                            hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, out_indices=[2])
     torch.manual_seed(seed)
     model = transformers.VitPoseForPoseEstimation(transformers.VitPoseConfig(backbone_config=bc, num_labels=17))
     _randomize(model.eval(), seed, 0.2)
@@ -77,13 +83,14 @@ def _vitpose_dir(path, seed=0):
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    """A tiny random Qwen3-VL folder in our own format: config.json from TINY_QWEN, the byte-level tokenizer, the
-    released preprocessor settings, random weights in model.safetensors."""
+    """A tiny random Qwen3-VL folder in our own format: config.json from TINY_QWEN, the byte-level
+    tokenizer, the released preprocessor settings, random weights in model.safetensors."""
     path = tmp_path_factory.mktemp("qwen")
     torch.manual_seed(0)
     cfg = qwen3vl.Qwen3VLConfig.from_hf(TINY_QWEN)
     model = qwen3vl.Qwen3VL(cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg.to_hf()))
     qwen3vl.byte_level_tokenizer().save(str(path / "tokenizer.json"))
     (path / "preprocessor_config.json").write_text(json.dumps(QWEN3VL_PREPROCESSOR))
@@ -92,7 +99,8 @@ def qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    """Two rendered demo videos (30 fps, 10 Hz samples): one clip (44 samples) and two clips spliced (a hard cut)."""
+    """Two rendered demo videos (30 fps, 10 Hz samples): one clip (44 samples) and two clips spliced
+    (a hard cut)."""
     pytest.importorskip("av")
     root = tmp_path_factory.mktemp("vids")
     synth.render_demo_videos(root, num_videos=2)
@@ -101,8 +109,8 @@ def videos(tmp_path_factory):
 
 @pytest.fixture
 def vlm_calls(monkeypatch):
-    """Every call of the local Qwen3-VL backend goes through unchanged; its arguments and reply are recorded as
-    (number of images, prompt, max_tokens, temperature, reply)."""
+    """Every call of the local Qwen3-VL backend goes through unchanged; its arguments and reply are
+    recorded as (number of images, prompt, max_tokens, temperature, reply)."""
     calls, real_call = [], vlm.LocalQwen3VL.__call__
 
     def recording_call(self, images, prompt, max_tokens, temperature):
@@ -118,7 +126,7 @@ def _run(argv, out, capsys):
     rc = pipeline.main(argv + ["--out", str(out)] + FAST)
     printed = capsys.readouterr().out
     assert rc == 0
-    return pipeline.read_records(out / "status" / "shard-00000-of-00001.jsonl"), printed
+    return shards.read_records(out / "status" / "shard-00000-of-00001.jsonl"), printed
 
 
 def _check_record_structure(r):
@@ -131,11 +139,13 @@ def _check_record_structure(r):
     assert [g["start"] for g in segs] == sorted(g["start"] for g in segs)
     for g in segs:
         code = g["status"].split(":")[0]
-        assert code in ("TOO_SHORT", "NO_DETECTIONS", "SHORT_RUN", "LIFT_FAIL", "TRACKED"), g["status"]
+        assert code in ("TOO_SHORT", "NO_DETECTIONS", "SHORT_RUN", "LIFT_FAIL",
+                        "TRACKED"), g["status"]
         if code in ("SHORT_RUN", "LIFT_FAIL", "TRACKED"):  # a candidate pool was built: heuristic (+ oracle)
             assert 1 <= g["candidates"] <= 6 and len(g["heuristic"]) == g["candidates"]
             assert g["start"] <= g["anchor"] < g["end"]
-            # more than one candidate: the VLM oracle was asked; a random model's reply is no valid pick
+            # more than one candidate: the VLM oracle was asked; a random model's reply
+            # is no valid pick
             assert ("oracle" in g) == (g["candidates"] > 1)
             if "oracle" in g:
                 assert g["oracle"]["chosen"] is None and g["oracle"]["error"] is None
@@ -144,14 +154,16 @@ def _check_record_structure(r):
             assert set(g["checks"]) == CHECKS
             assert sorted(g["issues"]) == sorted(k for k, v in g["checks"].items() if not v["ok"])
             assert g["prog_good"] == (not g["issues"])
-            # garbage replies: no caption, no verdict (unparsed, not a transport error), so never vlm_good / strict
+            # garbage replies: no caption, no verdict (unparsed, not a transport error), so never
+            # vlm_good / strict
             assert g["caption"]["text"] is None and g["caption"]["error"] == "EMPTY_CAPTION"
             j = g["judge"]
             assert not j["judged"] and j["error"] is None and isinstance(j["raw"], str) and j["attempts"] == 1
             assert not j["tracking_consistent"] and not j["motion_matches"]
             assert not g["vlm_good"] and not g["strict"]
     assert r["reason"] == ("" if r["status"] == "OK" else ";".join(pipeline._segment_reasons(r)))
-    # clips: exactly the written clips; every other tracked segment's clip is in rejected, with a reason
+    # clips: exactly the written clips; every other tracked segment's clip is in
+    # rejected, with a reason
     assert r["clips"] == [g["clip_id"] for g in segs if g.get("written")] and len(r["clips"]) == r["written"]
     assert sorted(r["clips"] + [x["clip_id"] for x in r["rejected"]]) == \
         sorted(g["clip_id"] for g in segs if g["status"] == "TRACKED")
@@ -168,8 +180,9 @@ def test_random_perception_and_vlm_run_to_the_end(videos, qwen_dir, tmp_path, ca
         _check_record_structure(r)
     spliced = next(r for r in records if r["video_id"].startswith("jog"))
     assert len(spliced["cuts"]) == 1 and [g["start"] for g in spliced["segments"]] == [0, spliced["cuts"][0]]
-    # this random YOLOS gives "person" at most ~0.03 (measured), far under det_conf 0.3: every segment stops at
-    # NO_DETECTIONS, nothing reaches the VLM, nothing is written, and the table says so
+    # this random YOLOS gives "person" at most ~0.03 (measured), far under det_conf 0.3:
+    # every segment stops at NO_DETECTIONS, nothing reaches the VLM, nothing is written, and
+    # the table says so
     segs = [g for r in records for g in r["segments"]]
     assert len(segs) == 3 and all(g["status"] == "NO_DETECTIONS" for g in segs)
     assert all(r["status"] == "NO_CLIPS" and r["written"] == 0 and not r["clips"] for r in records)
@@ -180,8 +193,10 @@ def test_random_perception_and_vlm_run_to_the_end(videos, qwen_dir, tmp_path, ca
     assert "      2  NO_CLIPS\n" in printed and "      3  NO_DETECTIONS" in printed
 
 
-def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp_path, capsys, vlm_calls):
-    # one fixed box around the walker's whole path (from the render's ground truth), in normalised cx, cy, w, h
+def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp_path, capsys,
+                                                           vlm_calls):
+    # one fixed box around the walker's whole path (from the render's ground truth), in
+    # normalised cx, cy, w, h
     vid = next(videos.rglob("demo-walk-000.mp4"))
     gt = synth.load_ground_truth(vid)["boxes"][:, 0]  # (F, 4) target person
     (x1, y1), (x2, y2) = gt[:, :2].min(0), gt[:, 2:].max(0)
@@ -199,13 +214,16 @@ def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp
     _check_record_structure(r)
     T = r["decode"]["samples"]
     (g,) = r["segments"]
-    # 10 identical person boxes per frame: 6 candidates, the oracle asked (garbage -> heuristic), IoU 1 everywhere,
-    # so the first candidate is tracked through the whole video, posed, lifted, checked, captioned and judged
+    # 10 identical person boxes per frame: 6 candidates, the oracle asked (garbage -> heuristic),
+    # IoU 1 everywhere, so the first candidate is tracked through the whole video, posed, lifted,
+    # checked, captioned and judged
     assert g["status"] == "TRACKED" and g["candidates"] == 6 and g["chosen"] == 0 and g["attempt"] == 0
     assert g["run"] == [0, T] and g["checks"]["TOO_SHORT"]["value"] == T
-    assert g["checks"]["SMALL_BBOX"]["value"] == pytest.approx((x2 - x1) * (y2 - y1) / (W * H), rel=1e-3)
+    assert g["checks"]["SMALL_BBOX"]["value"] == pytest.approx((x2 - x1) * (y2 - y1) / (W * H),
+                                                               rel=1e-3)
     cfg = pipeline.PipelineConfig()
-    # the three VLM calls, in order, with the prompts' image counts and token budgets; the records keep the replies
+    # the three VLM calls, in order, with the prompts' image counts and token budgets; the records
+    # keep the replies
     assert [(n, mt, temp) for n, _, mt, temp, _ in vlm_calls] == [(1, 1024, 0.0), (cfg.caption_frames, 150, 0.0),
                                                              (cfg.judge_frames, 2048, 0.0)]
     assert [k in c[1] for k, c in zip(("numbered bounding boxes", "imperative", "skeleton"), vlm_calls)] == [True] * 3
@@ -234,18 +252,22 @@ def test_pinned_detector_reaches_pose_fit_checks_and_judge(videos, qwen_dir, tmp
     assert json.loads(clip.extra["issues"]) == g["issues"]
 
 
-def test_tracked_segment_failing_a_check_is_recorded_and_not_kept(videos, qwen_dir, tmp_path, capsys, vlm_calls):
-    # a pinned box of 2% of the frame: tracked and judged, but SMALL_BBOX fails; the default keep (strict, as a VLM
-    # is given) writes nothing and the record's reason lists the failing check and the unparsed verdict
+def test_tracked_segment_failing_a_check_is_recorded_and_not_kept(videos, qwen_dir, tmp_path,
+                                                                  capsys, vlm_calls):
+    # a pinned box of 2% of the frame: tracked and judged, but SMALL_BBOX fails; the default keep
+    # (strict, as a VLM is given) writes nothing and the record's reason lists the failing check and
+    # the unparsed verdict
     vid = next(videos.rglob("demo-walk-000.mp4"))
     det = _yolos_dir(tmp_path / "yolos", person_box=[0.5, 0.5, 0.1, 0.2])
     out = tmp_path / "out"
     records, printed = _run(["--videos", str(vid.parent), "--detector", str(det), "--pose",
-                             str(_vitpose_dir(tmp_path / "vitpose")), "--vlm-local", str(qwen_dir)], out, capsys)
+                             str(_vitpose_dir(tmp_path / "vitpose")), "--vlm-local", str(qwen_dir)],
+                             out, capsys)
     (r,) = records
     _check_record_structure(r)
     (g,) = r["segments"]
-    assert g["status"] == "TRACKED" and g["checks"]["SMALL_BBOX"] == {"value": 0.02, "limit": 0.08, "ok": False}
+    assert g["status"] == "TRACKED" and g["checks"]["SMALL_BBOX"] == {"value": 0.02, "limit": 0.08,
+                                                                      "ok": False}
     assert "SMALL_BBOX" in g["issues"] and not g["prog_good"] and not g["written"] and len(vlm_calls) == 3
     assert r["status"] == "NO_CLIPS" and r["written"] == 0
     assert r["reason"] == ";".join(g["issues"] + ["JUDGE_UNPARSED"])

@@ -8,6 +8,7 @@ import numpy as np
 
 import kinematics
 import pipeline
+import shards
 import track
 import video
 
@@ -135,12 +136,12 @@ def test_shard_assignment_never_changes():
     # the shards of a running multi-machine job must not move between versions or processes
     # (md5 of the video id, never Python's salted hash)
     ids = ["walk/abc", "jumping_jacks__x1", "v0", "Ümlaut id"]
-    assert [pipeline.shard_of(v, 16) for v in ids] == [12, 9, 12, 2]
-    assert [pipeline.shard_of(v, 3) for v in ids] == [pipeline.shard_of(v, 48) % 3 for v in ids]
+    assert [shards.shard_of(v, 16) for v in ids] == [12, 9, 12, 2]
+    assert [shards.shard_of(v, 3) for v in ids] == [shards.shard_of(v, 48) % 3 for v in ids]
 
 
 def test_resume_removes_only_this_shards_stale_temp_files(tmp_path):
-    ids = {pipeline.shard_of(f"vid{i}", 2): f"vid{i}" for i in range(10)}
+    ids = {shards.shard_of(f"vid{i}", 2): f"vid{i}" for i in range(10)}
     stale = {k: tmp_path / "clips" / "00" / f".{v}-00010.safetensors.abc.tmp" for k, v in ids.items()}
     stale[0].parent.mkdir(parents=True)
     for p in stale.values():

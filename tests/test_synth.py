@@ -1,5 +1,5 @@
-# synth.py: camera convention, 10 Hz clip times, rendering determinism and a small demo build read back through
-# data.py.
+# synth.py: camera convention, 10 Hz clip times, rendering determinism and a small demo build read
+# back through data.py.
 import io
 import json
 
@@ -77,7 +77,8 @@ def _check_clip(clip):
     x1, y1, x2, y2 = (clip.boxes[:, None, i] for i in range(4))
     assert ((uv[..., 0] >= x1) & (uv[..., 0] <= x2) & (uv[..., 1] >= y1) & (uv[..., 1] <= y2)).all()
     assert (clip.boxes[:, 2] - clip.boxes[:, 0] > 10).all() and (clip.boxes[:, 3] - clip.boxes[:, 1] > 10).all()
-    # upright camera: the head is above the pelvis in the image for a standing motion (y is image-down)
+    # upright camera: the head is above the pelvis in the image for a standing motion
+    # (y is image-down)
     if clip.action_class in ("walk", "jumping jacks", "jog"):
         assert np.mean(clip.pose3d[:, 10, 1] < clip.pose3d[:, 0, 1]) > 0.95
     assert clip.action_class and clip.description.endswith(".")
@@ -87,7 +88,8 @@ def test_small_build_reads_back(tmp_path):
     n = len(mocap.MOTIONS)  # one clip of every motion: every loader and the renderer on each skeleton
     root = synth.build_demo(tmp_path / "demo", seed=0, num_clips=n, workers=2)
     marker = root / synth.MARKER
-    assert json.loads(marker.read_text()) == {"demo_version": synth.DEMO_VERSION, "seed": 0, "num_clips": n}
+    assert json.loads(marker.read_text()) == {"demo_version": synth.DEMO_VERSION, "seed": 0,
+                                              "num_clips": n}
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name != synth.MARKER and p.suffix != ".tmp")
     clips = [data.read_clip(p) for p in paths if p.name != getattr(data, "INDEX_FILE", None)]
     assert sorted(c.clip_id for c in clips) == sorted(f"demo-{k}-000" for k, _, _, _ in mocap.MOTIONS)
@@ -105,8 +107,9 @@ def test_build_same_seed_same_bytes(tmp_path):
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert (a / data.INDEX_FILE).read_bytes() == (b / data.INDEX_FILE).read_bytes()
-    # every byte synth.py produces is equal (JPEG frames, arrays, texts); the safetensors container may order its
-    # header's metadata keys differently from one write to the next, so clips are compared field by field
+    # every byte synth.py produces is equal (JPEG frames, arrays, texts); the safetensors container
+    # may order its header's metadata keys differently from one write to the next, so clips are
+    # compared field by field
     for f in files:
         if f.suffix != ".safetensors":
             continue
@@ -114,8 +117,8 @@ def test_build_same_seed_same_bytes(tmp_path):
         assert ca.frames_jpeg == cb.frames_jpeg, f
         for name in ("boxes", "pose3d", "angles", "src_frame_index", "src_time"):
             assert getattr(ca, name).tobytes() == getattr(cb, name).tobytes(), (f, name)
-        for name in ("clip_id", "src_fps", "width", "height", "action_class", "description", "video_id", "split",
-                     "extra"):
+        for name in ("clip_id", "src_fps", "width", "height", "action_class", "description",
+                     "video_id", "split", "extra"):
             assert getattr(ca, name) == getattr(cb, name), (f, name)
 
 

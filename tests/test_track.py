@@ -1,6 +1,7 @@
-# Tests of track.py: box geometry, the sticky IoU tracker (identity through a crossing, occlusion gaps, size jumps),
-# anchor frame and heuristic picker, core-joint coverage, and the deterministic checks (each flags exactly the fault
-# injected). Pure numpy on synthetic boxes and poses; runs in well under a second.
+# Tests of track.py: box geometry, the sticky IoU tracker (identity through a crossing, occlusion
+# gaps, size jumps), anchor frame and heuristic picker, core-joint coverage, and the deterministic
+# checks (each flags exactly the fault injected). Pure numpy on synthetic boxes and poses; runs in
+# well under a second.
 import ast
 from pathlib import Path
 
@@ -18,14 +19,15 @@ def _det(*boxes):
 
 
 def test_track_does_not_import_pipeline():
-    # pipeline.py imports track.py; the reverse would be a circular import (cfg is passed in instead)
+    # pipeline.py imports track.py; the reverse would be a circular import (cfg is
+    # passed in instead)
     tree = ast.parse((Path(track.__file__)).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "pipeline" not in names and names <= {"math", "numpy", "kinematics"}, names
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3-4. boxes, tracker, candidates, picker
 
 
@@ -88,7 +90,8 @@ def test_anchor_candidates_and_heuristic():
     h = track.heuristic_scores(dets[anchor], runs, 320, 240, T)
     assert int(np.argmax(h)) == 0 and runs[0] == (0, T - 1)
     # centrality uses normalised coordinates: a same-size box in the corner scores lower
-    h2 = track.heuristic_scores(_det((120, 80, 200, 160), (0, 0, 80, 80)), [(0, 9), (0, 9)], 320, 240, 10)
+    h2 = track.heuristic_scores(_det((120, 80, 200, 160), (0, 0, 80, 80)), [(0, 9), (0, 9)], 320,
+                                240, 10)
     assert h2[0] > h2[1]
 
 
@@ -112,7 +115,7 @@ def test_core_coverage_uses_the_estimator_layout():
     assert track.core_coverage(sc, "coco", thr=0.95).tolist() == [False, False, False]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. deterministic checks: each flags exactly the fault injected
 
 
@@ -154,29 +157,35 @@ def test_checks_flag_exactly_the_injected_faults():
     faults["LOW_COVERAGE"] = dict(core_ok=np.arange(40) < 10)
     faults["FIT_COLLAPSE"] = dict(fit_residual=0.08)  # the 3D fit cannot match the 2D
     for name, kw in faults.items():
-        args = dict(boxes=boxes, sc=sc, pose=pose, n_cuts=0, core_ok=None, raw_valid=None, fit_residual=0.02)
+        args = dict(boxes=boxes, sc=sc, pose=pose, n_cuts=0, core_ok=None, raw_valid=None,
+                    fit_residual=0.02)
         args.update(kw)
-        checks, issues = track.run_checks(args["boxes"], args["sc"], args["pose"], 320, 240, cfg, args["n_cuts"],
-                                          args["core_ok"], args["raw_valid"], args["fit_residual"])
-        assert checks["FIT_COLLAPSE"] == {"value": args["fit_residual"], "limit": cfg.max_fit_residual,
+        checks, issues = track.run_checks(args["boxes"], args["sc"], args["pose"], 320, 240, cfg,
+                                          args["n_cuts"], args["core_ok"], args["raw_valid"],
+                                          args["fit_residual"])
+        assert checks["FIT_COLLAPSE"] == {"value": args["fit_residual"],
+                                          "limit": cfg.max_fit_residual,
                                           "ok": args["fit_residual"] <= cfg.max_fit_residual}
         if name == "SIZE_SPIKES":
             issues = [i for i in issues if i != "IOU_BREAKS"]
         assert issues == [name], (name, issues)
-    # IoU breaks: the box swaps to a far, much smaller one and back, 5 times (10 breaks of 39 transitions)
+    # IoU breaks: the box swaps to a far, much smaller one and back, 5 times (10 breaks
+    # of 39 transitions)
     b = boxes.copy()
     for t in (3, 10, 17, 24, 31):
         b[t] = [250, 0, 300, 20]
     checks, issues = track.run_checks(b, sc, pose, 320, 240, cfg)
     assert "IOU_BREAKS" in issues and checks["IOU_BREAKS"]["value"] == pytest.approx(10 / 39, abs=1e-4)
     # interpolated boxes (not detections) do not count as IoU breaks
-    _, issues = track.run_checks(b, sc, pose, 320, 240, cfg, raw_valid=~np.isin(np.arange(40), [3, 10, 17, 24, 31]))
+    _, issues = track.run_checks(b, sc, pose, 320, 240, cfg,
+                                 raw_valid=~np.isin(np.arange(40), [3, 10, 17, 24, 31]))
     assert "IOU_BREAKS" not in issues
 
 
 def test_sole_overlap_rule_follows_a_flip_but_not_into_a_crowd():
-    # a backflip at 10 Hz: the box goes tall <-> wide while travelling 8 px a sample; consecutive IoU 0.25 < 0.5,
-    # and the same shape two samples later is already too far (IoU 0.43), so skipping frames does not help
+    # a backflip at 10 Hz: the box goes tall <-> wide while travelling 8 px a sample; consecutive
+    # IoU 0.25 < 0.5, and the same shape two samples later is already too far (IoU 0.43), so
+    # skipping frames does not help
     T = 21
     flip = []
     for t in range(T):

@@ -1,7 +1,10 @@
-# Tests of video.py: decoding real and synthetic videos (10 Hz sampling by timestamps, variable frame rate, display
-# rotation), >= 10 kinds of bad input raising VideoError with the reason the pipeline records, histogram cuts and
-# segments, and the cut margins of spliced videos (real ones and the rendered demo the pipeline tests run on).
-# CPU only; PyAV tests skip cleanly without PyAV, real-video tests without ../shared/data.
+# Tests of video.py: decoding real and synthetic videos (10 Hz sampling by timestamps, variable
+# frame rate, display rotation), >= 10 kinds of bad input raising VideoError with the reason the
+# pipeline records, histogram cuts and segments, and the cut margins of spliced videos (real ones
+# and the rendered demo the pipeline tests run on). CPU only; PyAV tests skip cleanly without PyAV.
+# The real-video tests read the folder named by the environment variable MIMIC_TEST_VIDEOS (CI sets
+# it; the videos are third-party footage, never shipped) and skip without it.
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,17 @@ import pytest
 import synth
 import video
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def _real_videos():
+    """The folder of real test videos named by MIMIC_TEST_VIDEOS; the test skips
+    when it is unset."""
+    pytest.importorskip("av")
+    folder = os.environ.get("MIMIC_TEST_VIDEOS", "")
+    if not folder:
+        pytest.skip("MIMIC_TEST_VIDEOS is not set (a folder holding stgcn_tai_chi.mp4, ...)")
+    if not Path(folder).is_dir():
+        pytest.fail(f"MIMIC_TEST_VIDEOS={folder} is not a folder")
+    return Path(folder)
 
 
 def _noise_frames(n, h=48, w=64, seed=0, level=None):
@@ -27,24 +40,23 @@ def _consecutive_correlations(frames):
     return video.hist_correlation(h[:-1], h[1:])  # (T - 1,): entry i compares samples i and i + 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. decoding
 
 
 def test_decode_real_videos_sampling():
-    pytest.importorskip("av")
-    vids = SHARED / "videos"
-    if not vids.is_dir():
-        pytest.skip("../shared/data/videos absent")
+    vids = _real_videos()
     d = video.decode_video(vids / "stgcn_tai_chi.mp4")
-    # 300 frames at 30000/1001 fps, 10.0 s: samples at k/10 s pick the nearest frame, round(k * 2.997)
+    # 300 frames at 30000/1001 fps, 10.0 s: samples at k/10 s pick the nearest frame,
+    # round(k * 2.997)
     assert len(d.frames) == 100 and (d.width, d.height) == (340, 256) and d.rotation == 0
     k = np.arange(100)
     np.testing.assert_array_equal(d.src_frame_index, np.round(k * 30000 / 1001 / 10).astype(int))
     np.testing.assert_allclose(d.src_time, d.src_frame_index * 1001 / 30000, atol=1e-6)
     assert np.all(np.abs(d.src_time - k / 10) <= 0.5 * 1001 / 30000 + 1e-9)
     assert video.detect_cuts(video.gray_histograms(d.frames)) == []
-    # portrait 1080x1920 at 12 fps, 40 frames: downscaled to short side 480, 33 samples (0.0 .. 3.2 s)
+    # portrait 1080x1920 at 12 fps, 40 frames: downscaled to short side 480, 33
+    # samples (0.0 .. 3.2 s)
     b = video.decode_video(vids / "mmhuman3d_basketball_single_person_demo.mp4")
     assert (b.width, b.height) == (480, 854) and b.frames[0].shape == (854, 480, 3)
     assert len(b.frames) == 33
@@ -67,7 +79,8 @@ def test_decode_variable_frame_rate_and_rotation(tmp_path):
     expect = [int(np.argmin(np.abs(t - k / 10) + 1e-9 * np.arange(len(t)))) for k in range(8)]
     np.testing.assert_array_equal(d.src_frame_index, expect)
     np.testing.assert_allclose(d.src_time, t[expect], atol=1e-3)
-    # display rotation 90 deg counter-clockwise: 64x48 stored -> 48x64 upright, top-left block -> bottom-left
+    # display rotation 90 deg counter-clockwise: 64x48 stored -> 48x64 upright, top-left
+    # block -> bottom-left
     assert d.rotation == 90 and (d.width, d.height) == (48, 64)
     img = d.frames[0].astype(int)
     assert img[-6:, :6].mean() > 200 and img[:6, :6].mean() < 150
@@ -148,7 +161,7 @@ def test_fuzz_bad_inputs_raise_with_reasons(tmp_path):
     assert len(d.frames) > 0 and any(w.startswith("BAD_PACKETS") for w in d.warnings)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. cuts and segments
 
 
@@ -156,7 +169,8 @@ def test_histogram_correlation_and_cuts_on_arrays():
     rng = np.random.default_rng(0)
     h1, h2 = rng.random(256), rng.random(256)
     assert np.isclose(video.hist_correlation(h1, h2), np.corrcoef(h1, h2)[0, 1])
-    frames = _noise_frames(30, level=40) + _noise_frames(25, level=200, seed=1)  # a dark shot, then a bright one
+    # a dark shot, then a bright one
+    frames = _noise_frames(30, level=40) + _noise_frames(25, level=200, seed=1)
     hist = video.gray_histograms(frames)
     assert np.allclose(np.linalg.norm(hist, axis=1), 1)
     assert video.detect_cuts(hist) == [30]
@@ -167,10 +181,7 @@ def test_histogram_correlation_and_cuts_on_arrays():
 
 
 def test_cut_on_spliced_real_videos(tmp_path):
-    pytest.importorskip("av")
-    vids = SHARED / "videos"
-    if not vids.is_dir():
-        pytest.skip("../shared/data/videos absent")
+    vids = _real_videos()
     a = video.decode_video(vids / "stgcn_tai_chi.mp4").frames[:40]
     b = video.decode_video(vids / "stgcn_clean_and_jerk.mp4").frames[:30]
     p = tmp_path / "spliced.mp4"
@@ -182,23 +193,25 @@ def test_cut_on_spliced_real_videos(tmp_path):
     assert corr[39] < 0.3 and np.delete(corr, 39).min() > 0.9
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. rendered demo videos
 
 
 def test_rendered_demo_cut_has_a_clear_margin(tmp_path):
-    # the pipeline tests' spliced demo video (video 1: two renders, the second dimmed): its one cut must sit far
-    # under the 0.4 threshold and every other transition far above it, so small codec or render changes cannot
-    # move or drop the cut (undimmed, the cut measured 0.394)
+    # the pipeline tests' spliced demo video (video 1: two renders, the second dimmed): its one cut
+    # must sit far under the 0.4 threshold and every other transition far above it, so small codec
+    # or render changes cannot move or drop the cut (undimmed, the cut measured 0.394)
     pytest.importorskip("av")
     walk, jog = synth.render_demo_videos(tmp_path, num_videos=2)
     d = video.decode_video(jog)
     corr = _consecutive_correlations(d.frames)
     cut = int(np.argmin(corr))
     print(f"demo splice: cut at {cut + 1}, corr {corr[cut]:.4f}, others >= {np.delete(corr, cut).min():.4f}")
-    assert video.detect_cuts(video.gray_histograms(d.frames)) == [cut + 1] and cut + 1 == 40  # 40 + 52 samples
+    # 40 + 52 samples
+    assert video.detect_cuts(video.gray_histograms(d.frames)) == [cut + 1] and cut + 1 == 40
     assert corr[cut] < 0.25 and np.delete(corr, cut).min() > 0.9
-    assert _consecutive_correlations(video.decode_video(walk).frames).min() > 0.9  # the single-shot video: no cut
+    # the single-shot video: no cut
+    assert _consecutive_correlations(video.decode_video(walk).frames).min() > 0.9
 
 
 def test_luminance_uses_bt601_weights_on_rgb():

@@ -17,24 +17,38 @@ import vitpose
 transformers = pytest.importorskip("transformers")
 from transformers.models.vitpose import image_processing_pil_vitpose as ref_vitpose_proc  # noqa: E402
 
-# scipy.ndimage.gaussian_filter(h, sigma=0.8, radius=(5, 5), axes=(0, 1)) of RandomState(0).rand(2, 6, 5) * 2 - 0.5
-# (float32), and affine_transform(img, [[0.77, 0, -1.3], [0, 1.31, 0.45], [0, 0, 1]], output_shape=(8, 6), order=1)
-# of the next RandomState(0).randint(0, 256, (7, 9)) uint8 image, both by scipy 1.17.1 / numpy 2.4.6.
+# scipy.ndimage.gaussian_filter(h, sigma=0.8, radius=(5, 5), axes=(0, 1)) of
+# RandomState(0).rand(2, 6, 5) * 2 - 0.5 (float32), and affine_transform(img, [[0.77, 0, -1.3], [0,
+# 1.31, 0.45], [0, 0, 1]], output_shape=(8, 6), order=1) of the next RandomState(0).randint(0, 256,
+# (7, 9)) uint8 image, both by scipy 1.17.1 / numpy 2.4.6.
 SCIPY_GAUSS = [
-    0.6925169229507446, 0.7666964530944824, 0.8100148439407349, 0.6968125104904175, 0.4503263831138611,
-    0.7283077239990234, 0.7167989611625671, 0.9089632630348206, 0.8741125464439392, 0.4408818185329437,
-    0.6000146269798279, 0.5587798357009888, 0.8299955129623413, 0.8924704790115356, 0.46186286211013794,
-    0.3875367045402527, 0.41576632857322693, 0.7519406080245972, 0.8871749043464661, 0.6564560532569885,
-    0.7538938522338867, 0.6312716007232666, 0.7488656640052795, 0.7251339554786682, 0.41792023181915283,
-    0.7255792617797852, 0.56203693151474, 0.7761832475662231, 0.6557731628417969, 0.3431324362754822,
-    0.40271705389022827, 0.6601079106330872, 0.653750479221344, 0.5106551051139832, 0.13860966265201569,
-    0.5144082307815552, 0.6338743567466736, 0.6919203400611877, 0.6795487999916077, 0.5786294341087341,
-    0.4567211866378784, 0.44460856914520264, 0.4460188150405884, 0.39109891653060913, 0.5293938517570496,
-    0.5078470706939697, 0.3390348553657532, 0.26572638750076294, 0.15540041029453278, 0.21825431287288666,
-    0.45436155796051025, 0.4683118462562561, 0.4448220431804657, 0.16719932854175568, 0.03099801391363144,
-    0.21471823751926422, 0.44103124737739563, 0.3952837288379669, 0.21479329466819763, 0.052525728940963745]
-SCIPY_AFFINE = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 123, 148, 133, 68, 56, 95, 175, 118, 189, 58, 79, 177, 125, 90,
-                142, 73, 138, 127, 145, 117, 63, 105, 105, 153, 148, 144, 45, 115, 86, 198, 101, 144, 129, 92, 129, 216]
+    0.6925169229507446, 0.7666964530944824, 0.8100148439407349, 0.6968125104904175,
+    0.4503263831138611,
+    0.7283077239990234, 0.7167989611625671, 0.9089632630348206, 0.8741125464439392,
+    0.4408818185329437,
+    0.6000146269798279, 0.5587798357009888, 0.8299955129623413, 0.8924704790115356,
+    0.46186286211013794,
+    0.3875367045402527, 0.41576632857322693, 0.7519406080245972, 0.8871749043464661,
+    0.6564560532569885,
+    0.7538938522338867, 0.6312716007232666, 0.7488656640052795, 0.7251339554786682,
+    0.41792023181915283,
+    0.7255792617797852, 0.56203693151474, 0.7761832475662231, 0.6557731628417969,
+    0.3431324362754822,
+    0.40271705389022827, 0.6601079106330872, 0.653750479221344, 0.5106551051139832,
+    0.13860966265201569,
+    0.5144082307815552, 0.6338743567466736, 0.6919203400611877, 0.6795487999916077,
+    0.5786294341087341,
+    0.4567211866378784, 0.44460856914520264, 0.4460188150405884, 0.39109891653060913,
+    0.5293938517570496,
+    0.5078470706939697, 0.3390348553657532, 0.26572638750076294, 0.15540041029453278,
+    0.21825431287288666,
+    0.45436155796051025, 0.4683118462562561, 0.4448220431804657, 0.16719932854175568,
+    0.03099801391363144,
+    0.21471823751926422, 0.44103124737739563, 0.3952837288379669, 0.21479329466819763,
+    0.052525728940963745]
+SCIPY_AFFINE = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 123, 148, 133, 68, 56, 95, 175, 118, 189, 58,
+                79, 177, 125, 90, 142, 73, 138, 127, 145, 117, 63, 105, 105, 153, 148, 144, 45, 115,
+                86, 198, 101, 144, 129, 92, 129, 216]
 
 
 def _scipy_inputs():
@@ -44,8 +58,9 @@ def _scipy_inputs():
     return hm, img
 
 
-# Test-only stand-ins for the two scipy.ndimage calls of the reference ViTPose processor (scipy is not in the venv),
-# written directly from scipy's definitions and checked against SCIPY_* above; injected into the reference module.
+# Test-only stand-ins for the two scipy.ndimage calls of the reference ViTPose processor (scipy is
+# not in the venv), written directly from scipy's definitions and checked against SCIPY_* above;
+# injected into the reference module.
 def standin_gaussian_filter(a, sigma, radius, axes):
     out = np.asarray(a)
     for ax, r in zip(axes, radius):
@@ -82,7 +97,8 @@ def standin_affine_transform(img, M, output_shape, order):
 @pytest.fixture
 def ref_scipy(monkeypatch):
     monkeypatch.setattr(ref_vitpose_proc, "gaussian_filter", standin_gaussian_filter, raising=False)
-    monkeypatch.setattr(ref_vitpose_proc, "affine_transform", standin_affine_transform, raising=False)
+    monkeypatch.setattr(ref_vitpose_proc, "affine_transform", standin_affine_transform,
+                        raising=False)
 
 
 def _randomize(model, seed, std=0.3):
@@ -102,7 +118,7 @@ def _frames(seed, shapes):
     return [rs.randint(0, 256, size=(h, w, 3)).astype(np.uint8) for h, w in shapes]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # scipy primitives
 
 
@@ -119,13 +135,14 @@ def test_scipy_primitives():
     np.testing.assert_array_equal(ours[0, ..., 1].numpy(), want)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ViTPose / ViTPose+
 
 
 def _save_vitpose(tmp_path, simple=True, experts=1, seed=0):
-    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32,
-                                            num_hidden_layers=2, num_attention_heads=2, num_experts=experts,
+    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16],
+                                            hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_experts=experts,
                                             part_features=8, out_indices=[2])
     cfg = transformers.VitPoseConfig(backbone_config=bc, use_simple_decoder=simple, num_labels=17)
     torch.manual_seed(seed)
@@ -137,7 +154,8 @@ def _save_vitpose(tmp_path, simple=True, experts=1, seed=0):
     return model, proc
 
 
-@pytest.mark.parametrize("simple,experts,index", [(True, 1, 0), (False, 1, 0), (True, 3, 0), (True, 3, 2)])
+@pytest.mark.parametrize("simple,experts,index",
+                         [(True, 1, 0), (False, 1, 0), (True, 3, 0), (True, 3, 2)])
 def test_vitpose_parity(tmp_path, ref_scipy, simple, experts, index):
     ref, proc = _save_vitpose(tmp_path, simple, experts)
     pose = vitpose.ViTPoseEstimator(tmp_path, dataset_index=index)
@@ -156,14 +174,16 @@ def test_vitpose_parity(tmp_path, ref_scipy, simple, experts, index):
         hm = pose.model(inputs["pixel_values"], index)
     assert c.out_index == 2 and hm.shape == (3, 17, 16, 12)
     torch.testing.assert_close(hm, out.heatmaps, atol=1e-4, rtol=0)
-    # The chain below runs the reference model on the estimator's batches (the two 60x80 frames, then the 45x30 one):
-    # DARK's Newton step amplifies the ~1e-6 batch-composition noise of random-weight (noisy) heatmaps to ~1e-2 px.
+    # The chain below runs the reference model on the estimator's batches (the two 60x80 frames,
+    # then the 45x30 one): DARK's Newton step amplifies the ~1e-6 batch-composition noise of
+    # random-weight (noisy) heatmaps to ~1e-2 px.
     with torch.no_grad():
         grouped = torch.cat([ref(inputs["pixel_values"][s], dataset_index=None if ds is None else ds[s]).heatmaps
                              for s in (slice(0, 2), slice(2, 3))])
     out = type(out)(heatmaps=grouped)
     want = proc.post_process_pose_estimation(out, boxes=xywh)
-    # decoding alone on the reference heatmaps, then the whole chain through the PoseEstimator interface
+    # decoding alone on the reference heatmaps, then the whole chain through the
+    # PoseEstimator interface
     center, scale = vitpose.box_to_center_scale(np.array([b[0] for b in xywh]), c)
     kp0, sc0 = vitpose.heatmaps_to_keypoints(out.heatmaps, center, scale)
     kp, sc = pose(images, xyxy)
@@ -179,7 +199,8 @@ def test_vitpose_mixed_experts_and_bad_boxes(tmp_path):
     x = torch.randn(3, 3, 64, 48)
     with torch.no_grad():
         for ds in (torch.tensor([2, 0, 1]), torch.tensor([1, 1, 1])):  # a mixed batch, then one expert for all
-            torch.testing.assert_close(model(x, ds), ref(x, dataset_index=ds).heatmaps, atol=1e-4, rtol=0)
+            torch.testing.assert_close(model(x, ds), ref(x, dataset_index=ds).heatmaps, atol=1e-4,
+                                       rtol=0)
     with pytest.raises(ValueError, match="dataset_index"):
         model(x, 3)
     pose = vitpose.ViTPoseEstimator(tmp_path)
@@ -206,7 +227,7 @@ def test_dark_recovers_subpixel_peak():
     assert math.isclose(float(sc[0].max()), 1.0, abs_tol=0.1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # preprocessor_config.json and config.json settings: honoured as transformers applies them, or
 # refused with an error naming the folder, the key and its value
 
@@ -218,7 +239,8 @@ def _write_pre(folder, pre, cfg=None):
 
 
 VITPOSE_PRE = [  # settings the reference ViTPose processor applies ...
-    {}, {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False},
+    {}, {"do_rescale": False}, {"do_normalize": False},
+    {"do_rescale": False, "do_normalize": False},
     {"rescale_factor": 0.01, "image_mean": 0.4, "image_std": [0.3, 0.2, 0.1]},
     {"normalize_factor": 150.0}, {"size": [64, 48]},
     # ... and those it reads but never applies, or that concern the caller's arrays
@@ -255,7 +277,8 @@ def test_vitpose_preprocessor_settings_parity(tmp_path, ref_scipy, settings):
     ({"size": {"height": 32, "width": 48}}, "size={'height': 32, 'width': 48} differs"),
     ({"size": {"shortest_edge": 64}}, "size="), ({"size": 64}, "size=64 differs"),
     ({"size": 64, "default_to_square": False}, "size=64 is not"),
-    ({"normalize_factor": "200"}, "normalize_factor='200'"), ({"do_normalize": 1}, "do_normalize=1"),
+    ({"normalize_factor": "200"}, "normalize_factor='200'"),
+    ({"do_normalize": 1}, "do_normalize=1"),
     ({"image_std": [0.5, 0.5, 0.5, 0.5]}, "image_std=[0.5, 0.5, 0.5, 0.5]"),
     ({"do_normalise": False}, "do_normalise=False"),
     ({"image_processor_type": "YolosImageProcessor"}, "image_processor_type='YolosImageProcessor'")])
@@ -278,8 +301,8 @@ def _pair(v):
     {"out_features": ["stage1", "stage2"]}, {"out_features": ["stem"]},
     {"out_indices": [2], "out_features": ["stage2"]},
     {"image_size": 48, "patch_size": 8, "mlp_ratio": 2, "num_experts": 2, "part_features": 4,
-     "hidden_act": "gelu_new", "layer_norm_eps": 1e-6, "qkv_bias": False, "hidden_dropout_prob": 0.1,
-     "initializer_range": 1.0}])
+     "hidden_act": "gelu_new", "layer_norm_eps": 1e-6, "qkv_bias": False,
+     "hidden_dropout_prob": 0.1, "initializer_range": 1.0}])
 def test_vitpose_config_fields(bb):
     """config.json read as transformers reads it: the stage the head sees (out_indices,
     out_features, the default backbone's stage 4), the sizes and the MLP layout; dropout and init
@@ -301,8 +324,9 @@ def test_vitpose_config_fields(bb):
 
 @pytest.mark.parametrize("bb", [{"out_features": ["stage1"]}, {"out_indices": [0]}])
 def test_vitpose_out_stage_parity(tmp_path, bb):
-    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32,
-                                            num_hidden_layers=2, num_attention_heads=2, **bb)
+    bc = transformers.VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16],
+                                            hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, **bb)
     cfg = transformers.VitPoseConfig(backbone_config=bc, num_labels=17)
     ref = transformers.VitPoseForPoseEstimation(cfg).eval()
     _randomize(ref, 1, std=0.2)
@@ -328,7 +352,7 @@ def test_vitpose_config_refused(bb, match):
     assert match in str(e.value)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # precision: bf16 trunks (the pipeline's choice on a GPU), float32 heads and decoding
 
 

@@ -29,13 +29,14 @@ def _frames(seed, shapes):
     return [rs.randint(0, 256, size=(h, w, 3)).astype(np.uint8) for h, w in shapes]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # YOLOS
 
 
 def _save_yolos(tmp_path, mid=True, seed=0, std=0.3):
-    cfg = transformers.YolosConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                                   image_size=[64, 96], num_detection_tokens=10, use_mid_position_embeddings=mid,
+    cfg = transformers.YolosConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                   intermediate_size=64, image_size=[64, 96],
+                                   num_detection_tokens=10, use_mid_position_embeddings=mid,
                                    id2label={0: "N/A", 1: "person", 2: "dog"})
     torch.manual_seed(seed)
     model = transformers.YolosForObjectDetection(cfg).eval()
@@ -50,7 +51,8 @@ def _save_yolos(tmp_path, mid=True, seed=0, std=0.3):
 def test_yolos_parity(tmp_path, mid):
     ref, proc = _save_yolos(tmp_path, mid)
     det = yolos.YolosDetector(tmp_path, threshold=0.0)
-    assert det.model.c.size == {"shortest_edge": 64, "longest_edge": 112} and det.model.c.person_label == 1
+    assert det.model.c.size == {"shortest_edge": 64,
+                                "longest_edge": 112} and det.model.c.person_label == 1
     for shapes in ([(50, 70), (50, 70)], [(50, 70), (90, 40), (33, 33)]):  # same size, then padded batches
         images = _frames(1, shapes)
         inputs = proc(images, return_tensors="pt")
@@ -85,7 +87,8 @@ def test_yolos_size_rule_and_legacy_config():
             assert yolos.yolos_resize_shape(h, w, s, m) == proc_fn.get_size_with_aspect_ratio_yolos((h, w), s, m)
     c = yolos.YolosConfig.from_hf({"model_type": "yolos", "id2label": {"0": "N/A", "1": "person"}},
                                 {"size": 512, "max_size": 864})
-    assert c.size == {"shortest_edge": 512, "longest_edge": 864} and (c.num_labels, c.person_label) == (2, 1)
+    assert c.size == {"shortest_edge": 512,
+                      "longest_edge": 864} and (c.num_labels, c.person_label) == (2, 1)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -104,7 +107,7 @@ def test_checkpoint_errors(tmp_path):
         yolos.YolosDetector(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # preprocessor_config.json settings: honoured as transformers applies them, or
 # refused with an error naming the folder, the key and its value
 
@@ -156,8 +159,8 @@ def test_yolos_preprocessor_settings_parity(tmp_path, settings):
 @pytest.mark.parametrize("settings,match", [
     ({"size": {"shortest_edge": 64}}, "size={'shortest_edge': 64}"),
     ({"size": {"longest_edge": 64}}, "size="), ({"size": {"height": 0, "width": 80}}, "size="),
-    ({"size": {"height": 48, "width": 80, "max_height": 4}}, "size="), ({"size": None}, "size=None"),
-    ({"size": 40, "max_size": 99.5}, "max_size=99.5"),
+    ({"size": {"height": 48, "width": 80, "max_height": 4}}, "size="),
+    ({"size": None}, "size=None"), ({"size": 40, "max_size": 99.5}, "max_size=99.5"),
     ({"size": {"shortest_edge": 40, "longest_edge": 96}, "max_size": 100}, "max_size=100 disagrees"),
     ({"max_size": 1000}, "max_size=1000 disagrees"),  # the reference would silently keep 1333
     ({"resample": 6}, "resample=6"), ({"resample": "bilinear"}, "resample='bilinear'"),
@@ -201,7 +204,7 @@ def test_yolos_detections_with_settings(tmp_path, settings):
         torch.testing.assert_close(b, w["boxes"], atol=1e-4, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # precision: bf16 trunks (the pipeline's choice on a GPU), float32 heads and decoding
 
 
