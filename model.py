@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qwen3vl
+import qwen3vl_processor
 from dit import ActionHead, DiTConfig
 from lora import apply_lora, lora_modules
 from model_io import InputEncoder, collate_inputs, decode_angles, encode_angles, frame_image, prompt_text
@@ -107,7 +108,7 @@ class VLAConfig:
 
 
 # A tiny backbone for tests and CPU demos: Qwen3-VL's exact structure at toy width, in config.json form, with a
-# byte-level tokenizer (qwen3vl.byte_level_tokenizer) so nothing needs downloading.
+# byte-level tokenizer (qwen3vl_processor.byte_level_tokenizer) so nothing needs downloading.
 TINY_QWEN = {
     "model_type": "qwen3_vl",
     "tie_word_embeddings": True,
@@ -175,10 +176,10 @@ def build_processor(config: VLAConfig, folder, qcfg):
     min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224 (14x14 patches -> 49 tokens each, as
     the released model saw them); the stock 65536 would upscale them to 256x256 (64 tokens)."""
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
-        proc = qwen3vl.Qwen3VLProcessor.from_pretrained(folder)
+        proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(folder)
     elif config.qwen_model_name == "tiny":
-        proc = qwen3vl.Qwen3VLProcessor(qwen3vl.byte_level_tokenizer(),
-                                        qwen3vl.Qwen3VLPreprocessConfig.from_hf(QWEN3VL_PREPROCESSOR, "image"))
+        proc = qwen3vl_processor.Qwen3VLProcessor(qwen3vl_processor.byte_level_tokenizer(),
+                                        qwen3vl_processor.Qwen3VLPreprocessConfig.from_hf(QWEN3VL_PREPROCESSOR, "image"))
     else:
         raise FileNotFoundError(f"no tokenizer for qwen_model_name={config.qwen_model_name!r}: point it (or --qwen) "
                                 f"at a local Qwen3-VL folder with tokenizer.json and preprocessor_config.json")
@@ -324,13 +325,13 @@ class VLAModel(nn.Module):
 
     def pixel_lut(self, dev):
         if dev not in self._luts:
-            self._luts[dev] = qwen3vl.pixel_lut(self.processor.image_config).to(dev)
+            self._luts[dev] = qwen3vl_processor.pixel_lut(self.processor.image_config).to(dev)
         return self._luts[dev]
 
     def vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
         """encode_frames' body for frames already on the device (what compile=True traces, once per frame)."""
         cfg = self.processor.image_config
-        pv, _ = qwen3vl.pixel_values_from_frames(frames, cfg, lut)
+        pv, _ = qwen3vl_processor.pixel_values_from_frames(frames, cfg, lut)
         n, h, w, _ = frames.shape
         return self.qwen_model.model.visual(pv, [(1, h // cfg.patch_size, w // cfg.patch_size)] * n)
 
@@ -479,7 +480,7 @@ class VLAModel(nn.Module):
             meta.update(base=base, frozen_checksum=frozen_checksum(self))
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         if self._processor_folder is not None:
-            for name in qwen3vl.PROCESSOR_FILES:
+            for name in qwen3vl_processor.PROCESSOR_FILES:
                 src = self._processor_folder / name
                 if src.is_file():
                     data = src.read_bytes()

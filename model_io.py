@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import qwen3vl
+import qwen3vl_processor
 
 
 def encode_angles(a):
@@ -73,7 +74,7 @@ class InputEncoder:
         self.processor, self.qwen_config, self.image_size = processor, qwen_config, image_size
         self.pad_token_id = processor.pad_token_id
         ic = processor.image_config
-        kept = qwen3vl.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
+        kept = qwen3vl_processor.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
                                     ic.max_pixels)
         if kept != (image_size, image_size):  # frames are patched as they are (pixel_values_from_frames)
             raise ValueError(f"the processor would resize {image_size}x{image_size} frames to {kept}: image_size must "

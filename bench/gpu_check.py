@@ -374,7 +374,7 @@ def stage_latency(ctx):
 
 
 def stage_trainstep(ctx):
-    import qwen3vl
+    import qwen3vl_processor
     import train
 
     dev = ctx.device
@@ -388,7 +388,7 @@ def stage_trainstep(ctx):
     # frames cross to the device as uint8; the fp32 patches (with Qwen3-VL's temporal copy) they replace:
     S = model.config.image_size
     fr = torch.zeros(1, S, S, 3, dtype=torch.uint8)
-    pv, _ = qwen3vl.pixel_values_from_frames(fr, model.processor.image_config)
+    pv, _ = qwen3vl_processor.pixel_values_from_frames(fr, model.processor.image_config)
     f["frame_bytes_uint8"], f["frame_bytes_fp32_patches"] = fr.nbytes, pv.nbytes
     args = argparse.Namespace(lr=1e-4, weight_decay=0.01)
     for B in batches:

@@ -55,6 +55,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
+import qwen3vl_processor  # noqa: E402
 from inference import VisionCache, optimize  # noqa: E402
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
 from model_io import collate_inputs, encode_angles, frame_image, prompt_text  # noqa: E402
@@ -217,7 +218,7 @@ class Reference:
         self.feats = {}
         for i in (model.deep_tap, model.tap):  # the original's hooks: each layer's own output
             lm.layers[i].register_forward_hook(lambda mod, args, out, i=i: self.feats.__setitem__(i, out))
-        tok = PreTrainedTokenizerFast(tokenizer_object=qwen3vl.byte_level_tokenizer(), pad_token="<|endoftext|>")
+        tok = PreTrainedTokenizerFast(tokenizer_object=qwen3vl_processor.byte_level_tokenizer(), pad_token="<|endoftext|>")
         ic = model.processor.image_config
         ip = Qwen2VLImageProcessorPil(patch_size=ic.patch_size, temporal_patch_size=ic.temporal_patch_size,
                                       merge_size=ic.merge_size, image_mean=list(ic.image_mean),
@@ -240,7 +241,7 @@ class Reference:
     def preprocess(self, frames, boxes, task, instruction):
         """Boxed, resized frames + prompt -> transformers' processor outputs (the original's per-call CPU work)."""
         images = [frame_image(f, b, self.vla.config.image_size) for f, b in zip(frames, boxes)]
-        text = qwen3vl.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(images) + [
+        text = qwen3vl_processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(images) + [
             {"type": "text", "text": prompt_text(task, instruction)}]}])
         return self.processor(text=[text], images=images, return_tensors="pt")
 

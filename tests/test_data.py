@@ -533,7 +533,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    from qwen3vl import Qwen3VLConfig, Qwen3VLProcessor, pixel_values_from_frames, rope_index
+    from qwen3vl import Qwen3VLConfig, rope_index
+    from qwen3vl_processor import Qwen3VLProcessor, pixel_values_from_frames
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]

@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import qwen3vl
+import qwen3vl_processor
 from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
 
 
@@ -24,7 +25,7 @@ def test_chat_on_a_tiny_folder(tmp_path, capsys):
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    qwen3vl.byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    qwen3vl_processor.byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN3VL_PREPROCESSOR))
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(img)
@@ -32,7 +33,7 @@ def test_chat_on_a_tiny_folder(tmp_path, capsys):
                   "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu"])
     reply = capsys.readouterr().out
     # a random model says random bytes; the same greedy call through the API must give the same text
-    proc = qwen3vl.Qwen3VLProcessor.from_pretrained(tmp_path)
+    proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(tmp_path)
     loaded = qwen3vl.Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32)
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                   {"type": "text", "text": "What is this?"}]}])

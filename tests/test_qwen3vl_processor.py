@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from qwen3vl import (
+from qwen3vl_processor import (
     Qwen3VLPreprocessConfig,
     Qwen3VLProcessor,
     apply_chat_template,

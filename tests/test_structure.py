@@ -1,6 +1,7 @@
-"""The shape of the code base: the copyable core {qwen3vl, lora, dit, model_io, model} stands alone (copied into an
-empty folder it builds, runs and round-trips a checkpoint with no other module of ours importable), imports point
-one way (no cycles), and no module reaches into another's private names or re-dispatches to another script's main."""
+"""The shape of the code base: the copyable core {qwen3vl, qwen3vl_processor, lora, dit, model_io, model} stands
+alone (copied into an empty folder it builds, runs and round-trips a checkpoint with no other module of ours
+importable), imports point one way (no cycles), and no module reaches into another's private names or re-dispatches
+to another script's main."""
 
 import ast
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("qwen3vl", "lora", "dit", "model_io", "model")
+CORE = ("qwen3vl", "qwen3vl_processor", "lora", "dit", "model_io", "model")
 OURS = {p.stem for p in ROOT.glob("*.py")}
 
 
