@@ -1,15 +1,17 @@
 """
-The MIMIC vision-language-action model: an early-exit Qwen3-VL backbone (+ LoRA on its LLM) feeding a DiT
-flow-matching action head that predicts 16 future steps of 22 joint angles (as 44 sin/cos numbers) at 10 Hz.
+The MIMIC vision-language-action model: an early-exit Qwen3-VL backbone (+ LoRA on its LLM)
+feeding a DiT flow-matching action head that predicts 16 future steps of 22 joint angles
+(as 44 sin/cos numbers) at 10 Hz.
 
     4 frames (224x224, target box drawn) + "Task: {class}. Instruction: {text}"
         -> Qwen3-VL, decoder layers 0..tap only (tap = 17 for the 4B: 18 of 36 layers, no final norm, no lm_head)
         -> vl tokens = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) outputs (B, S, 5120)
         -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
 
-Its input and output conventions live in model_io.py (training, evaluation, sampling and serving all use them). This
-file, model_io.py, qwen3vl.py, lora.py and dit.py import nothing else of the repo: the five can be copied on their
-own. inference.py adds the fast path for a control loop (vision cache, merged LoRA, dtype, torch.compile).
+Its input and output conventions live in model_io.py (training, evaluation, sampling and serving
+all use them). This file, model_io.py, qwen3vl.py, lora.py and dit.py import nothing else
+of the repo: the five can be copied on their own. inference.py adds the fast path for a control loop
+(vision cache, merged LoRA, dtype, torch.compile).
 
     python model.py describe --preset mimic-4b     # parameter breakdown on the meta device (no memory)
     python convert.py --help                       # the released checkpoint.pth -> a safetensors folder
@@ -38,20 +40,26 @@ from dit import ActionHead, DiTConfig
 from lora import apply_lora, lora_modules
 from model_io import InputEncoder, collate_inputs, decode_angles, encode_angles, frame_image, prompt_text
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class VLAConfig:
-    """Every field of the released `config.yaml` `model_config` plus a few of ours (marked); defaults are the
-    released model's. An unknown field is an error naming it (dataclass __init__ raises TypeError)."""
+    """Every field of the released `config.yaml` `model_config` plus a few of ours
+    (marked); defaults are the released model's. An unknown field is an error naming it
+    (dataclass __init__ raises TypeError)."""
 
-    qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"  # a local Qwen3-VL folder is loaded; a hub id is NOT downloaded
-    qwen_hidden_size: int = 2560  # Q: text hidden size of the backbone (checked against the backbone config)
-    use_intermediate_hidden: bool = True  # features from layer `tap` (True, released) or the last layer (False)
-    hidden_layer_fraction: float = 0.5  # kept layers = int(num_layers * fraction); tap = kept - 1 (17 for the 4B)
-    use_deepstack_features: bool = True  # MIMIC's pooled concat(layer tap//2, layer tap) -> deepstack_projection
+    # a local Qwen3-VL folder is loaded; a hub id is NOT downloaded
+    qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"
+    # Q: text hidden size of the backbone (checked against the backbone config)
+    qwen_hidden_size: int = 2560
+    # features from layer `tap` (True, released) or the last layer (False)
+    use_intermediate_hidden: bool = True
+    # kept layers = int(num_layers * fraction); tap = kept - 1 (17 for the 4B)
+    hidden_layer_fraction: float = 0.5
+    # MIMIC's pooled concat(layer tap//2, layer tap) -> deepstack_projection
+    use_deepstack_features: bool = True
     projection_dim: int = 1024  # P in qwen_projection
     action_dim: int = 44  # 22 angles as interleaved sin/cos
     diffusion_hidden_dim: int = 1536  # D
@@ -68,21 +76,29 @@ class VLAConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     freeze_vision_encoder: bool = True
-    freeze_qwen_layers: bool = True  # True: the LLM's base weights are frozen (LoRA trains); False: they train too
+    # True: the LLM's base weights are frozen (LoRA trains); False: they train too
+    freeze_qwen_layers: bool = True
     diffusion_steps: int = 1  # sampler steps at inference (released: 1 Euler step)
     diffusion_dropout: float = 0.1
     image_size: int = 224
-    # --- accepted only so that the released config.yaml loads; they steered the original code, not this one ---
-    hidden_layer_index: int = 18  # the original ignores it in favour of hidden_layer_fraction; so do we
-    use_early_exit: bool = True  # layers after the tap never affect the output, so we always stop there
-    use_flash_attention: bool = False  # ignored: we always use torch SDPA (it picks flash kernels itself)
-    use_thinking_mode: bool = False  # must be False: the released model uses the plain Instruct template
+    # --- accepted only so that the released config.yaml loads; they steered
+    # the original code, not this one ---
+    # the original ignores it in favour of hidden_layer_fraction; so do we
+    hidden_layer_index: int = 18
+    # layers after the tap never affect the output, so we always stop there
+    use_early_exit: bool = True
+    # ignored: we always use torch SDPA (it picks flash kernels itself)
+    use_flash_attention: bool = False
+    # must be False: the released model uses the plain Instruct template
+    use_thinking_mode: bool = False
     init_from_current_pose: bool = False  # must be False: the original never implemented it
     use_dynamic_resolution: bool = False  # must be False: frames are always resized to image_size
     action_chunking: bool = True  # must be True: the head always predicts the whole horizon
     # --- ours ---
-    qwen_config: dict = None  # the backbone's config.json dict; None -> read from qwen_model_name or a preset
-    time_sampling: str = "uniform"  # flow-matching t distribution in training: "uniform" (released) or "beta"
+    # the backbone's config.json dict; None -> read from qwen_model_name or a preset
+    qwen_config: dict = None
+    # flow-matching t distribution in training: "uniform" (released) or "beta"
+    time_sampling: str = "uniform"
     sampler: str = "euler"  # "euler" (released) or "rk4"
 
     def __post_init__(self):
@@ -98,7 +114,8 @@ class VLAConfig:
             raise ValueError(f"sampler must be 'euler' or 'rk4', got {self.sampler!r}")
 
     def kept_layers(self, num_hidden_layers: int) -> int:
-        """Decoder layers to build: int(L * fraction) as the original computes it (18 of 36), or all of them."""
+        """Decoder layers to build: int(L * fraction) as the original computes it
+        (18 of 36), or all of them."""
         if not self.use_intermediate_hidden:
             return num_hidden_layers
         k = int(num_hidden_layers * self.hidden_layer_fraction)
@@ -107,8 +124,9 @@ class VLAConfig:
         return k
 
 
-# A tiny backbone for tests and CPU demos: Qwen3-VL's exact structure at toy width, in config.json form, with a
-# byte-level tokenizer (qwen3vl_processor.byte_level_tokenizer) so nothing needs downloading.
+# A tiny backbone for tests and CPU demos: Qwen3-VL's exact structure at toy width,
+# in config.json form, with a byte-level tokenizer (qwen3vl_processor.byte_level_tokenizer) so
+# nothing needs downloading.
 TINY_QWEN = {
     "model_type": "qwen3_vl",
     "tie_word_embeddings": True,
@@ -139,11 +157,13 @@ PRESETS = {
 
 
 def backbone_config(config: VLAConfig):
-    """(Qwen3VLConfig, folder or None): from config.qwen_config, else the local folder, else the 4B preset."""
+    """(Qwen3VLConfig, folder or None): from config.qwen_config, else the local
+    folder, else the 4B preset."""
     folder = Path(config.qwen_model_name) if config.qwen_model_name else None
     folder = folder if folder is not None and (folder / "config.json").is_file() else None
     if folder is not None and "text_config" not in json.loads((folder / "config.json").read_text()):
-        folder = None  # a converted MIMIC folder: its config.json is ours (the backbone config is in qwen_config)
+        # a converted MIMIC folder: its config.json is ours (the backbone config is in qwen_config)
+        folder = None
     if config.qwen_config is not None:
         qcfg = qwen3vl.Qwen3VLConfig.from_hf(config.qwen_config)
     elif config.qwen_model_name == "tiny":
@@ -162,19 +182,21 @@ def backbone_config(config: VLAConfig):
     return qcfg, folder
 
 
-# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL checkpoints),
-# used by the tiny preset, which has no folder to read them from.
+# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL
+# checkpoints), used by the tiny preset, which has no folder to read them from.
 QWEN3VL_PREPROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                         "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216},
                         "resample": 3}
 
 
 def build_processor(config: VLAConfig, folder, qcfg):
-    """The Qwen3-VL processor for this model: the folder's tokenizer + preprocessor (a real Qwen3-VL or a converted
-    MIMIC folder), or for the tiny preset the byte-level tokenizer + the released preprocessor settings.
+    """The Qwen3-VL processor for this model: the folder's tokenizer + preprocessor
+    (a real Qwen3-VL or a converted MIMIC folder), or for the tiny preset the byte-level
+    tokenizer + the released preprocessor settings.
 
-    min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224 (14x14 patches -> 49 tokens each, as
-    the released model saw them); the stock 65536 would upscale them to 256x256 (64 tokens)."""
+    min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224
+    (14x14 patches -> 49 tokens each, as the released model saw them); the stock 65536 would upscale
+    them to 256x256 (64 tokens)."""
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
         proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(folder)
     elif config.qwen_model_name == "tiny":
@@ -190,14 +212,15 @@ def build_processor(config: VLAConfig, folder, qcfg):
     return proc
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
 def use_tf32(enabled: bool = True):
-    """TF32 for the fp32 matmuls on CUDA (what autocast leaves in fp32, and fp32 runs); off gives exact fp32. The
-    entry points that use a GPU (train, eval, sample) turn it on. Only torch's newer per-backend switch is touched
-    when it exists: mixing it with the legacy allow_tf32 flag makes torch refuse to report the precision."""
+    """TF32 for the fp32 matmuls on CUDA (what autocast leaves in fp32, and fp32 runs); off gives
+    exact fp32. The entry points that use a GPU (train, eval, sample) turn it on. Only torch's newer
+    per-backend switch is touched when it exists: mixing it with the legacy allow_tf32 flag makes
+    torch refuse to report the precision."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         matmul.fp32_precision = "tf32" if enabled else "ieee"
@@ -206,9 +229,10 @@ def use_tf32(enabled: bool = True):
 
 
 def frozen_checksum(model: nn.Module) -> float:
-    """Sum of |w| over the frozen floating parameters, each rounded to bf16 and summed in float64: the same number
-    whether they are held in fp32 or bf16, on any device. A trainable-only folder records it, so that a base rebuilt
-    from another folder or seed is an error rather than a silently different model."""
+    """Sum of |w| over the frozen floating parameters, each rounded to bf16 and summed in float64:
+    the same number whether they are held in fp32 or bf16, on any device. A trainable-only
+    folder records it, so that a base rebuilt from another folder or seed is an error rather than
+    a silently different model."""
     total = torch.zeros((), dtype=torch.float64)
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad and p.is_floating_point():
@@ -217,9 +241,9 @@ def frozen_checksum(model: nn.Module) -> float:
 
 
 def cast_frozen_(module: nn.Module, dtype):
-    """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train stay fp32, since AdamW
-    updates of ~1e-5 on weights of ~0.02 would round away in bf16 (its spacing there is ~1e-4). Buffers (rotary
-    frequencies) are left in fp32."""
+    """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train
+    stay fp32, since AdamW updates of ~1e-5 on weights of ~0.02 would round away in bf16
+    (its spacing there is ~1e-4). Buffers (rotary frequencies) are left in fp32."""
     for p in module.parameters():
         want = torch.float32 if p.requires_grad else dtype
         if want is not None and p.dtype != want and p.is_floating_point():
@@ -227,12 +251,14 @@ def cast_frozen_(module: nn.Module, dtype):
 
 
 class VLAModel(nn.Module):
-    """Backbone (`qwen_model`, a qwen3vl.Qwen3VL cut after layer `tap`) + `action_head` (dit.ActionHead).
+    """Backbone (`qwen_model`, a qwen3vl.Qwen3VL cut after layer `tap`) +
+    `action_head` (dit.ActionHead).
 
-    Build with `VLAModel(config)`: loads the Qwen3-VL weights when `config.qwen_model_name` is a local folder, else the
-    backbone is randomly initialised (tiny preset, or a model whose weights come from a MIMIC checkpoint next).
-    `load_backbone=False` skips reading the folder's weights (its config and tokenizer are still used).
-    `backbone_dtype` (e.g. bf16) applies to the frozen backbone parameters only (cast_frozen_)."""
+    Build with `VLAModel(config)`: loads the Qwen3-VL weights when
+    `config.qwen_model_name` is a local folder, else the backbone is randomly initialised
+    (tiny preset, or a model whose weights come from a MIMIC checkpoint next). `load_backbone=False`
+    skips reading the folder's weights (its config and tokenizer are still used). `backbone_dtype`
+    (e.g. bf16) applies to the frozen backbone parameters only (cast_frozen_)."""
 
     def __init__(self, config: VLAConfig, load_backbone: bool = True, backbone_dtype=None):
         super().__init__()
@@ -247,19 +273,22 @@ class VLAModel(nn.Module):
                                                               dtype=backbone_dtype or torch.float32)
         else:
             self.qwen_model = qwen3vl.Qwen3VL(qcfg, num_layers=self.kept)
-        # LoRA on the LLM decoder layers only: the vision tower's modules have other names (qkv, proj, linear_fc*)
+        # LoRA on the LLM decoder layers only: the vision tower's modules have other
+        # names (qkv, proj, linear_fc*)
         if config.use_lora:
             apply_lora(self.qwen_model.model.language_model, list(config.lora_target_modules), rank=config.lora_rank,
                        alpha=config.lora_alpha, dropout=config.lora_dropout)  # freezes the LLM's base weights
-        # What trains: LLM base weights unless frozen (released: frozen), the adapters always, vision unless frozen.
+        # What trains: LLM base weights unless frozen (released: frozen), the adapters
+        # always, vision unless frozen.
         self.qwen_model.model.language_model.requires_grad_(not config.freeze_qwen_layers)
         for m in lora_modules(self.qwen_model).values():
             m.lora_A.requires_grad_(True)
             m.lora_B.requires_grad_(True)
         self.qwen_model.model.visual.requires_grad_(not config.freeze_vision_encoder)
-        # DeepStack level j is added AFTER decoder layer j, and we read layer `tap`'s own output (before its add):
-        # levels j >= tap never reach the features (only in toy configs; the 4B's tap is 17), so they must not
-        # train (DDP would otherwise fail on parameters that never receive a gradient).
+        # DeepStack level j is added AFTER decoder layer j, and we read layer `tap`'s
+        # own output (before its add): levels j >= tap never reach the features
+        # (only in toy configs; the 4B's tap is 17), so they must not train
+        # (DDP would otherwise fail on parameters that never receive a gradient).
         for j, merger in enumerate(self.qwen_model.model.visual.deepstack_merger_list):
             if j >= self.tap:
                 merger.requires_grad_(False)
@@ -271,27 +300,31 @@ class VLAModel(nn.Module):
         tok_dir = Path(config.qwen_model_name or ".")
         self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
 
-    # --- inputs -------------------------------------------------------------------------------------------------
+    # --- inputs
+    # -------------------------------------------------------------------------------------------------
 
     @property
     def processor(self):
-        """The Qwen3-VL processor (tokenizer + image settings), built lazily. Frames of image_size stay that size
-        (224 -> 14x14 patches -> 49 tokens, as the released model saw them), so min_pixels is lowered to allow it."""
+        """The Qwen3-VL processor (tokenizer + image settings), built lazily. Frames of image_size
+        stay that size (224 -> 14x14 patches -> 49 tokens, as the released model saw them), so
+        min_pixels is lowered to allow it."""
         if self._processor is None:
             self._processor = build_processor(self.config, self._processor_folder, self.qwen_config)
         return self._processor
 
     def encoder(self) -> InputEncoder:
-        """The picklable (images, text) -> one sample's input callable (DataLoader workers, servers)."""
+        """The picklable (images, text) -> one sample's input callable
+        (DataLoader workers, servers)."""
         if self._encoder is None:
             self._encoder = InputEncoder(self.processor, self.qwen_config, self.config.image_size)
         return self._encoder
 
     def prepare(self, frames, boxes, task: str, instruction: str) -> dict:
-        """One sample's input from what a robot or a video has: the config.num_frames frames before now (PIL images
-        or uint8 (H, W, 3) arrays, any size, oldest first), the target person's box in each ((F, 4) x1 y1 x2 y2 in
-        that frame's pixels; a NaN row = unknown, drawn as nothing), the task (action class) and the instruction.
-        Built exactly as training builds it (data.WindowDataset)."""
+        """One sample's input from what a robot or a video has: the config.num_frames frames before
+        now (PIL images or uint8 (H, W, 3) arrays, any size, oldest first), the target person's box
+        in each ((F, 4) x1 y1 x2 y2 in that frame's pixels; a NaN row = unknown, drawn as nothing),
+        the task (action class) and the instruction. Built exactly as training builds
+        it (data.WindowDataset)."""
         F_ = self.config.num_frames
         if frames is None or len(frames) != F_:
             raise ValueError(f"need the {F_} frames before now, got {None if frames is None else len(frames)}")
@@ -310,16 +343,16 @@ class VLAModel(nn.Module):
         return self.encoder()(images, prompt_text(task, instruction))
 
     def encode(self, images, instructions) -> dict:
-        """images: list (B) of lists of frames that already carry the box; instructions: list (B) of the full
-        prompt texts -> a batch (collate_inputs). The original code's input convention."""
+        """images: list (B) of lists of frames that already carry the box; instructions: list (B)
+        of the full prompt texts -> a batch (collate_inputs). The original code's input convention."""
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} image lists but {len(instructions)} instructions")
         enc = self.encoder()
         return collate_inputs([enc(list(fr), text) for fr, text in zip(images, instructions)], enc.pad_token_id)
 
     def encode_frames(self, frames: torch.Tensor):
-        """frames (N, S, S, 3) uint8 -> the vision tower's (tokens (N*T, Q), [DeepStack levels (N*T, Q)]),
-        patched on the model's device."""
+        """frames (N, S, S, 3) uint8 -> the vision tower's
+        (tokens (N*T, Q), [DeepStack levels (N*T, Q)]), patched on the model's device."""
         dev = self.action_head.future_tokens.device
         return self.vision_on_device(frames.to(dev, non_blocking=True), self.pixel_lut(dev))
 
@@ -329,15 +362,17 @@ class VLAModel(nn.Module):
         return self._luts[dev]
 
     def vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
-        """encode_frames' body for frames already on the device (what compile=True traces, once per frame)."""
+        """encode_frames' body for frames already on the device
+        (what compile=True traces, once per frame)."""
         cfg = self.processor.image_config
         pv, _ = qwen3vl_processor.pixel_values_from_frames(frames, cfg, lut)
         n, h, w, _ = frames.shape
         return self.qwen_model.model.visual(pv, [(1, h // cfg.patch_size, w // cfg.patch_size)] * n)
 
     def features(self, inputs: dict, cache=None):
-        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run.
-        `inputs`: collate_inputs' batch (CPU tensors; moved here). `cache`: reuse per-frame vision outputs."""
+        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers
+        0..tap run. `inputs`: collate_inputs' batch (CPU tensors; moved here). `cache`: reuse
+        per-frame vision outputs."""
         dev = self.action_head.future_tokens.device
         frames = inputs["frames"]  # (B, F, S, S, 3) uint8
         flat = frames.reshape(-1, *frames.shape[2:])
@@ -351,24 +386,26 @@ class VLAModel(nn.Module):
         return vl, deep, inputs["attention_mask"].to(dev, non_blocking=True).bool()
 
     def autocast(self):
-        """The one precision rule for training and inference: bf16 autocast on CUDA (as the released model was
-        trained and should be run), full fp32 on the CPU. After inference.optimize(dtype=...): autocast to
-        that dtype on any device (none for float32)."""
+        """The one precision rule for training and inference: bf16 autocast on CUDA
+        (as the released model was trained and should be run), full fp32 on the CPU. After
+        inference.optimize(dtype=...): autocast to that dtype on any device (none for float32)."""
         dev = self.action_head.future_tokens.device
         dtype = self._inference.dtype if self._inference is not None else None
         if dtype is not None:
             return torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
-    # --- training / inference -----------------------------------------------------------------------------------
+    # --- training / inference
+    # -----------------------------------------------------------------------------------
 
     def forward(self, images=None, instructions=None, actions=None, timesteps=None, robot_state=None,
                 compute_loss=True, noise=None, inputs=None, steps=None, cache=None):
-        """The original's signature. images: list of per-sample lists of frames (box already drawn); instructions:
-        list of full prompt texts; actions: (B, H, 44) sin/cos targets; robot_state: (B, 44); timesteps: (B,) flow
-        times (training); noise: (B, H, 44) flow noise / initial noise for exact reproduction. `inputs`: an
-        already-collated batch (collate_inputs; the DataLoader workers make them) instead of images + instructions.
-        Returns {'loss'} when actions are given (and compute_loss), else {'actions': (B, H, 44)}."""
+        """The original's signature. images: list of per-sample lists of frames (box already drawn);
+        instructions: list of full prompt texts; actions: (B, H, 44) sin/cos targets;
+        robot_state: (B, 44); timesteps: (B,) flow times (training); noise: (B, H, 44) flow
+        noise / initial noise for exact reproduction. `inputs`: an already-collated batch
+        (collate_inputs; the DataLoader workers make them) instead of images + instructions. Returns
+        {'loss'} when actions are given (and compute_loss), else {'actions': (B, H, 44)}."""
         if robot_state is None:
             raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
         if inputs is None:
@@ -393,10 +430,12 @@ class VLAModel(nn.Module):
     @torch.inference_mode()
     def predict(self, frames, boxes, task: str, instruction: str, state_angles, steps=None, noise=None,
                 cache=None) -> np.ndarray:
-        """One control step: the frames before now with their target boxes, task, instruction and the current
-        angles (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step). `noise` (H, 44)
-        fixes the sampler's start; `cache` reuses the vision outputs of frames seen in earlier calls."""
-        state = np.asarray(state_angles, dtype=np.float64)  # sin/cos in float64, then float32, as in training
+        """One control step: the frames before now with their target boxes, task, instruction
+        and the current angles (22,) radians -> (H, 22) predicted angles in radians
+        (row 0 is the current step). `noise` (H, 44) fixes the sampler's start; `cache` reuses
+        the vision outputs of frames seen in earlier calls."""
+        # sin/cos in float64, then float32, as in training
+        state = np.asarray(state_angles, dtype=np.float64)
         if state.shape != (self.config.action_dim // 2,) or not np.all(np.isfinite(state)):
             raise ValueError(f"state_angles must be {self.config.action_dim // 2} finite radians, got shape "
                              f"{state.shape}")
@@ -414,13 +453,14 @@ class VLAModel(nn.Module):
                                "must not train; load a fresh model to train")
         return super().train(mode)
 
-    # --- checkpoints --------------------------------------------------------------------------------------------
+    # --- checkpoints
+    # --------------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load our own keys or the released checkpoint's (peft-wrapped transformers names, mapped explicitly by
-        `map_released_keys`). strict=True raises on any unplaced or missing key, naming each; with strict off (the
-        model card's call) the same lists are printed as a loud warning and everything placeable is loaded.
-        A shape mismatch always raises."""
+        """Load our own keys or the released checkpoint's (peft-wrapped transformers names, mapped
+        explicitly by `map_released_keys`). strict=True raises on any unplaced or missing key,
+        naming each; with strict off (the model card's call) the same lists are printed as a loud
+        warning and everything placeable is loaded. A shape mismatch always raises."""
         mapped, ignored, unplaced = map_released_keys(state_dict, self)
         own = self.state_dict()
         missing = sorted(set(own) - set(mapped))
@@ -436,7 +476,8 @@ class VLAModel(nn.Module):
                 raise KeyError(msg)
             warnings.warn(msg, stacklevel=2)
             print("WARNING " + msg, file=sys.stderr)
-        # Copy (or assign) tensor by tensor: placing is explicit, so nn.Module's own key matching is not needed.
+        # Copy (or assign) tensor by tensor: placing is explicit, so nn.Module's own
+        # key matching is not needed.
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
         with torch.no_grad():
@@ -449,16 +490,18 @@ class VLAModel(nn.Module):
         return torch.nn.modules.module._IncompatibleKeys(missing, unplaced)
 
     def trainable_state_dict(self) -> dict:
-        """Only the tensors that train (LoRA + head, + whatever is unfrozen): what a training checkpoint needs."""
+        """Only the tensors that train (LoRA + head, + whatever is unfrozen): what
+        a training checkpoint needs."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def save_pretrained(self, out, merge_lora_weights: bool = False, trainable_only: bool = False, base=None):
-        """OUT/model.safetensors + OUT/config.json (+ the processor files), written atomically. With
-        merge_lora_weights the adapters are folded into the base weights and the saved config has use_lora=False.
-        trainable_only: only the tensors that train; `base` records where the frozen rest comes from, so that
-        from_pretrained can rebuild it: {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under
-        torch.manual_seed(seed)) or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
+        """OUT/model.safetensors + OUT/config.json (+ the processor files), written atomically.
+        With merge_lora_weights the adapters are folded into the base weights and the saved
+        config has use_lora=False. trainable_only: only the tensors that train; `base`
+        records where the frozen rest comes from, so that from_pretrained can rebuild it:
+        {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under torch.manual_seed(seed))
+        or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
         if self._inference is not None:
             raise ValueError("save_pretrained: save the model before inference.optimize (its weights are merged "
                              "or cast now; a merged LoRA would be applied twice on load)")
@@ -489,14 +532,16 @@ class VLAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", backbone_dtype=None, base=None):
-        """Load a folder written by save_pretrained / `python convert.py`. Strict: every key must match.
-        A trainable-only folder takes its frozen weights from `base` (a model or a full folder), by default from
-        the base it records (save_pretrained), and checks them against the recorded checksum."""
+        """Load a folder written by save_pretrained / `python convert.py`. Strict: every
+        key must match. A trainable-only folder takes its frozen weights from `base`
+        (a model or a full folder), by default from the base it records (save_pretrained), and
+        checks them against the recorded checksum."""
         folder = Path(folder)
         meta = json.loads((folder / "config.json").read_text())
         cfg = dict(meta["model_config"])
         if (folder / "tokenizer.json").is_file():
-            cfg["qwen_model_name"] = str(folder)  # tokenizer + preprocessor travel with the converted folder
+            # tokenizer + preprocessor travel with the converted folder
+            cfg["qwen_model_name"] = str(folder)
         config = VLAConfig(**cfg)
         if meta.get("trainable_only"):
             base = base if base is not None else meta.get("base")
@@ -527,12 +572,14 @@ class VLAModel(nn.Module):
         return model.to(device)
 
     def reinit_buffers(self):
-        """Non-persistent buffers (rotary inverse frequencies) are garbage after a meta-device build: recompute."""
+        """Non-persistent buffers (rotary inverse frequencies) are garbage after
+        a meta-device build: recompute."""
         self.qwen_model.init_buffers()
 
 
 def _build_base(cls, config: VLAConfig, base: dict, folder):
-    """The model whose frozen weights a trainable-only folder was trained on, from its recorded `base`."""
+    """The model whose frozen weights a trainable-only folder was trained on,
+    from its recorded `base`."""
     if "qwen" in base:
         return cls(replace(config, qwen_model_name=base["qwen"]))  # reads that Qwen3-VL folder's weights
     if "init_seed" in base:
@@ -562,8 +609,9 @@ _LAYER_RE = re.compile(r"^qwen_model\.model\.language_model\.layers\.(\d+)\.")
 
 
 def map_released_keys(state_dict, model: VLAModel):
-    """-> (mapped {our key: tensor}, ignored [released keys unused by the early-exit model], unplaced [keys that
-    match nothing we have]). Pure renaming; every rule is listed in the table above."""
+    """-> (mapped {our key: tensor}, ignored [released keys unused by the early-exit
+    model], unplaced [keys that match nothing we have]). Pure renaming; every rule is
+    listed in the table above."""
     own = set(model.state_dict())
     mapped, ignored, unplaced = {}, [], []
     for key, value in state_dict.items():
@@ -580,14 +628,16 @@ def map_released_keys(state_dict, model: VLAModel):
         layer = _LAYER_RE.match(k)
         if k in ("qwen_model.model.language_model.norm.weight", "qwen_model.lm_head.weight") or (
                 layer is not None and int(layer.group(1)) >= model.kept):
-            ignored.append(key)  # exists in the released file, unused by design after the early exit
+            # exists in the released file, unused by design after the early exit
+            ignored.append(key)
         else:
             unplaced.append(key)
     return mapped, ignored, unplaced
 
 
 def merged_state_dict(model: VLAModel) -> dict:
-    """State dict with every LoRA update folded into its base weight and no lora_* keys (model left unchanged)."""
+    """State dict with every LoRA update folded into its base weight and no lora_*
+    keys (model left unchanged)."""
     sd = dict(model.state_dict())
     for fqn, m in lora_modules(model).items():
         sd[f"{fqn}.weight"] = (m.weight.detach().float() + m.delta_weight().detach()).to(m.weight.dtype)
@@ -595,7 +645,7 @@ def merged_state_dict(model: VLAModel) -> dict:
     return sd
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Small utilities
 
 
@@ -612,9 +662,9 @@ def atomic_write(path, write):
 
 
 def load_safetensors(path) -> dict:
-    """{key: tensor} of a safetensors file. Tensors that sit at an odd offset in the file are copied to aligned
-    memory: CPU matmul kernels round differently on unaligned inputs (~1e-6), and a saved model must give exactly
-    the numbers it gave before saving."""
+    """{key: tensor} of a safetensors file. Tensors that sit at an odd offset in the file are copied
+    to aligned memory: CPU matmul kernels round differently on unaligned inputs (~1e-6), and a saved
+    model must give exactly the numbers it gave before saving."""
     with safe_open(str(path), framework="pt") as f:
         return {k: t if (t := f.get_tensor(k)).data_ptr() % 64 == 0 else t.clone() for k in f.keys()}
 
@@ -640,7 +690,7 @@ def count_parameters(model: VLAModel) -> dict:
             "total": lora + vision + llm + head + other}
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 

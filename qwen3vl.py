@@ -1,12 +1,15 @@
 """
-Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower + Qwen3 decoder, numerically equal to
-Hugging Face transformers' `Qwen3VLForConditionalGeneration` and loading the official safetensors as-is.
+Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower + Qwen3 decoder,
+numerically equal to Hugging Face transformers' `Qwen3VLForConditionalGeneration` and loading
+the official safetensors as-is.
 
-References: the Qwen3-VL technical report (DeepStack, interleaved M-RoPE), https://github.com/QwenLM/Qwen3-VL;
-transformers/models/qwen3_vl/modeling_qwen3_vl.py (+ transformers/vision_utils.py for the pos-embed resampling).
+References: the Qwen3-VL technical report (DeepStack, interleaved M-RoPE),
+https://github.com/QwenLM/Qwen3-VL; transformers/models/qwen3_vl/modeling_qwen3_vl.py
+(+ transformers/vision_utils.py for the pos-embed resampling).
 
-The module tree mirrors the checkpoint keys: `model.visual.*`, `model.language_model.*`, `lm_head` (untied only).
-Early exit (`num_layers=k`) builds and loads only decoder layers 0..k-1 - no final norm, no lm_head.
+The module tree mirrors the checkpoint keys: `model.visual.*`, `model.language_model.*`,
+`lm_head` (untied only). Early exit (`num_layers=k`) builds and loads only decoder layers
+0..k-1 - no final norm, no lm_head.
 
 Public API:
   Qwen3VLConfig.from_hf(config_json_dict), PRESETS["2B" | "4B" | "8B" | "32B"]
@@ -38,7 +41,7 @@ from safetensors import safe_open
 
 import qwen3vl_processor
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -54,8 +57,10 @@ class VisionConfig:
     spatial_merge_size: int = 2  # 2x2 patches -> 1 LLM token
     out_hidden_size: int = 2560  # = text hidden size
     num_position_embeddings: int = 2304  # learned 48x48 absolute position table
-    deepstack_visual_indexes: tuple = (5, 11, 17)  # ViT blocks whose outputs feed the DeepStack mergers
-    rope_theta: float = 10000.0  # vision 2D RoPE base (not in old config.json files; transformers hard-codes it)
+    # ViT blocks whose outputs feed the DeepStack mergers
+    deepstack_visual_indexes: tuple = (5, 11, 17)
+    # vision 2D RoPE base (not in old config.json files; transformers hard-codes it)
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self):
@@ -85,12 +90,13 @@ class Qwen3VLConfig:
     video_token_id: int = 151656  # <|video_pad|>
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = True  # 2B/4B: lm_head shares embed_tokens.weight; 8B/32B: separate lm_head
+    # 2B/4B: lm_head shares embed_tokens.weight; 8B/32B: separate lm_head
+    tie_word_embeddings: bool = True
 
     @classmethod
     def from_hf(cls, d):
-        """Map a checkpoint's config.json dict field by field. Accepts both the transformers 4.57 form
-        (`rope_theta` + `rope_scaling` in text_config) and the 5.x form (`rope_parameters`)."""
+        """Map a checkpoint's config.json dict field by field. Accepts both the transformers 4.57
+        form (`rope_theta` + `rope_scaling` in text_config) and the 5.x form (`rope_parameters`)."""
         t, v = d["text_config"], d["vision_config"]
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -108,7 +114,8 @@ class Qwen3VLConfig:
             num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
             head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            # transformers' Qwen3VLTextConfig.default_theta is 500000 when neither form carries a theta
+            # transformers' Qwen3VLTextConfig.default_theta is 500000 when
+            # neither form carries a theta
             rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))),
             mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
             max_position_embeddings=t.get("max_position_embeddings", 262144),
@@ -136,7 +143,8 @@ class Qwen3VLConfig:
 
 
     def to_hf(self):
-        """The inverse of from_hf, in the transformers 5.x form (rope_parameters): from_hf(to_hf(c)) == c."""
+        """The inverse of from_hf, in the transformers 5.x form
+        (rope_parameters): from_hf(to_hf(c)) == c."""
         t, v = self.text, self.vision
         return {
             "model_type": "qwen3_vl", "tie_word_embeddings": self.tie_word_embeddings,
@@ -173,17 +181,19 @@ PRESETS = {
     "2B": _preset(2048, 6144, 28, 16, 24, 1024, 4096, (5, 11, 17), True),
     "4B": _preset(2560, 9728, 36, 32, 24, 1024, 4096, (5, 11, 17), True),
     "8B": _preset(4096, 12288, 36, 32, 27, 1152, 4304, (8, 16, 24), False),
-    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),  # untied (as the 8B; not checked against a 32B file)
+    # untied (as the 8B; not checked against a 32B file)
+    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),
 }
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shared pieces
 
 
 def apply_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin with HF's split-halves layout (dim j pairs with j + d/2, so checkpoint q/k
-    weights need no permutation). cos/sin are two equal halves, so this is computed per half without materialising
-    rotate_half(x); every element goes through the same roundings as transformers (a + (-b) == a - b exactly)."""
+    """x * cos + rotate_half(x) * sin with HF's split-halves layout
+    (dim j pairs with j + d/2, so checkpoint q/k weights need no permutation). cos/sin are two equal
+    halves, so this is computed per half without materialising rotate_half(x); every element goes
+    through the same roundings as transformers (a + (-b) == a - b exactly)."""
     x1, x2 = x.chunk(2, dim=-1)
     half = x1.shape[-1]
     c, s = cos[..., :half], sin[..., :half]
@@ -191,10 +201,11 @@ def apply_rope(x, cos, sin):
 
 
 def mrope_slot_rows(mrope_section, half):
-    """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots: interleaved "THWTHW...TTTT".
-    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T.
-    Slots past `half` do not exist: when 3*sec[i] > half the interleave stops at the end, as transformers' slice
-    [offset:3*sec[i]:3] does (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
+    """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots:
+    interleaved "THWTHW...TTTT". Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if
+    j % 3 == 2 and j < 3*sec[2], else T. Slots past `half` do not exist: when 3*sec[i] > half
+    the interleave stops at the end, as transformers' slice [offset:3*sec[i]:3] does
+    (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
     rows = [0] * half
     for row, offset in ((1, 1), (2, 2)):
         for j in range(offset, min(3 * mrope_section[row], half), 3):
@@ -203,15 +214,15 @@ def mrope_slot_rows(mrope_section, half):
 
 
 def merge_order_rc(h, w, m, device=None):
-    """(row, col) of every patch of an h x w grid in the processor's merge-window order: merged row, merged col,
-    then the m x m window row-major. Returns two (h*w,) long tensors."""
+    """(row, col) of every patch of an h x w grid in the processor's merge-window order: merged row,
+    merged col, then the m x m window row-major. Returns two (h*w,) long tensors."""
     r = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
     c = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
     # (h/m, m, w/m, m) -> (h/m, w/m, m, m): the 4 patches of a window become consecutive
     return r.permute(0, 2, 1, 3).reshape(-1), c.permute(0, 2, 1, 3).reshape(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vision tower
 
 
@@ -223,7 +234,8 @@ class VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
 
     def forward(self, x):  # (N, 1536) -> (N, V)
-        # ... but kernel == stride == input size, so the conv is one matmul over the flattened (C, T, P, P) patch
+        # ... but kernel == stride == input size, so the conv is one matmul over
+        # the flattened (C, T, P, P) patch
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
@@ -237,14 +249,16 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, seg_lens):
         N, V = x.shape
         qkv = self.qkv(x).view(N, 3, self.num_heads, -1)  # (N, 3, nh, hd)
-        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision); q and k share cos/sin, so one
-        # apply_rope over both halves the elementwise kernel launches (same values as rotating each alone)
+        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision); q and k
+        # share cos/sin, so one apply_rope over both halves the elementwise kernel launches
+        # (same values as rotating each alone)
         c, s = cos[:, None, None], sin[:, None, None]  # (N, 1, 1, hd)
         q, k = apply_rope(qkv[:, :2].float(), c, s).to(x.dtype).unbind(1)  # each (N, nh, hd)
         v = qkv[:, 2]
         # attention never crosses an image / temporal patch (segment); bidirectional inside one
         if len(set(seg_lens)) == 1:
-            # equal segments (MIMIC: 4 frames of 224x224): one batched SDPA over (num_segments, nh, L, hd)
+            # equal segments (MIMIC: 4 frames of 224x224): one batched SDPA over
+            # (num_segments, nh, L, hd)
             L = seg_lens[0]
             q, k, v = (t.view(N // L, L, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, V)  # (S, L, nh, hd) -> (N, V)
@@ -281,8 +295,9 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """2x2 merge: concat the 4 consecutive patches of a window, then fc1 -> erf-GELU -> fc2. The main merger
-    normalises each patch (width V) before the concat; the DeepStack mergers normalise after it (width 4V)."""
+    """2x2 merge: concat the 4 consecutive patches of a window, then fc1 -> erf-GELU -> fc2.
+    The main merger normalises each patch (width V) before the concat; the DeepStack mergers
+    normalise after it (width 4V)."""
 
     def __init__(self, cfg: VisionConfig, postshuffle_norm: bool):
         super().__init__()
@@ -315,9 +330,10 @@ class VisionModel(nn.Module):
         return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float, device=device) / r))
 
     def pos_embed_interpolate(self, grids, device):
-        """Bilinear, align-corners resampling of the 48x48 table to each h x w grid, in merge-window order.
-        Mirrors transformers' get_vision_interpolation_indices_and_weights: fp32 weights times the table (so the
-        products and the 4-tap sum are fp32 even for a bf16 table), cast to the activation dtype by the caller."""
+        """Bilinear, align-corners resampling of the 48x48 table to each h x w grid, in merge-window
+        order. Mirrors transformers' get_vision_interpolation_indices_and_weights: fp32 weights
+        times the table (so the products and the 4-tap sum are fp32 even for a bf16 table), cast
+        to the activation dtype by the caller."""
         G, m, out, done = self.side, self.cfg.spatial_merge_size, [], {}
         for t, h, w in grids:
             if (h, w) in done:  # e.g. MIMIC's 4 equal frames: resample once per distinct size
@@ -339,7 +355,8 @@ class VisionModel(nn.Module):
         return torch.cat(out)
 
     def rotary(self, grids, device):
-        """cos, sin (N, head_dim) fp32 for the 2D RoPE: angles = concat(row * inv_freq, col * inv_freq), twice."""
+        """cos, sin (N, head_dim) fp32 for the 2D RoPE:
+        angles = concat(row * inv_freq, col * inv_freq), twice."""
         rc = [torch.stack(merge_order_rc(h, w, self.cfg.spatial_merge_size, device), -1).repeat(t, 1)
               for t, h, w in grids]
         freqs = torch.cat(rc)[..., None].float() * self.inv_freq.float()  # (N, 2, r/2)
@@ -348,8 +365,8 @@ class VisionModel(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches (a tensor, or a list of
-        (t, h, w): torch.compile can trace a list, not a tensor's tolist()).
+        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches
+        (a tensor, or a list of (t, h, w): torch.compile can trace a list, not a tensor's tolist()).
         Returns (embeds (N/4, O), [deepstack level j (N/4, O) for each tap])."""
         grids = [tuple(g) for g in (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw)]
         m = self.cfg.spatial_merge_size
@@ -372,7 +389,7 @@ class VisionModel(nn.Module):
         return self.merger(x), deepstack
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Qwen3 text decoder
 
 
@@ -389,8 +406,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every kept layer + a position counter. `rope_deltas` (B, 1) is the M-RoPE
-    offset of the NEXT token relative to its cache index: decode position = cache index + rope_deltas."""
+    """Preallocated keys/values for every kept layer + a position counter. `rope_deltas`
+    (B, 1) is the M-RoPE offset of the NEXT token relative to its cache index: decode
+    position = cache index + rope_deltas."""
 
     def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
@@ -432,7 +450,8 @@ class TextAttention(nn.Module):
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=self.nh != self.nkv)
         else:
-            # with a mask, SDPA's GQA path falls back to slow kernels; repeat kv heads instead (as transformers)
+            # with a mask, SDPA's GQA path falls back to slow kernels; repeat kv heads
+            # instead (as transformers)
             rep = self.nh // self.nkv
             k, v = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (k, v))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -464,7 +483,8 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """`model.language_model`: embeddings, the kept decoder layers, and the final norm (full model only)."""
+    """`model.language_model`: embeddings, the kept decoder layers, and
+    the final norm (full model only)."""
 
     def __init__(self, cfg: TextConfig, num_layers: int, with_norm: bool):
         super().__init__()
@@ -483,25 +503,27 @@ class TextModel(nn.Module):
         return torch.tensor(mrope_slot_rows(self.cfg.mrope_section, self.cfg.head_dim // 2), device=device)
 
     def rope(self, position_ids, dtype):
-        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles in fp32, slots interleaved THW."""
+        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles
+        in fp32, slots interleaved THW."""
         pos = position_ids[self.slot_rows].float().permute(1, 2, 0)  # (B, S, hd/2): each slot's own T/H/W position
         freqs = pos * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Full model
 
 
 def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-    """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as transformers computes them.
-    A plain function, so DataLoader workers can compute the positions on the CPU (no host-device sync in the step):
-    - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and takes the
-      next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
-    - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets
-      T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) / merge
-      (= that image's max position + 1), so the text after an image continues right after it;
+    """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as
+    transformers computes them. A plain function, so DataLoader workers can compute the positions on
+    the CPU (no host-device sync in the step):
+    - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and
+      takes the next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
+    - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets T =
+      s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) /
+      merge (= that image's max position + 1), so the text after an image continues right after it;
     - only tokens with attention_mask = 1 are numbered; padded slots get 0;
     - rope_deltas_b = max position + 1 - (number of real tokens in row b)."""
     m = cfg.vision.spatial_merge_size
@@ -510,7 +532,8 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
     iters = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
              2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
                      if video_grid_thw is not None else [])}
-    # transformers reads these types from the processor's mm_token_type_ids; we derive the same from ids
+    # transformers reads these types from the processor's mm_token_type_ids; we
+    # derive the same from ids
     kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
     position_ids = torch.zeros(3, B, S, dtype=torch.long, device=dev)
     deltas = []
@@ -540,7 +563,8 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
             cur += max(grid[1], grid[2]) // m
         pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
         position_ids[:, b, keep] = pos
-        # the delta is relative to the REAL token count (as transformers 5.x), not the padded length S
+        # the delta is relative to the REAL token count
+        # (as transformers 5.x), not the padded length S
         deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
     return position_ids, torch.stack(deltas).view(B, 1)
 
@@ -548,10 +572,14 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
 @dataclass
 class Qwen3VLOutput:
     logits: torch.Tensor | None  # (B, S or logits_to_keep, vocab); None under early exit
-    last_hidden_state: torch.Tensor  # full model: after the final norm; early exit: residual stream after layer k-1
-    hidden_states: tuple | None  # output_hidden_states=True, exactly as transformers (see Qwen3VL.forward)
-    layer_outputs: dict  # {layer index: that decoder layer's own output (B, S, D)} for the requested hidden_layers
-    rope_deltas: torch.Tensor | None  # (B, 1) as transformers' get_rope_index (None for cached decode steps)
+    # full model: after the final norm; early exit: residual stream after layer k-1
+    last_hidden_state: torch.Tensor
+    # output_hidden_states=True, exactly as transformers (see Qwen3VL.forward)
+    hidden_states: tuple | None
+    # {layer index: that decoder layer's own output (B, S, D)} for the requested hidden_layers
+    layer_outputs: dict
+    # (B, 1) as transformers' get_rope_index (None for cached decode steps)
+    rope_deltas: torch.Tensor | None
 
 
 class Qwen3VL(nn.Module):
@@ -563,7 +591,8 @@ class Qwen3VL(nn.Module):
         self.cfg = cfg
         self.num_layers = L if num_layers is None else num_layers
         self.early_exit = self.num_layers < L  # no final norm / lm_head, logits None
-        # plain container so parameter names are exactly the checkpoint keys (model.visual.*, model.language_model.*)
+        # plain container so parameter names are exactly the checkpoint keys
+        # (model.visual.*, model.language_model.*)
         self.model = nn.Module()
         self.model.visual = VisionModel(cfg.vision)
         self.model.language_model = TextModel(cfg.text, self.num_layers, with_norm=not self.early_exit)
@@ -575,14 +604,16 @@ class Qwen3VL(nn.Module):
         return self.model.visual
 
     def init_buffers(self):
-        """Recompute the non-persistent buffers (rotary inv_freq): after a meta-device build they are garbage."""
+        """Recompute the non-persistent buffers (rotary inv_freq): after
+        a meta-device build they are garbage."""
         for mod in (self.model.visual, self.model.language_model):
             mod.inv_freq = mod.compute_inv_freq(device=next(mod.parameters()).device)
         lm = self.model.language_model
         lm.slot_rows = lm.compute_slot_rows(device=lm.inv_freq.device)
 
     def checkpoint_skip(self, key):
-        """Checkpoint keys this instance deliberately does not load (early exit; tied head stored anyway)."""
+        """Checkpoint keys this instance deliberately does not load
+        (early exit; tied head stored anyway)."""
         if key.startswith("model.language_model.layers."):
             return int(key.split(".")[3]) >= self.num_layers
         if key == "model.language_model.norm.weight":
@@ -591,31 +622,34 @@ class Qwen3VL(nn.Module):
             return self.early_exit or self.cfg.tie_word_embeddings
         return False
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
         """rope_index with this model's config: (position_ids (3, B, S), rope_deltas (B, 1))."""
         return rope_index(self.cfg, input_ids, image_grid_thw, video_grid_thw, attention_mask)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, output_hidden_states=False, hidden_layers=(),
                 cache: KVCache | None = None, logits_to_keep: int = 0, position_ids=None, image_embeds=None,
                 visual_rows=None):
-        """input_ids (B, S); attention_mask (B, past + S), 1 = real token; pixel_values (N, 1536) for all images in
-        order of appearance with image_grid_thw (K, 3); likewise pixel_values_videos / video_grid_thw.
+        """input_ids (B, S); attention_mask (B, past + S), 1 = real token; pixel_values
+        (N, 1536) for all images in order of appearance with image_grid_thw (K, 3); likewise
+        pixel_values_videos / video_grid_thw.
 
-        hidden_states (output_hidden_states=True), as transformers returns it: (embeddings after the vision scatter,
-        output of layer 0, ..., output of layer L-2, final-norm(residual after layer L-1)); every layer output is
-        recorded BEFORE the DeepStack add that follows layers 0..2. Under early exit at k: (embeddings, outputs of
-        layers 0..k-1) without any norm, so hidden_states[k] equals transformers' hidden_states[k] for k < L.
-        hidden_layers=(8, 17) -> layer_outputs {8: ..., 17: ...}: each layer's own output (same as
-        hidden_states[i + 1] for i < L - 1), pre-DeepStack, without keeping the other layers.
-        logits_to_keep=n > 0 computes logits for the last n positions only (generation).
+        hidden_states (output_hidden_states=True), as transformers returns it:
+        (embeddings after the vision scatter, output of layer 0, ..., output of layer L-2,
+        final-norm(residual after layer L-1)); every layer output is recorded BEFORE the DeepStack
+        add that follows layers 0..2. Under early exit at k: (embeddings, outputs of layers 0..k-1)
+        without any norm, so hidden_states[k] equals transformers' hidden_states[k] for k < L.
+        hidden_layers=(8, 17) -> layer_outputs {8: ..., 17: ...}: each layer's own output
+        (same as hidden_states[i + 1] for i < L - 1), pre-DeepStack, without keeping the other
+        layers. logits_to_keep=n > 0 computes logits for the last n positions only (generation).
 
-        Precomputed inputs (what a DataLoader worker or a per-frame cache can provide, so the step has no host-device
-        sync): position_ids (3, B, S) from rope_index; image_embeds = (embeds, [DeepStack levels]) as model.visual
-        returns them for every image, instead of pixel_values; visual_rows (N,) long, the flat indices b * S + s of
-        the image tokens. attention_mask may stay on the CPU: it is inspected there and moved here."""
+        Precomputed inputs (what a DataLoader worker or a per-frame cache can provide,
+        so the step has no host-device sync): position_ids (3, B, S) from rope_index;
+        image_embeds = (embeds, [DeepStack levels]) as model.visual returns them for every image,
+        instead of pixel_values; visual_rows (N,) long, the flat indices b * S + s of the image
+        tokens. attention_mask may stay on the CPU: it is inspected there and moved here."""
         lm, cfg = self.model.language_model, self.cfg
         B, S = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -628,7 +662,8 @@ class Qwen3VL(nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.to(h.device, non_blocking=True)
 
-        if visual_rows is not None:  # precomputed image rows: one scatter, no search for the placeholder tokens
+        # precomputed image rows: one scatter, no search for the placeholder tokens
+        if visual_rows is not None:
             if image_embeds is None or pixel_values_videos is not None:
                 raise ValueError("visual_rows needs image_embeds and no video inputs")
             emb, deepstack = image_embeds
@@ -658,7 +693,8 @@ class Qwen3VL(nn.Module):
             deepstack = []
         if masks:
             visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-            # flat (B*S) row of every visual token, row-major like the boolean mask; found once, used per level
+            # flat (B*S) row of every visual token, row-major like the boolean mask;
+            # found once, used per level
             visual_rows = visual_mask.flatten().nonzero().squeeze(1)
             for level in zip(*feats):
                 if len(masks) == 1:
@@ -676,7 +712,8 @@ class Qwen3VL(nn.Module):
                 raise ValueError("position_ids are for cache-free forwards (generation computes its own)")
             position_ids = position_ids.to(h.device, non_blocking=True)
         elif past == 0:
-            # recomputed at every prefill, never reused from an earlier call (stale deltas: transformers #43952)
+            # recomputed at every prefill, never reused from an earlier call
+            # (stale deltas: transformers #43952)
             position_ids, rope_deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw,
                                                             attention_mask)
             if cache is not None:
@@ -693,12 +730,15 @@ class Qwen3VL(nn.Module):
         if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
             mask = (kv[None, :] <= kv[past:, None])[None, None]  # (1, 1, S, past+S) causal
-            if attention_mask is not None:  # (B, 1, S, past+S) + key padding, but every query keeps its own key:
-                # a left-padding row would be fully masked, which SDPA answers with NaN before torch 2.5 (and on
-                # some kernels), and the next layer's keys and values would carry it into every real row (0 * NaN)
+            # (B, 1, S, past+S) + key padding, but every query keeps its own key:
+            if attention_mask is not None:
+                # a left-padding row would be fully masked, which SDPA answers with NaN before torch
+                # 2.5 (and on some kernels), and the next layer's keys and values would carry it
+                # into every real row (0 * NaN)
                 own = kv[None, :] == kv[past:, None]  # (S, past+S); for real rows already allowed
                 mask = mask & (attention_mask[:, None, None, :].bool() | own)
-        is_causal = mask is None and past == 0 and S > 1  # SDPA's built-in causal mask (no padding, no cache)
+        # SDPA's built-in causal mask (no padding, no cache)
+        is_causal = mask is None and past == 0 and S > 1
 
         hidden_states = [h] if output_hidden_states else None
         layer_outputs = {}
@@ -711,7 +751,8 @@ class Qwen3VL(nn.Module):
             if i < len(deepstack):  # DeepStack level i goes in right after layer i
                 if i in hidden_layers or hidden_states is not None:
                     h = h.clone()  # out of place: the recorded layer output stays pre-DeepStack
-                # one in-place pass over the visual rows; each row is hit once, so this is exactly h + level
+                # one in-place pass over the visual rows; each row is hit once, so
+                # this is exactly h + level
                 h.view(-1, h.shape[-1]).index_add_(0, visual_rows, deepstack[i])
         if cache is not None:
             cache.pos += S
@@ -720,21 +761,22 @@ class Qwen3VL(nn.Module):
         if not self.early_exit:
             h = lm.norm(h)
             if hidden_states is not None:
-                hidden_states[-1] = h  # transformers replaces the last entry by the final-norm output
+                # transformers replaces the last entry by the final-norm output
+                hidden_states[-1] = h
             hk = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
             head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.lm_head.weight
             logits = F.linear(hk, head)
         return Qwen3VLOutput(logits, h, tuple(hidden_states) if hidden_states is not None else None,
                              layer_outputs, rope_deltas)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_p=1.0, eos_token_id=(), pad_token_id=0, generator=None):
-        """Greedy or temperature/top-p sampling with a KV cache. Batched prompts must be LEFT-padded (pass the
-        attention_mask). Returns only the new tokens (B, T), T <= max_new_tokens (stops once every row has emitted
-        an eos); a finished row emits pad_token_id."""
+        """Greedy or temperature/top-p sampling with a KV cache. Batched prompts must be LEFT-padded
+        (pass the attention_mask). Returns only the new tokens (B, T), T <= max_new_tokens
+        (stops once every row has emitted an eos); a finished row emits pad_token_id."""
         if self.early_exit:
             raise ValueError("generate needs the full model (num_layers=None)")
         if do_sample and temperature <= 0:
@@ -745,8 +787,8 @@ class Qwen3VL(nn.Module):
                            device=input_ids.device, dtype=torch.long)
         B, S = input_ids.shape
         tc, w = self.cfg.text, self.model.language_model.embed_tokens.weight
-        # one buffer for the whole call; left padding puts every row's next token at the same cache index, and
-        # the prefill stores each row's M-RoPE offset in cache.rope_deltas
+        # one buffer for the whole call; left padding puts every row's next token at the same cache
+        # index, and the prefill stores each row's M-RoPE offset in cache.rope_deltas
         cache = KVCache(self.num_layers, B, tc.num_key_value_heads, S + max_new_tokens, tc.head_dim, w.dtype,
                         w.device)
         out = self(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
@@ -757,7 +799,8 @@ class Qwen3VL(nn.Module):
             logits = out.logits[:, -1].float()
             if do_sample:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+                # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+                if top_p < 1.0:
                     p_sorted, order = probs.sort(dim=-1, descending=True)
                     drop = p_sorted.cumsum(-1) - p_sorted >= top_p  # mass strictly before token i
                     probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
@@ -775,10 +818,11 @@ class Qwen3VL(nn.Module):
             out = self(nxt[:, None], attention_mask, cache=cache, logits_to_keep=1)
         return torch.stack(tokens, dim=1)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, num_layers=None, dtype=torch.bfloat16, device="cpu"):
-        """Build on the meta device, then stream only the needed tensors from the safetensors file(s) in `path`."""
+        """Build on the meta device, then stream only the needed tensors from
+        the safetensors file(s) in `path`."""
         with open(os.path.join(path, "config.json")) as f:
             cfg = Qwen3VLConfig.from_hf(json.load(f))
         with torch.device("meta"):
@@ -788,12 +832,13 @@ class Qwen3VL(nn.Module):
         return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading
 
 
 def safetensors_files(path_or_files):
-    """A directory with model.safetensors or model.safetensors.index.json, a single file, or a list of files."""
+    """A directory with model.safetensors or model.safetensors.index.json, a single
+    file, or a list of files."""
     if isinstance(path_or_files, (list, tuple)):
         return list(path_or_files)
     if os.path.isfile(path_or_files):
@@ -810,18 +855,22 @@ def safetensors_files(path_or_files):
 
 
 def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device="cpu", skip=None):
-    """Assign checkpoint tensors to `model`'s parameters/persistent buffers (which may live on the meta device).
+    """Assign checkpoint tensors to `model`'s parameters/persistent buffers
+    (which may live on the meta device).
 
-    key_map: optional checkpoint key -> model key mapping, a callable or a dict (keys absent from the dict keep
-    their name); a None result drops the key. skip: optional predicate on the
-    mapped key for tensors deliberately not loaded. Floating tensors are cast to `dtype` (None keeps them).
-    All headers are checked first; any missing, unexpected or mis-shaped key raises one error naming every such
-    key, before any tensor data is read. Tensors are then read one at a time so peak memory ~ the kept bytes."""
+    key_map: optional checkpoint key -> model key mapping, a callable or a dict
+    (keys absent from the dict keep their name); a None result drops the key. skip: optional
+    predicate on the mapped key for tensors deliberately not loaded. Floating tensors are cast
+    to `dtype` (None keeps them). All headers are checked first; any missing, unexpected or
+    mis-shaped key raises one error naming every such key, before any tensor data is read. Tensors
+    are then read one at a time so peak memory ~ the kept bytes."""
     if isinstance(key_map, dict):
         key_map = (lambda table: lambda k: table.get(k, k))(key_map)
-    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers are not in the state dict
+    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers
+    # are not in the state dict
     expected = dict(model.state_dict(keep_vars=True))
-    plan, unexpected, misshaped = [], [], []  # pass 1 reads headers only (safe_open parses the JSON header)
+    # pass 1 reads headers only (safe_open parses the JSON header)
+    plan, unexpected, misshaped = [], [], []
     for file in safetensors_files(path_or_files):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
@@ -841,17 +890,19 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
         raise ValueError("checkpoint does not match the model:\n" + "\n".join(
             [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in sorted(unexpected)] +
             [f"  mis-shaped: {k}" for k in misshaped]))
-    # pass 2: one tensor at a time. safetensors maps the file, so a tensor that needs no cast stays file-backed
-    # (paged in on first use, copy-on-write) and a cast one lives only as its cast copy: peak RSS ~ kept bytes.
+    # pass 2: one tensor at a time. safetensors maps the file, so a tensor that needs no cast stays
+    # file-backed (paged in on first use, copy-on-write) and a cast one lives only as its cast
+    # copy: peak RSS ~ kept bytes.
     for file, key, name in plan:
-        # a file is re-opened per tensor: closing it unmaps the source pages a cast has just read, so they do not
-        # pile up in RSS next to the cast copies (re-opening only re-parses the JSON header)
+        # a file is re-opened per tensor: closing it unmaps the source pages a cast
+        # has just read, so they do not pile up in RSS next to the cast copies
+        # (re-opening only re-parses the JSON header)
         with safe_open(file, framework="pt", device=str(device)) as f:
             t = f.get_tensor(key)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-        # swap the meta tensor for the real one in place of load_state_dict(assign=True), which would need every
-        # tensor of the model in memory at once
+        # swap the meta tensor for the real one in place of load_state_dict(assign=True), which
+        # would need every tensor of the model in memory at once
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         if attr in mod._parameters:
@@ -861,7 +912,7 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -886,7 +937,8 @@ def describe(args):
 
 
 def chat(args):
-    """One user turn (images then text) -> the model's reply, greedy or sampled, with the KV-cache generate."""
+    """One user turn (images then text) -> the model's reply, greedy or sampled,
+    with the KV-cache generate."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(args.model)
     model = Qwen3VL.from_pretrained(args.model, dtype=dtype, device=args.device)

@@ -5,9 +5,10 @@
            -> patches in merge-window order: pixel_values (patches, 3*2*16*16) float32, image_grid_thw (n, 3)
   video -> frames sampled at `fps` -> one smart_resize per clip -> uint8 antialiased bicubic -> normalise -> even
            frame count -> patches, video_grid_thw, one "<t seconds>" timestamp per temporal patch
-Each <|image_pad|> / <|video_pad|> is then expanded to its number of merged tokens and the text is tokenized with
-the checkpoint's tokenizer.json. The outputs are those of transformers' Qwen3VLProcessor with its PIL image
-processor, without transformers, jinja2 or torchvision at run time.
+Each <|image_pad|> / <|video_pad|> is then expanded to its number of merged tokens
+and the text is tokenized with the checkpoint's tokenizer.json. The outputs are those
+of transformers' Qwen3VLProcessor with its PIL image processor, without transformers, jinja2 or
+torchvision at run time.
 
     proc = Qwen3VLProcessor.from_pretrained("/models/Qwen3-VL-4B-Instruct")
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
@@ -33,8 +34,10 @@ class Qwen3VLPreprocessConfig:
 
     patch_size: int = 16  # ViT patch side in pixels
     temporal_patch_size: int = 2  # frames per Conv3d patch; a still image is repeated to fill it
-    merge_size: int = 2  # 2x2 patches -> 1 LLM token, so sizes are multiples of patch_size * merge_size = 32
-    min_pixels: int = 65536  # size["shortest_edge"]: despite the name, a bound on h*w (or t*h*w for videos)
+    # 2x2 patches -> 1 LLM token, so sizes are multiples of patch_size * merge_size = 32
+    merge_size: int = 2
+    # size["shortest_edge"]: despite the name, a bound on h*w (or t*h*w for videos)
+    min_pixels: int = 65536
     max_pixels: int = 16777216  # size["longest_edge"]
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
@@ -49,14 +52,17 @@ class Qwen3VLPreprocessConfig:
     min_frames: int = 4
     max_frames: int = 768
     do_sample_frames: bool = True
-    cap_pixels_per_frame: bool = False  # qwen-vl-utils style per-frame cap; off by default in transformers
+    # qwen-vl-utils style per-frame cap; off by default in transformers
+    cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768  # per-frame token ceiling used by cap_pixels_per_frame
 
     @classmethod
     def from_hf(cls, d, kind):
-        """Build from a preprocessor_config.json dict. Missing keys take the defaults of the transformers class that
-        would read the file: `Qwen2VLImageProcessor` (kind="image") or `Qwen3VLVideoProcessor` (kind="video")."""
-        if kind == "image":  # Qwen2-VL class defaults (patch 14, CLIP stats); real Qwen3-VL configs override them
+        """Build from a preprocessor_config.json dict. Missing keys take the defaults
+        of the transformers class that would read the file: `Qwen2VLImageProcessor` (kind="image")
+        or `Qwen3VLVideoProcessor` (kind="video")."""
+        # Qwen2-VL class defaults (patch 14, CLIP stats); real Qwen3-VL configs override them
+        if kind == "image":
             base = dict(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                         image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711))
         elif kind == "video":
@@ -67,7 +73,8 @@ class Qwen3VLPreprocessConfig:
         size = d.get("size") or {}
         base["min_pixels"] = size.get("shortest_edge", base["min_pixels"])
         base["max_pixels"] = size.get("longest_edge", base["max_pixels"])
-        if kind == "image":  # the image class lets legacy top-level min_pixels / max_pixels override size
+        # the image class lets legacy top-level min_pixels / max_pixels override size
+        if kind == "image":
             base["min_pixels"] = d.get("min_pixels") or base["min_pixels"]
             base["max_pixels"] = d.get("max_pixels") or base["max_pixels"]
         for k in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample", "do_resize",
@@ -87,8 +94,9 @@ class Qwen3VLPreprocessConfig:
 
 
 def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216):
-    """Image target (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels], aspect ratio kept.
-    Python's round() rounds half to even: 400/32 = 12.5 -> 12 -> 384 (a C/Rust port rounding up gets 416)."""
+    """Image target (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels],
+    aspect ratio kept. Python's round() rounds half to even: 400/32 = 12.5 -> 12 -> 384
+    (a C/Rust port rounding up gets 416)."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
     h_bar = round(height / factor) * factor
@@ -106,8 +114,8 @@ def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216
 
 def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, min_pixels=128 * 32 * 32,
                        max_pixels=768 * 32 * 32):
-    """Video target (h, w): like smart_resize but the pixel budget counts t_bar*h*w over the whole clip, and sides
-    shorter than `factor` are first scaled up (int-truncated) instead of failing."""
+    """Video target (h, w): like smart_resize but the pixel budget counts t_bar*h*w over the whole
+    clip, and sides shorter than `factor` are first scaled up (int-truncated) instead of failing."""
     if num_frames < temporal_factor:
         raise ValueError(f"t:{num_frames} must be larger than temporal_factor:{temporal_factor}")
     if height < factor or width < factor:
@@ -134,9 +142,10 @@ def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, 
 
 
 def to_rgb_pil(image):
-    """PIL image / uint8 array [H, W], [H, W, 1|3|4] -> PIL RGB image, transparency composited onto white.
-    Mirrors transformers' convert_to_rgb: PIL inputs use PIL's own alpha_composite (which also handles palette
-    transparency), arrays a float64 blend rounded half to even (identical results for all 256x256 value/alpha pairs)."""
+    """PIL image / uint8 array [H, W], [H, W, 1|3|4] -> PIL RGB image, transparency composited
+    onto white. Mirrors transformers' convert_to_rgb: PIL inputs use PIL's own alpha_composite
+    (which also handles palette transparency), arrays a float64 blend rounded half to even
+    (identical results for all 256x256 value/alpha pairs)."""
     if isinstance(image, Image.Image):
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
@@ -159,8 +168,8 @@ def to_rgb_pil(image):
 
 
 def _pixel_lut(cfg, fused):
-    """(3, 256) float32 table: uint8 value -> normalized value, per channel. A table lookup is exact because the
-    input has only 256 values, and it replays the reference's dtype steps:
+    """(3, 256) float32 table: uint8 value -> normalized value, per channel. A table lookup is exact
+    because the input has only 256 values, and it replays the reference's dtype steps:
       fused=False (PIL image processor): x = float32(float64(u) * rescale); (x - mean) / std in float32.
       fused=True (torchvision video processor): (float32(u) - mean/rescale) / (std/rescale) in float32."""
     u = np.arange(256)
@@ -169,7 +178,8 @@ def _pixel_lut(cfg, fused):
     if fused:
         x = torch.from_numpy(u.astype(np.float32))[None].repeat(3, 1)  # (3, 256)
         if cfg.do_normalize:
-            if cfg.do_rescale:  # torch: float32 tensor * python float stays float32, as in the reference
+            # torch: float32 tensor * python float stays float32, as in the reference
+            if cfg.do_rescale:
                 mean, std = mean * (1.0 / cfg.rescale_factor), std * (1.0 / cfg.rescale_factor)
             x = (x - mean[:, None]) / std[:, None]
         elif cfg.do_rescale:
@@ -183,16 +193,18 @@ def _pixel_lut(cfg, fused):
 
 
 def _pixel_lut_apply(lut, a):
-    """uint8 (..., 3) -> float32 (..., 3) through the per-channel table; np.take is ~5x faster than fancy indexing."""
+    """uint8 (..., 3) -> float32 (..., 3) through the per-channel table; np.take is ~5x
+    faster than fancy indexing."""
     if (lut == lut[0]).all():  # the usual case (mean = std = 0.5 for every channel): one table
         return np.take(lut[0], a)
     return np.stack([np.take(lut[c], a[..., c]) for c in range(3)], axis=-1)
 
 
 def _vision_patchify(frames, cfg):
-    """frames (T, H, W, C) float32, T a multiple of temporal_patch_size -> (T/tp * H/p * W/p, C*tp*p*p).
-    Rows in merge-window order (merged row, merged col, row in window, col in window) so each 2x2 merge group is 4
-    consecutive rows; features channel-major, then frame, then pixel row, pixel col (= the Conv3d weight layout)."""
+    """frames (T, H, W, C) float32, T a multiple of temporal_patch_size -> (T/tp * H/p * W/p,
+    C*tp*p*p). Rows in merge-window order (merged row, merged col, row in window, col in window) so
+    each 2x2 merge group is 4 consecutive rows; features channel-major, then frame, then pixel row,
+    pixel col (= the Conv3d weight layout)."""
     t, h, w, c = frames.shape
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     gt, gh, gw = t // tp, h // p, w // p
@@ -202,7 +214,8 @@ def _vision_patchify(frames, cfg):
 
 
 def _preprocess_one_image(image, cfg, lut):
-    if not cfg.do_convert_rgb:  # the reference would then keep 1 or 4 channels and fail later; say so now
+    # the reference would then keep 1 or 4 channels and fail later; say so now
+    if not cfg.do_convert_rgb:
         shape = np.asarray(image).shape if not isinstance(image, Image.Image) else None
         if (image.mode != "RGB") if shape is None else (len(shape) != 3 or shape[-1] != 3):
             raise ValueError("do_convert_rgb=False needs 3-channel RGB images")
@@ -220,8 +233,8 @@ def _preprocess_one_image(image, cfg, lut):
 
 
 def preprocess_images(images, cfg=None):
-    """images: list of PIL images or uint8 (H, W, C) arrays -> (pixel_values float32 [sum patches, C*tp*p*p],
-    image_grid_thw int64 [n, 3]); grids count patches, not merged tokens."""
+    """images: list of PIL images or uint8 (H, W, C) arrays -> (pixel_values float32 [sum patches,
+    C*tp*p*p], image_grid_thw int64 [n, 3]); grids count patches, not merged tokens."""
     cfg = cfg or Qwen3VLPreprocessConfig()
     if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
@@ -237,16 +250,18 @@ def preprocess_images(images, cfg=None):
 
 
 def pixel_lut(cfg) -> torch.Tensor:
-    """(256, 3) float32: uint8 value -> normalised value per channel, the image processor's exact arithmetic."""
+    """(256, 3) float32: uint8 value -> normalised value per channel, the image
+    processor's exact arithmetic."""
     return torch.from_numpy(np.ascontiguousarray(_pixel_lut(cfg, fused=False).T))
 
 
 def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor = None):
-    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps (sides multiples of
-    patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values (N*gh*gw, C*tp*p*p) float32 on that
-    device, image_grid_thw (N, 3) int64 on the CPU), equal to preprocess_images on the same frames. Lets uint8
-    frames cross to the GPU (8x fewer bytes than the float patches, 16x with the temporal copy) and be patched
-    there. `lut`: pixel_lut(cfg) already on the device (else built and copied per call)."""
+    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps
+    (sides multiples of patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values
+    (N*gh*gw, C*tp*p*p) float32 on that device, image_grid_thw (N, 3) int64 on the CPU),
+    equal to preprocess_images on the same frames. Lets uint8 frames cross to the GPU
+    (8x fewer bytes than the float patches, 16x with the temporal copy) and be patched there. `lut`:
+    pixel_lut(cfg) already on the device (else built and copied per call)."""
     cfg = cfg or Qwen3VLPreprocessConfig()
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
@@ -259,22 +274,23 @@ def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor =
     x = lut[frames.long(), torch.arange(3, device=frames.device)]  # (N, H, W, 3) float32, per-channel lookup
     gh, gw = h // p, w // p
     x = x.view(n, 1, gh // m, m, p, gw // m, m, p, c).expand(n, tp, gh // m, m, p, gw // m, m, p, c)  # still: tp copies
-    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (N, bh, bw, mh, mw, C, tp, ph, pw): _vision_patchify's order
+    # (N, bh, bw, mh, mw, C, tp, ph, pw): _vision_patchify's order
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
     grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
     return x.reshape(n * gh * gw, c * tp * p * p), grid
 
 
 def sample_video_frame_indices(total_num_frames, video_fps, cfg):
-    """Indices of the frames kept: int(duration * cfg.fps) of them, clamped to [min_frames, max_frames] and to the
-    clip length, spread uniformly (np.round: half to even)."""
+    """Indices of the frames kept: int(duration * cfg.fps) of them, clamped
+    to [min_frames, max_frames] and to the clip length, spread uniformly (np.round: half to even)."""
     n = int(total_num_frames / video_fps * cfg.fps)
     n = min(max(n, cfg.min_frames), cfg.max_frames, total_num_frames)
     return np.linspace(0, total_num_frames - 1, n).round().astype(int)
 
 
 def video_timestamps(frames_indices, video_fps, temporal_patch_size=2):
-    """Seconds per temporal patch: indices padded to a multiple of tp with the last one, /fps, then the mean of the
-    first and last frame of each patch."""
+    """Seconds per temporal patch: indices padded to a multiple of tp with the last one, /fps, then
+    the mean of the first and last frame of each patch."""
     idx = [int(i) for i in frames_indices]
     idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
     ts = [i / video_fps for i in idx]
@@ -282,7 +298,8 @@ def video_timestamps(frames_indices, video_fps, temporal_patch_size=2):
 
 
 def _video_frames_uint8(frames):
-    """list of PIL frames / uint8 arrays, or a uint8 array/tensor (T, H, W, 3) -> np.uint8 (T, H, W, 3)."""
+    """list of PIL frames / uint8 arrays, or a uint8 array/tensor
+    (T, H, W, 3) -> np.uint8 (T, H, W, 3)."""
     if isinstance(frames, (list, tuple)):
         if len(frames) == 0:
             raise ValueError("video has no frames")
@@ -294,10 +311,10 @@ def _video_frames_uint8(frames):
 
 
 def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_frames=None):
-    """One video -> (pixel_values_videos float32 [gt*gh*gw, C*tp*p*p], grid (gt, gh, gw), timestamps per temporal
-    patch, the source-frame indices used).
-    frames: the decoded clip (uint8 (T, H, W, 3) or list of frames); fps: its frame rate (None -> 24, as transformers);
-    frames_indices: source indices of `frames` when they are already sampled (then no sampling is done)."""
+    """One video -> (pixel_values_videos float32 [gt*gh*gw, C*tp*p*p], grid (gt, gh, gw), timestamps
+    per temporal patch, the source-frame indices used). frames: the decoded clip (uint8 (T, H, W,
+    3) or list of frames); fps: its frame rate (None -> 24, as transformers); frames_indices: source
+    indices of `frames` when they are already sampled (then no sampling is done)."""
     cfg = cfg or Qwen3VLPreprocessConfig.from_hf({}, "video")
     video = _video_frames_uint8(frames)
     fps = 24 if fps is None else fps
@@ -320,11 +337,13 @@ def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_
             per_frame = max(min(cfg.max_video_tokens * factor * factor, cfg.max_pixels // t), int(cfg.min_pixels * 1.05))
             max_pixels = per_frame * t
         nh, nw = smart_resize_video(t, h, w, cfg.temporal_patch_size, factor, cfg.min_pixels, max_pixels)
-        if (nh, nw) != (h, w):  # torchvision returns the input untouched when the size does not change
+        # torchvision returns the input untouched when the size does not change
+        if (nh, nw) != (h, w):
             if cfg.resample != 3:
                 raise ValueError(f"video resizing supports resample=3 (bicubic) only, got {cfg.resample}")
-            # torchvision on CPU resizes uint8 bicubic natively with exactly this call: uint8 out, clamped and
-            # rounded after each pass (a float32 resize + round differs by up to ~20 levels on noisy frames)
+            # torchvision on CPU resizes uint8 bicubic natively with exactly
+            # this call: uint8 out, clamped and rounded after each pass
+            # (a float32 resize + round differs by up to ~20 levels on noisy frames)
             x = F.interpolate(x.contiguous(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     elif h % factor or w % factor:
         raise ValueError(f"with do_resize=False video sides must be multiples of {factor}, got {h}x{w}")
@@ -341,7 +360,8 @@ def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_
 
 
 def _chat_render_content(content, counts, add_vision_id, role):
-    """User / tool content: a string, or items {"type": "image"|"video"|"text", ...} rendered back to back."""
+    """User / tool content: a string, or items
+    {"type": "image"|"video"|"text", ...} rendered back to back."""
     if isinstance(content, str):
         return content
     if not isinstance(content, (list, tuple)):
@@ -350,7 +370,8 @@ def _chat_render_content(content, counts, add_vision_id, role):
     for item in content:
         if not isinstance(item, dict):
             raise ValueError(f"{role} content items must be dicts, got {type(item).__name__}")
-        # same tests, same order as the template: an item with an "image" key is an image whatever its type
+        # same tests, same order as the template: an item with an "image" key is
+        # an image whatever its type
         if item.get("type") == "image" or "image" in item or "image_url" in item:
             counts[0] += 1
             out.append((f"Picture {counts[0]}: " if add_vision_id else "") + "<|vision_start|><|image_pad|><|vision_end|>")
@@ -359,13 +380,15 @@ def _chat_render_content(content, counts, add_vision_id, role):
             out.append((f"Video {counts[1]}: " if add_vision_id else "") + "<|vision_start|><|video_pad|><|vision_end|>")
         elif "text" in item:
             out.append(item["text"])
-        else:  # the template silently drops such items; an unknown item is almost surely a caller bug
+        # the template silently drops such items; an unknown item is almost surely a caller bug
+        else:
             raise ValueError(f"{role} content item has no image/video/text: {sorted(item)}")
     return "".join(out)
 
 
 def _chat_text_only(content, role):
-    """System / assistant content: the text of the items that have one (images there are ignored, as the template)."""
+    """System / assistant content: the text of the items that have one
+    (images there are ignored, as the template)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, (list, tuple)):
@@ -374,10 +397,11 @@ def _chat_text_only(content, role):
 
 
 def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=False):
-    """messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str | list of items}] -> prompt string.
-    Byte-identical to the Qwen3-VL-Instruct jinja template (trim_blocks + lstrip_blocks) for these roles; no system
-    prompt is injected. Where the template silently drops input (a system turn that is not first, unknown roles,
-    assistant tool_calls that this port does not render) we raise instead."""
+    """messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str | list of items}]
+    -> prompt string. Byte-identical to the Qwen3-VL-Instruct jinja template
+    (trim_blocks + lstrip_blocks) for these roles; no system prompt is injected. Where the template
+    silently drops input (a system turn that is not first, unknown roles, assistant tool_calls that
+    this port does not render) we raise instead."""
     if not messages:
         raise ValueError("messages is empty")
     out = []
@@ -438,7 +462,8 @@ class Qwen3VLProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
-        # ids are looked up by string so any Qwen-family tokenizer works (151655 etc. in the real vocab)
+        # ids are looked up by string so any Qwen-family tokenizer works
+        # (151655 etc. in the real vocab)
         ids = {}
         for name, tok in [("image", self.image_token), ("video", self.video_token), ("pad", pad_token),
                           ("vision_start", self.vision_start_token), ("vision_end", self.vision_end_token)]:
@@ -450,9 +475,10 @@ class Qwen3VLProcessor:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """Read tokenizer.json, tokenizer_config.json (pad token, padding side), preprocessor_config.json and, if
-        present, video_preprocessor_config.json (else the video side reads preprocessor_config.json, as
-        transformers does). A v5 processor_config.json with nested "image_processor"/"video_processor" wins."""
+        """Read tokenizer.json, tokenizer_config.json (pad token, padding side),
+        preprocessor_config.json and, if present, video_preprocessor_config.json
+        (else the video side reads preprocessor_config.json, as transformers does). A v5
+        processor_config.json with nested "image_processor"/"video_processor" wins."""
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"missing {tok_file}")
@@ -480,7 +506,8 @@ class Qwen3VLProcessor:
         return apply_chat_template(messages, add_generation_prompt, add_vision_id)
 
     def _video_placeholder(self, grid, timestamps):
-        # per temporal patch: "<t seconds>" as plain text, then that patch's merged tokens between start/end markers
+        # per temporal patch: "<t seconds>" as plain text, then that patch's merged tokens
+        # between start/end markers
         n = grid[1] * grid[2] // self.video_config.merge_size ** 2
         block = self.vision_start_token + self.video_token * n + self.vision_end_token
         return "".join(f"<{t:.1f} seconds>" + block for t in timestamps[: grid[0]])
@@ -488,10 +515,11 @@ class Qwen3VLProcessor:
     def __call__(self, text, images=None, videos=None, video_metadata=None, padding=True, padding_side=None,
                  return_tensors="pt"):
         """text: str or list of str (one per sample) containing the template's placeholders.
-        images: flat list over the whole batch, in order of appearance (nested per-sample lists are flattened).
-        videos: list of clips (uint8 (T, H, W, 3) or lists of frames); video_metadata: optional list of dicts
-        {"fps": ..., "frames_indices": ...} per clip (frames_indices given = frames already sampled).
-        Returns input_ids, attention_mask, mm_token_type_ids (1 image pad, 2 video pad) and the vision tensors."""
+        images: flat list over the whole batch, in order of appearance (nested per-sample
+        lists are flattened). videos: list of clips (uint8 (T, H, W, 3) or lists of frames);
+        video_metadata: optional list of dicts {"fps": ..., "frames_indices": ...} per clip
+        (frames_indices given = frames already sampled). Returns input_ids, attention_mask,
+        mm_token_type_ids (1 image pad, 2 video pad) and the vision tensors."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
@@ -507,7 +535,8 @@ class Qwen3VLProcessor:
             images = [images]
         if images is not None:
             images = [im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])]
-        # one placeholder per image / video over the whole batch, checked before any pixel work (as transformers)
+        # one placeholder per image / video over the whole batch, checked before any
+        # pixel work (as transformers)
         for tok, media, name in [(self.image_token, images, "images"), (self.video_token, videos, "videos")]:
             n_text = sum(t.count(tok) for t in texts)
             if n_text != (0 if media is None else len(media)):
@@ -534,10 +563,11 @@ class Qwen3VLProcessor:
             out["video_grid_thw"] = torch.tensor(grids, dtype=torch.int64)
         texts = self._expand(texts, replacements)
 
-        # one encode() per text, not encode_batch: that one starts a Rayon thread pool, which then makes tokenizers
-        # warn and disable itself in forked DataLoader workers
+        # one encode() per text, not encode_batch: that one starts a Rayon thread pool, which then
+        # makes tokenizers warn and disable itself in forked DataLoader workers
         seqs = [self.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
-        # every placeholder in the text must become exactly one id (transformers' _check_special_mm_tokens)
+        # every placeholder in the text must become exactly one id
+        # (transformers' _check_special_mm_tokens)
         for tok, tid in [(self.image_token, self.image_token_id), (self.video_token, self.video_token_id)]:
             n_text, n_ids = sum(t.count(tok) for t in texts), sum(s.count(tid) for s in seqs)
             if n_text != n_ids:
@@ -559,8 +589,9 @@ class Qwen3VLProcessor:
         return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
     def token_ids(self, text: str, image_grid_thw) -> list:
-        """The input_ids __call__ gives for one `text` whose images have these grids, without touching pixels
-        (the VLA ships its frames as uint8 and patches them on the device: pixel_values_from_frames)."""
+        """The input_ids __call__ gives for one `text` whose images have these grids, without
+        touching pixels (the VLA ships its frames as uint8 and patches them on the device:
+        pixel_values_from_frames)."""
         grids = [tuple(g) for g in torch.as_tensor(image_grid_thw).tolist()]
         if text.count(self.image_token) != len(grids):
             raise ValueError(f"the text has {text.count(self.image_token)} {self.image_token} placeholders but "
@@ -571,9 +602,9 @@ class Qwen3VLProcessor:
         return self.tokenizer.encode(expanded, add_special_tokens=True).ids
 
     def _expand(self, texts, replacements):
-        """Replace the i-th placeholder of each kind (counted across the batch) by its expansion. A video's
-        start/pad/end triple is replaced whole (its expansion brings per-frame start/end markers); a bare
-        <|video_pad|> (as some servers write it) is replaced alone."""
+        """Replace the i-th placeholder of each kind (counted across the batch) by its expansion.
+        A video's start/pad/end triple is replaced whole (its expansion brings per-frame start/end
+        markers); a bare <|video_pad|> (as some servers write it) is replaced alone."""
         iters = {k: iter(v) for k, v in replacements.items()}  # counts were checked in __call__
         triple = self.vision_start_token + self.video_token + self.vision_end_token
         pattern = "|".join(map(re.escape, (triple, self.image_token, self.video_token)))
@@ -594,18 +625,20 @@ class Qwen3VLProcessor:
         return [self.tokenizer.decode(list(s), skip_special_tokens=skip_special_tokens) for s in sequences]
 
 
-# Files of a checkpoint folder that the processor reads (copied along when a model folder is converted)
+# Files of a checkpoint folder that the processor reads
+# (copied along when a model folder is converted)
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
                    "video_preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
-# Qwen's special tokens in the order the tiny byte-level vocabulary gives them ids 256, 257, ... (see byte_level_tokenizer)
+# Qwen's special tokens in the order the tiny byte-level vocabulary gives them ids 256, 257, ...
+# (see byte_level_tokenizer)
 BYTE_TOKENIZER_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|vision_start|>",
                            "<|vision_end|>", "<|box_start|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def _byte_to_unicode():
-    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE (printable bytes map to themselves,
-    the others to code points from 256 on)."""
+    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE
+    (printable bytes map to themselves, the others to code points from 256 on)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     out, extra = {}, 0
     for b in range(256):
@@ -618,8 +651,9 @@ def _byte_to_unicode():
 
 
 def byte_level_tokenizer():
-    """A real, dependency-free tokenizer for tiny models and CPU demos: one token per UTF-8 byte (ids 0..255, no
-    merges) plus Qwen's special tokens (ids 256..264). Same pre-tokenizer/decoder family as Qwen's own tokenizer."""
+    """A real, dependency-free tokenizer for tiny models and CPU demos: one token per UTF-8 byte
+    (ids 0..255, no merges) plus Qwen's special tokens (ids 256..264). Same pre-tokenizer/decoder
+    family as Qwen's own tokenizer."""
     from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {ch: b for b, ch in _byte_to_unicode().items()}

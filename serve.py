@@ -1,16 +1,18 @@
 """
-A policy server, standard library only: it loads a checkpoint once and answers each POST /act (the 4 frames before
-now as JPEG, their target boxes, task, instruction, the 22 current angles) with the next 16 steps of 22 joint
-angles. The robot side (a client and the 10 Hz action queue) is policy_client.py, which needs no torch.
+A policy server, standard library only: it loads a checkpoint once and answers each POST /act
+(the 4 frames before now as JPEG, their target boxes, task, instruction, the 22 current angles)
+with the next 16 steps of 22 joint angles. The robot side (a client and the 10 Hz action queue) is
+policy_client.py, which needs no torch.
 
     python serve.py --ckpt runs/tiny [--host 127.0.0.1 --port 8000] [--device cuda --dtype bf16 --compile]
     curl -s localhost:8000/info                                  # config, joint names, fps, model id
     python sample.py --server http://127.0.0.1:8000 --rollout 8  # sample.py's rollout through the server
 
-Wire format (README: fields, errors, curl and Python examples): JSON with the frames as base64 JPEG. Any language
-speaks it, a camera's JPEG travels as it is, and base64 + JSON of a few tens of kB cost well under a millisecond
-next to the JPEG decode that any framing would need. One model thread runs the requests waiting as one batch; each
-brings its own noise seed, and a sample's output does not depend on its batch, so batching changes no answer.
+Wire format (README: fields, errors, curl and Python examples): JSON with the frames as base64 JPEG.
+Any language speaks it, a camera's JPEG travels as it is, and base64 + JSON of a few tens of kB cost
+well under a millisecond next to the JPEG decode that any framing would need. One model thread runs
+the requests waiting as one batch; each brings its own noise seed, and a sample's output does not
+depend on its batch, so batching changes no answer.
 """
 
 import argparse
@@ -47,12 +49,13 @@ MAX_STEPS = 64  # sampler steps a request may ask for (released: 1)
 MAX_TEXT = 2000  # characters of task / instruction: the prompt's length sets the backbone's cost
 MAX_SEED = 2 ** 63 - 1
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Requests: parsing and validation (every problem is an HTTP status and a message naming the field)
 
 
 class RequestError(Exception):
-    """A request the server will not answer: HTTP status (4xx: the client's fault, 5xx: the server's) + message."""
+    """A request the server will not answer: HTTP status
+    (4xx: the client's fault, 5xx: the server's) + message."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -74,7 +77,8 @@ def decode_jpeg(text, name: str, max_pixels: int) -> Image.Image:
         im.load()
     except RequestError:
         raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+    # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+    except Exception as e:
         raise RequestError(422, f"{name} is not a decodable JPEG: {type(e).__name__}: {e}") from None
     return im
 
@@ -84,9 +88,10 @@ def _number(v):
 
 
 def parse_request(body: bytes, num_frames=4, num_angles=22, max_pixels=4096 * 4096) -> dict:
-    """A POST /act body -> {images (PIL), boxes (F, 4) float64 with NaN = unknown, task, instruction, state (22,)
-    float64, seed or None, steps or None}. Malformed JSON, missing / unknown fields or a field of the wrong type:
-    RequestError(400); well-formed but unusable values (shapes, not a JPEG, NaN state, ranges): RequestError(422)."""
+    """A POST /act body -> {images (PIL), boxes (F, 4) float64 with NaN = unknown, task,
+    instruction, state (22,) float64, seed or None, steps or None}. Malformed JSON,
+    missing / unknown fields or a field of the wrong type: RequestError(400); well-formed but
+    unusable values (shapes, not a JPEG, NaN state, ranges): RequestError(422)."""
     try:
         req = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -139,7 +144,7 @@ def parse_request(body: bytes, num_frames=4, num_angles=22, max_pixels=4096 * 40
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The server: HTTP threads parse and prepare; one model thread runs batches
 
 
@@ -158,9 +163,10 @@ class _Job:
 
 
 class PolicyServer:
-    """Serves `model` (a VLAModel) over HTTP. POST /act -> {"angles": (H, 22) radians, "joint_names", "seed",
-    "timing"}; GET /health; GET /info. start() serves in background threads (close() or `with` stops them);
-    serve_forever() blocks. `model_lock` is held while a batch runs: holding it pauses the model thread."""
+    """Serves `model` (a VLAModel) over HTTP. POST
+    /act -> {"angles": (H, 22) radians, "joint_names", "seed", "timing"}; GET /health; GET /info.
+    start() serves in background threads (close() or `with` stops them); serve_forever() blocks.
+    `model_lock` is held while a batch runs: holding it pauses the model thread."""
 
     def __init__(self, model, host="127.0.0.1", port=8000, max_batch=8, max_wait_ms=0.0, cache_frames=64,
                  max_queue=64, max_body_bytes=16 << 20, timeout_s=10.0, answer_timeout_s=120.0,
@@ -171,7 +177,8 @@ class PolicyServer:
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000
         self.max_body_bytes, self.timeout_s, self.answer_timeout_s = max_body_bytes, timeout_s, answer_timeout_s
         self.max_pixels, self.model_id, self.verbose = max_pixels, model_id, verbose
-        self.pad_token_id = model.encoder().pad_token_id  # builds the processor now, not in racing request threads
+        # builds the processor now, not in racing request threads
+        self.pad_token_id = model.encoder().pad_token_id
         self.cache = VisionCache(max(cache_frames, max_batch * self.num_frames)) if cache_frames else None
         self.jobs = queue.Queue(maxsize=max_queue)
         self.model_lock = threading.Lock()
@@ -181,7 +188,8 @@ class PolicyServer:
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._threads = []
 
-    # --- lifecycle ----------------------------------------------------------------------------------------------
+    # --- lifecycle
+    # ----------------------------------------------------------------------------------------------
 
     def start(self):
         self._threads = [threading.Thread(target=self._work, name="mimic-model", daemon=True),
@@ -212,7 +220,8 @@ class PolicyServer:
     def __exit__(self, *exc):
         self.close()
 
-    # --- requests -----------------------------------------------------------------------------------------------
+    # --- requests
+    # -----------------------------------------------------------------------------------------------
 
     def info(self) -> dict:
         p = next(self.model.parameters())
@@ -225,8 +234,9 @@ class PolicyServer:
                 "config": asdict(self.model.config)}
 
     def act(self, body: bytes) -> dict:
-        """One POST /act body -> the reply dict (raises RequestError). Runs in the request's HTTP thread: parsing
-        and the model's input preparation happen here, in parallel across clients; the model runs in one thread."""
+        """One POST /act body -> the reply dict (raises RequestError). Runs in the request's HTTP
+        thread: parsing and the model's input preparation happen here, in parallel across clients;
+        the model runs in one thread."""
         t0 = time.perf_counter()
         req = parse_request(body, self.num_frames, self.action_dim // 2, self.max_pixels)
         t1 = time.perf_counter()
@@ -252,7 +262,8 @@ class PolicyServer:
         return {"angles": job.angles.tolist(), "joint_names": list(kinematics.JOINT_NAMES), "seed": seed,
                 "steps": req["steps"] or self.model.config.diffusion_steps, "timing": timing}
 
-    # --- the model thread ---------------------------------------------------------------------------------------
+    # --- the model thread
+    # ---------------------------------------------------------------------------------------
 
     def _work(self):
         while True:
@@ -262,7 +273,8 @@ class PolicyServer:
             with self.model_lock:
                 jobs, stop = [job], False
                 deadline = time.perf_counter() + self.max_wait_s
-                while len(jobs) < self.max_batch:  # everything already waiting, and what comes within the window
+                # everything already waiting, and what comes within the window
+                while len(jobs) < self.max_batch:
                     try:
                         wait = deadline - time.perf_counter()
                         nxt = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
@@ -306,12 +318,15 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection, no TCP handshake per call
-    disable_nagle_algorithm = True  # headers and body leave at once (Nagle + delayed ACK would add ~40 ms)
+    # keep-alive: a client reuses its connection, no TCP handshake per call
+    protocol_version = "HTTP/1.1"
+    # headers and body leave at once (Nagle + delayed ACK would add ~40 ms)
+    disable_nagle_algorithm = True
     server_version = "mimic-serve/1"
 
     def setup(self):
-        self.timeout = self.server.policy.timeout_s  # socket timeout: an idle or stalled connection is dropped
+        # socket timeout: an idle or stalled connection is dropped
+        self.timeout = self.server.policy.timeout_s
         super().setup()
 
     def log_message(self, fmt, *args):
@@ -330,10 +345,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def fail(self, e: RequestError, body_unread=False):
-        # after a body we did not read (or read only in part) the connection cannot carry another request
+        # after a body we did not read (or read only in part) the connection
+        # cannot carry another request
         self.reply(e.status, {"error": str(e), "status": e.status}, close=body_unread or e.status in (408, 411, 413))
 
-    def handle_expect_100(self):  # an oversized body is refused before the client sends it (curl waits for this)
+    # an oversized body is refused before the client sends it (curl waits for this)
+    def handle_expect_100(self):
         try:
             self.body_length(check_limit=True)
         except RequestError as e:
@@ -355,8 +372,9 @@ class _Handler(BaseHTTPRequestHandler):
         return int(n)
 
     def read_body(self) -> bytes:
-        """The body, read within --timeout in all (a trickle cannot hold a thread). An oversized body is read and
-        dropped within that time too, so that the client gets the 413 instead of a reset connection."""
+        """The body, read within --timeout in all (a trickle cannot hold a thread). An oversized
+        body is read and dropped within that time too, so that the client gets the 413
+        instead of a reset connection."""
         n = self.body_length()
         timeout, limit = self.server.policy.timeout_s, self.server.policy.max_body_bytes
         deadline = time.perf_counter() + timeout
@@ -409,12 +427,13 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = other
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
 def optimize(model, args):
-    """--dtype / --compile / --no-merge through inference.optimize: LoRA merged once at load unless --no-merge."""
+    """--dtype / --compile / --no-merge through inference.optimize: LoRA merged once
+    at load unless --no-merge."""
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     return inference.optimize(model, dtype=dtype, merge_lora=not args.no_merge, compile=args.compile)
 

@@ -1,5 +1,6 @@
 """
-Benchmark of the policy server (serve.py): what serving adds to a control step, and what batching gives.
+Benchmark of the policy server (serve.py): what serving adds to a control step,
+and what batching gives.
 
   overhead: batch 1, the in-process VLAModel.predict() (frames already decoded) against a round trip through
             PolicyServer on 127.0.0.1 with PolicyClient (JPEG bytes in: JSON + base64 + HTTP, JPEG decode, the
@@ -14,8 +15,8 @@ Benchmark of the policy server (serve.py): what serving adds to a control step, 
   clients:  --clients concurrent clients, each sending requests in a loop: requests/s against one client's, and
             the mean batch the model thread ran.
 
-The server runs in this process (its own threads), so a model of any size is built once, with bench/vla.py's
-configs and random weights.
+The server runs in this process (its own threads), so a model of any size is built once, with
+bench/vla.py's configs and random weights.
 
   python bench/serve.py                                     # tiny + mid, CPU
   python bench/serve.py --configs mimic-4b --device cuda    # the released shapes on a GPU
@@ -44,7 +45,8 @@ import serve  # noqa: E402
 
 
 def camera_jpeg(rng, width, height, quality=90):
-    """A smooth random picture (upsampled noise), so the JPEG is about a camera frame's size, not noise's."""
+    """A smooth random picture (upsampled noise), so the JPEG is about a camera
+    frame's size, not noise's."""
     small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
     buf = io.BytesIO()
     small.resize((width, height), Image.BICUBIC).save(buf, format="JPEG", quality=quality)

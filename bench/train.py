@@ -1,15 +1,18 @@
 """
 Training throughput of train.py's pieces, in samples/s:
 
-  1. the data path alone: data.WindowDataset (read the clip's 4 JPEG frames, draw the box, resize, IK for flipped
-     windows, sin/cos) + data.QwenEncoder (chat template, tokenisation, Qwen3-VL patching) + train.collate, through
+  1. the data path alone: data.WindowDataset
+     (read the clip's 4 JPEG frames, draw the box, resize, IK for flipped windows, sin/cos) +
+     data.QwenEncoder (chat template, tokenisation, Qwen3-VL patching) + train.collate, through
      train.loader with 0, 1 and 2 DataLoader workers (what one training process can be fed);
-  2. full training steps (forward, flow loss, backward, clip, AdamW) with batches from that loader: end to end, and
-     the model alone on one prefetched batch. tiny on CPU; the mimic-4b shapes in bf16 autocast on CUDA (random
-     weights, built on meta and materialised on the GPU, bench/vla.py's build_model).
+  2. full training steps (forward, flow loss, backward, clip, AdamW) with
+     batches from that loader: end to end, and the model alone on one
+     prefetched batch. tiny on CPU; the mimic-4b shapes in bf16 autocast on CUDA
+     (random weights, built on meta and materialised on the GPU, bench/vla.py's build_model).
 
-The released run trained ~14.9M samples in 566 GPU-hours: 14.9e6 / (566 * 3600) = 7.3 samples/s per GPU. Only the
-mimic-4b row on a GPU is comparable to it (the issue's target: at least 2x on an H100).
+The released run trained ~14.9M samples in 566 GPU-hours: 14.9e6 / (566 * 3600) = 7.3
+samples/s per GPU. Only the mimic-4b row on a GPU is comparable to it
+(the issue's target: at least 2x on an H100).
 
   python bench/train.py                                   # data path + tiny training steps on CPU
   python bench/train.py --configs mimic-4b --batch 8      # on a GPU machine
@@ -153,8 +156,9 @@ def main(argv=None):
         n_windows = len(data.WindowDataset(root, split="train", stride=16, flip=True))
         print(f"data: {root} ({n_windows} train windows with flips)")
 
-        # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny processor
-        #    (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so text is a few more tokens)
+        # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny
+        #    processor (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so
+        #    text is a few more tokens)
         from model import PRESETS, VLAConfig, backbone_config, build_processor
         from model_io import InputEncoder
         cfg = replace(VLAConfig(**PRESETS["tiny"]), image_size=args.image_size)

@@ -1,10 +1,12 @@
 """
-Benchmark of MIMIC inference (model.py): the rolling control loop against the original implementation's path on the
-same weights, measured in the same run, plus compile time and the policy server's round trip.
+Benchmark of MIMIC inference (model.py): the rolling control loop against the original
+implementation's path on the same weights, measured in the same run, plus compile time and
+the policy server's round trip.
 
-The loop: 20 calls at batch 1, the 4-frame window sliding by one frame per call (a robot at 10 Hz), one Euler flow
-step (the released setting). Each call is complete: camera frames (640x480) with the target box drawn and resized,
-preprocessing, vision tower, decoder layers 0..tap, head; CUDA is synchronised around it. Rows:
+The loop: 20 calls at batch 1, the 4-frame window sliding by one frame per call (a robot at 10 Hz),
+one Euler flow step (the released setting). Each call is complete: camera frames (640x480) with
+the target box drawn and resized, preprocessing, vision tower, decoder layers 0..tap, head; CUDA is
+synchronised around it. Rows:
 
   reference  what the original code runs: transformers' Qwen3VLForConditionalGeneration built from the same config
              and weights, peft LoRA with the same adapters, then truncated to the kept layers; forward hooks on
@@ -20,18 +22,21 @@ preprocessing, vision tower, decoder layers 0..tap, head; CUDA is synchronised a
   bf16       + inference.optimize(dtype=torch.bfloat16), on CUDA (there every row already runs under bf16
              autocast) or on a CPU with bf16 instructions (AVX512-BF16 / AMX)
 
-The reference's LM head: at 4B it is 151,936 x 2,560 = 0.39B weights against 1.82B in the 18 kept layers (21%).
-The mid config is 512 wide with 4 kept layers: the real vocabulary would make the head 6x the layers and flatter us,
-so mid's vocabulary is scaled to the 4B's ratio (5,040 tokens; mimic-4b uses the real one).
-Before timing, every row's first-call actions are compared with the reference's (max |difference| printed; beyond
-tolerance the run stops). Rounds alternate the rows so machine load hits them alike; per-call times are medians over
---repeats loops, 'loop' is their mean over the 20 calls (the cold first call included), 'steady' the median of calls
-2..20. The server row (serve.py, when present) runs the cache + merged model behind PolicyServer on 127.0.0.1 with
-PolicyClient and reports the round trip minus the in-process call, pair by pair, and the JPEG decode in it.
+The reference's LM head: at 4B it is 151,936 x 2,560 = 0.39B weights against 1.82B in the 18
+kept layers (21%). The mid config is 512 wide with 4 kept layers: the real vocabulary would
+make the head 6x the layers and flatter us, so mid's vocabulary is scaled to the 4B's ratio
+(5,040 tokens; mimic-4b uses the real one). Before timing, every row's first-call actions are
+compared with the reference's (max |difference| printed; beyond tolerance the run stops). Rounds
+alternate the rows so machine load hits them alike; per-call times are medians over --repeats loops,
+'loop' is their mean over the 20 calls (the cold first call included), 'steady' the median of calls
+2..20. The server row (serve.py, when present) runs the cache + merged model behind PolicyServer
+on 127.0.0.1 with PolicyClient and reports the round trip minus the in-process call, pair by pair,
+and the JPEG decode in it.
 
-Configs (random weights; the byte-level test tokenizer stands in for Qwen's): mid, a CPU-sized model with the
-released structure (frozen vision, LoRA r16 on the LLM, a 4-block DiT); mimic-4b, the released shapes (18 of 36
-Qwen3-VL-4B layers, LoRA r128, 24-block DiT; built on the meta device, materialised on the target device); tiny.
+Configs (random weights; the byte-level test tokenizer stands in for Qwen's): mid, a CPU-sized
+model with the released structure (frozen vision, LoRA r16 on the LLM, a 4-block DiT); mimic-4b,
+the released shapes (18 of 36 Qwen3-VL-4B layers, LoRA r128, 24-block DiT; built on the meta device,
+materialised on the target device); tiny.
 
   python bench/vla.py                                        # mid, CPU, fp32 (+ bf16 rows where supported)
   python bench/vla.py --configs mimic-4b --device cuda       # the released shapes, bf16 (target: <= 15 ms on an H100)
@@ -60,7 +65,8 @@ from inference import VisionCache, optimize  # noqa: E402
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
 from model_io import collate_inputs, encode_angles, frame_image, prompt_text  # noqa: E402
 
-# The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.
+# The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses
+# them, so its processor works.
 _IDS = {k: TINY_QWEN[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
 
 
@@ -71,7 +77,8 @@ def layer_weights(t) -> int:
 
 
 def scaled_vocab(text, kept) -> int:
-    """The vocabulary that gives an LM head the same share of the kept layers' weights as in the 4B (21%)."""
+    """The vocabulary that gives an LM head the same share of the kept layers'
+    weights as in the 4B (21%)."""
     t4 = qwen3vl.PRESETS["4B"].to_hf()["text_config"]
     share = t4["vocab_size"] * t4["hidden_size"] / (18 * layer_weights(t4))
     return int(round(share * kept * layer_weights(text) / text["hidden_size"] / 8)) * 8
@@ -105,16 +112,18 @@ CONFIGS = {
 
 
 def build_model(name, device, dtype, meta=None):
-    """VLAModel of a benchmark config on `device`. dtype bf16: the backbone in bf16, trainable tensors fp32 (as
-    train.py on a GPU). meta (default: for mimic-4b): build on the meta device, then materialise random weights.
-    LoRA B is random too (a fresh adapter's zero B would hide any LoRA mistake in the comparisons)."""
+    """VLAModel of a benchmark config on `device`. dtype bf16: the backbone in bf16,
+    trainable tensors fp32 (as train.py on a GPU). meta (default: for mimic-4b):
+    build on the meta device, then materialise random weights. LoRA B is random too
+    (a fresh adapter's zero B would hide any LoRA mistake in the comparisons)."""
     config = VLAConfig(**CONFIGS[name]())
     bdt = torch.bfloat16 if dtype == torch.bfloat16 else None
     if meta if meta is not None else name == "mimic-4b":
         with torch.device("meta"):
             model = VLAModel(config, load_backbone=False, backbone_dtype=bdt)
         model.to_empty(device=device)
-        with torch.no_grad():  # random weights: small normal matrices, unit norm scales, zero biases
+        # random weights: small normal matrices, unit norm scales, zero biases
+        with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.dim() >= 2:
                     p.normal_(0.0, 0.02)
@@ -169,12 +178,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The original code's path
 
 
 class Reference:
-    """transformers + peft as the original code runs them, on `model`'s weights; our head on its features."""
+    """transformers + peft as the original code runs them, on `model`'s weights;
+    our head on its features."""
 
     def __init__(self, model: VLAModel, device, dtype):
         import peft
@@ -193,7 +203,8 @@ class Reference:
         sd = {k[len("qwen_model."):]: v for k, v in model.state_dict().items()
               if k.startswith("qwen_model.") and ".lora_" not in k}
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        # allowed to be missing: the layers after the tap (truncated below), the final norm (ones) and the tied head
+        # allowed to be missing: the layers after the tap (truncated below), the final norm
+        # (ones) and the tied head
         extra = [k for k in missing if not (k.startswith("model.language_model.layers.") and
                                             int(k.split(".")[3]) >= model.kept)
                  and k not in ("model.language_model.norm.weight", "lm_head.weight")]
@@ -207,7 +218,8 @@ class Reference:
             ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
             theirs = {n: p for n, p in hf.named_parameters() if ".lora_" in n}
             with torch.no_grad():
-                for k, v in ours.items():  # qwen_model.X.lora_A -> base_model.model.X.lora_A.default.weight
+                # qwen_model.X.lora_A -> base_model.model.X.lora_A.default.weight
+                for k, v in ours.items():
                     theirs.pop("base_model.model." + k[len("qwen_model."):] + ".default.weight").copy_(v)
             left = [n for n in theirs if ".layers." not in n or int(n.split(".layers.")[1].split(".")[0]) < model.kept]
             if left:
@@ -239,7 +251,8 @@ class Reference:
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
     def preprocess(self, frames, boxes, task, instruction):
-        """Boxed, resized frames + prompt -> transformers' processor outputs (the original's per-call CPU work)."""
+        """Boxed, resized frames + prompt -> transformers' processor outputs
+        (the original's per-call CPU work)."""
         images = [frame_image(f, b, self.vla.config.image_size) for f, b in zip(frames, boxes)]
         text = qwen3vl_processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(images) + [
             {"type": "text", "text": prompt_text(task, instruction)}]}])
@@ -262,13 +275,14 @@ class Reference:
                                         method=m.config.sampler)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The rolling loop
 
 
 def camera(calls, num_frames, rng, size=(640, 480)):
-    """calls + num_frames - 1 camera frames (smooth random colour fields, so JPEG and PIL see image-like content)
-    with a target box drifting right, the instruction and per-call states and noise."""
+    """calls + num_frames - 1 camera frames
+    (smooth random colour fields, so JPEG and PIL see image-like content) with a target box drifting
+    right, the instruction and per-call states and noise."""
     n = calls + num_frames - 1
     small = rng.integers(0, 256, (n, size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
     frames = [Image.fromarray(s).resize(size, Image.BILINEAR) for s in small]
@@ -306,7 +320,8 @@ def run_loop(call, calls, device):
 
 
 def server_rows(model, cam, F, calls, device):
-    """The cache + merged model behind PolicyServer on localhost: per-call (round trip, in-process) pairs."""
+    """The cache + merged model behind PolicyServer on localhost: per-call
+    (round trip, in-process) pairs."""
     try:
         import serve
     except ImportError:
@@ -335,14 +350,15 @@ def server_rows(model, cam, F, calls, device):
         for k in range(calls):
             mine, t_in = worker.submit(in_process, k).result()
             theirs = client.act(jpegs[k:k + F], boxes[k:k + F], "jumping jacks", "Do jumping jacks.", states[k],
-                                seed=k)  # the server draws its noise from the seed as in_process does
+                                # the server draws its noise from the seed as in_process does
+                                seed=k)
             pairs.append((theirs["round_trip_ms"] / 1e3, t_in))
             worst = max(worst, float(np.abs(np.angle(np.exp(1j * (theirs["angles"] - mine)))).max()))
         client.close()
     return pairs, worst, statistics.median(decode)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -351,7 +367,8 @@ COLORS = [(90, 90, 90), (214, 39, 40), (255, 127, 14), (31, 119, 180), (44, 160,
 
 
 def plot_timeline(per_call, title, path):
-    """Per-call latency (ms) of every row along the loop: the first call encodes four frames, later ones one."""
+    """Per-call latency (ms) of every row along the loop: the first call encodes
+    four frames, later ones one."""
     from eval import load_font, nice_ticks, save_png
 
     W, H, px0, py0, px1, py1 = 800, 420, 60, 40, 520, 380
@@ -385,7 +402,8 @@ def plot_timeline(per_call, title, path):
 def bench_config(name, args, device):
     rng = np.random.default_rng(0)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32  # the precision rule: bf16 autocast on CUDA, fp32 on CPU
+    # the precision rule: bf16 autocast on CUDA, fp32 on CPU
+    dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
     base = build_model(name, device, dtype).eval()
     print(f"\n== {name}: {sum(p.numel() for p in base.parameters()) / 1e6:,.1f}M parameters, {device.type}, "
@@ -429,7 +447,8 @@ def bench_config(name, args, device):
         print(f"  {labels[key]:45s} max |actions - reference| = {diff:.2e} (tolerance {lim:g})")
         if not diff <= lim and not half:
             raise SystemExit(f"{labels[key]} disagrees with the reference: {diff:.3g} > {lim:g}")
-        if not diff <= lim:  # bf16 rounding differs between implementations: say it, but still time the rows
+        # bf16 rounding differs between implementations: say it, but still time the rows
+        if not diff <= lim:
             print(f"  WARNING: {labels[key]} is {diff:.3g} from the reference in bf16 (> {lim:g}); check it")
 
     def call_fn(key):

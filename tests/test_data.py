@@ -333,7 +333,7 @@ def test_split_rule():
     assert 0.01 < frac < 0.03
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Clip format
 
 
@@ -414,7 +414,8 @@ def test_write_clip_is_atomic_and_validates(tmp_path, monkeypatch):
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    # a plain open() gives 0666 minus the umask; mkstemp's private 0600 would hide a shared dataset from other users
+    # a plain open() gives 0666 minus the umask; mkstemp's private 0600 would hide a shared
+    # dataset from other users
     old = os.umask(0o022)
     try:
         p = tmp_path / "a" / "f.bin"
@@ -444,7 +445,7 @@ def test_index(tmp_path):
         assert [(ds.paths[c], s) for c, s in zip(ds.win_clip, ds.win_start)] == want
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Windows
 
 
@@ -496,7 +497,8 @@ def test_collate_plain_and_encoded(tmp_path):
     assert b["state"].shape == (len(ds), 44) and b["actions"].shape == (len(ds), 16, 44)
     assert len(b["images"]) == len(ds) and len(b["images"][0]) == 4 and b["start"].dtype == torch.int64
 
-    def encode(images, text):  # stands in for model.InputEncoder: per-sample token ids of varying length
+    # stands in for model.InputEncoder: per-sample token ids of varying length
+    def encode(images, text):
         n = len(text)
         return {"frames": torch.full((4, 8, 8, 3), n, dtype=torch.uint8), "input_ids": torch.arange(1, n + 1),
                 "position_ids": torch.arange(n).expand(3, n) + 1, "image_positions": torch.tensor([0, 2])}
@@ -555,7 +557,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     ds = data.WindowDataset(tmp_path, split=split, encode=enc)
     items = [ds[i] for i in range(len(ds))]
     one = items[0]
-    # the processor's own output for the same images and prompt: same ids, same pixels (patched from uint8)
+    # the processor's own output for the same images and prompt: same ids, same
+    # pixels (patched from uint8)
     plain = data.WindowDataset(tmp_path, split=split)[0]
     content = [{"type": "image"}] * 4 + [{"type": "text", "text": plain["text"]}]
     ref = proc(text=proc.apply_chat_template([{"role": "user", "content": content}]), images=plain["images"])
@@ -565,7 +568,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     pos, _ = rope_index(qcfg, ref["input_ids"], ref["image_grid_thw"])
     assert torch.equal(one["position_ids"], pos[:, 0])
     assert (one["input_ids"][one["image_positions"]] == proc.image_token_id).all()
-    assert len(one["image_positions"]) == 4 * 49  # 224x224 -> 14x14 patches -> 7x7 merged tokens per frame
+    # 224x224 -> 14x14 patches -> 7x7 merged tokens per frame
+    assert len(one["image_positions"]) == 4 * 49
     text = proc.tokenizer.decode(one["input_ids"].tolist(), skip_special_tokens=False)
     assert text.startswith("<|im_start|>") and text.count("<|vision_start|>") == 4
     b = data.collate(items, pad_token_id=enc.pad_token_id)

@@ -1,5 +1,5 @@
-# bench/gpu_check.py in its CPU mode, as CI runs it: every stage of the GPU machine's check, with tiny shapes, so
-# the script cannot rot between GPU runs. ~50 s of CPU time.
+# bench/gpu_check.py in its CPU mode, as CI runs it: every stage of the GPU machine's check, with
+# tiny shapes, so the script cannot rot between GPU runs. ~50 s of CPU time.
 import importlib.util
 import json
 import os
@@ -28,7 +28,8 @@ def test_gpu_check_quick_cpu(tmp_path):
 
 
 def test_a_failing_stage_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
-    """A stage that raises is reported FAIL with its error; the next stage still runs and the exit code is 1."""
+    """A stage that raises is reported FAIL with its error; the next stage still
+    runs and the exit code is 1."""
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

@@ -1,4 +1,5 @@
-"""qwen3vl.py's command line on a tiny checkpoint folder written in the test (no network): describe and chat."""
+"""qwen3vl.py's command line on a tiny checkpoint folder written in the test
+(no network): describe and chat."""
 
 import json
 

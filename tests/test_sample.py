@@ -1,6 +1,7 @@
-"""sample.py: one prediction and a rollout from our clip format and from a frame folder (the model only ever sees
-the frames before "now"), the default no-argument run on a dataset's validation clip, the pictures, the video path
-(PyAV when installed, a clear error when not), and the CLI end to end on a tiny saved model."""
+"""sample.py: one prediction and a rollout from our clip format and from a frame folder
+(the model only ever sees the frames before "now"), the default no-argument run on a dataset's
+validation clip, the pictures, the video path (PyAV when installed, a clear error when not), and
+the CLI end to end on a tiny saved model."""
 
 import json
 import sys

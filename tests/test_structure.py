@@ -1,7 +1,7 @@
-"""The shape of the code base: the copyable core {qwen3vl, qwen3vl_processor, lora, dit, model_io, model} stands
-alone (copied into an empty folder it builds, runs and round-trips a checkpoint with no other module of ours
-importable), imports point one way (no cycles), and no module reaches into another's private names or re-dispatches
-to another script's main."""
+"""The shape of the code base: the copyable core {qwen3vl, qwen3vl_processor, lora, dit, model_io,
+model} stands alone (copied into an empty folder it builds, runs and round-trips a checkpoint with
+no other module of ours importable), imports point one way (no cycles), and no module reaches into
+another's private names or re-dispatches to another script's main."""
 
 import ast
 import subprocess
@@ -15,7 +15,8 @@ OURS = {p.stem for p in ROOT.glob("*.py")}
 
 
 def imports_of(path: Path):
-    """(our modules imported, [(line, text)] of private-name uses and foreign main() calls) of one file."""
+    """(our modules imported, [(line, text)] of private-name uses and foreign
+    main() calls) of one file."""
     tree = ast.parse(path.read_text())
     deps, bad = set(), []
     aliases = {}  # local name -> our module
