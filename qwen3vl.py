@@ -1,30 +1,17 @@
 """
-Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower + Qwen3 decoder,
-numerically equal to Hugging Face transformers' `Qwen3VLForConditionalGeneration` and loading
-the official safetensors as-is.
+Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower with DeepStack + Qwen3 decoder
+with interleaved M-RoPE, numerically equal to transformers' `Qwen3VLForConditionalGeneration`
+and loading the official safetensors as they are. The module tree mirrors the checkpoint keys
+(`model.visual.*`, `model.language_model.*`, `lm_head` when untied); early exit (`num_layers=k`)
+builds and loads only decoder layers 0..k-1, with no final norm and no lm_head. The processor
+(chat template, image / video preprocessing, tokenizer) is qwen3vl_processor.py.
 
-References: the Qwen3-VL technical report (DeepStack, interleaved M-RoPE),
-https://github.com/QwenLM/Qwen3-VL; transformers/models/qwen3_vl/modeling_qwen3_vl.py
-(+ transformers/vision_utils.py for the pos-embed resampling).
+    model = Qwen3VL.from_pretrained(path, num_layers=None, dtype=torch.bfloat16, device="cpu")
+    out = model(input_ids, attention_mask, pixel_values, image_grid_thw, hidden_layers=(8, 17))
+    new_tokens = model.generate(**batch, max_new_tokens=32)       # (B, T), KV cache
 
-The module tree mirrors the checkpoint keys: `model.visual.*`, `model.language_model.*`,
-`lm_head` (untied only). Early exit (`num_layers=k`) builds and loads only decoder layers
-0..k-1 - no final norm, no lm_head.
-
-Public API:
-  Qwen3VLConfig.from_hf(config_json_dict), PRESETS["2B" | "4B" | "8B" | "32B"]
-  Qwen3VL.from_pretrained(path, num_layers=None, dtype=torch.bfloat16, device="cpu")
-  Qwen3VL(...)(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-               output_hidden_states, hidden_layers, cache, logits_to_keep) -> Qwen3VLOutput
-  Qwen3VL.generate(...) -> new tokens (B, T); Qwen3VL.get_rope_index(...); model.visual(pixel_values, grid_thw)
-  load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device="cpu", skip=None)
-  Qwen3VLProcessor.from_pretrained(path): apply_chat_template(messages), __call__(text, images, videos, padding)
-  preprocess_images(images) / preprocess_video(frames, fps) -> patches + grids; smart_resize; byte_level_tokenizer()
-
-Commands:
-  python qwen3vl.py describe --preset 4B --num-layers 18     # parameter breakdown, built on the meta device
-  python -m pytest -q tests/test_qwen3vl.py tests/test_qwen3vl_processor.py   # parity vs transformers (CPU, tiny)
-  python bench/qwen3vl.py --help                             # speed / loading-memory benchmark vs transformers
+    python qwen3vl.py describe --preset 4B --num-layers 18   # parameter breakdown (meta device)
+    python qwen3vl.py chat --model DIR --image a.jpg --prompt "What is this?"
 """
 
 import argparse
@@ -114,8 +101,7 @@ class Qwen3VLConfig:
             num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
             head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            # transformers' Qwen3VLTextConfig.default_theta is 500000 when
-            # neither form carries a theta
+            # transformers' default (Qwen3VLTextConfig.default_theta) when neither form has one
             rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))),
             mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
             max_position_embeddings=t.get("max_position_embeddings", 262144),
@@ -143,8 +129,7 @@ class Qwen3VLConfig:
 
 
     def to_hf(self):
-        """The inverse of from_hf, in the transformers 5.x form
-        (rope_parameters): from_hf(to_hf(c)) == c."""
+        """The inverse of from_hf (transformers 5.x form, rope_parameters): from_hf(to_hf(c)) == c."""
         t, v = self.text, self.vision
         return {
             "model_type": "qwen3_vl", "tie_word_embeddings": self.tie_word_embeddings,
@@ -234,8 +219,7 @@ class VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
 
     def forward(self, x):  # (N, 1536) -> (N, V)
-        # ... but kernel == stride == input size, so the conv is one matmul over
-        # the flattened (C, T, P, P) patch
+        # ... but kernel == stride == input size: one matmul over the flattened (C, T, P, P) patch
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
@@ -355,8 +339,7 @@ class VisionModel(nn.Module):
         return torch.cat(out)
 
     def rotary(self, grids, device):
-        """cos, sin (N, head_dim) fp32 for the 2D RoPE:
-        angles = concat(row * inv_freq, col * inv_freq), twice."""
+        """cos, sin (N, head_dim) fp32 for the 2D RoPE: concat(row * inv_freq, col * inv_freq) x 2."""
         rc = [torch.stack(merge_order_rc(h, w, self.cfg.spatial_merge_size, device), -1).repeat(t, 1)
               for t, h, w in grids]
         freqs = torch.cat(rc)[..., None].float() * self.inv_freq.float()  # (N, 2, r/2)
@@ -483,8 +466,7 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """`model.language_model`: embeddings, the kept decoder layers, and
-    the final norm (full model only)."""
+    """`model.language_model`: embeddings, the kept decoder layers, the final norm (full model)."""
 
     def __init__(self, cfg: TextConfig, num_layers: int, with_norm: bool):
         super().__init__()
@@ -503,9 +485,9 @@ class TextModel(nn.Module):
         return torch.tensor(mrope_slot_rows(self.cfg.mrope_section, self.cfg.head_dim // 2), device=device)
 
     def rope(self, position_ids, dtype):
-        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles
-        in fp32, slots interleaved THW."""
-        pos = position_ids[self.slot_rows].float().permute(1, 2, 0)  # (B, S, hd/2): each slot's own T/H/W position
+        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles in fp32."""
+        # (B, S, hd/2): each frequency slot takes its own T, H or W position (interleaved THW)
+        pos = position_ids[self.slot_rows].float().permute(1, 2, 0)
         freqs = pos * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -517,13 +499,13 @@ class TextModel(nn.Module):
 
 def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
     """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as
-    transformers computes them. A plain function, so DataLoader workers can compute the positions on
-    the CPU (no host-device sync in the step):
-    - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and
-      takes the next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
-    - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets T =
-      s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) /
-      merge (= that image's max position + 1), so the text after an image continues right after it;
+    transformers computes them. A plain function, so DataLoader workers can compute the positions
+    on the CPU (no host-device sync in the step):
+    - every run of consecutive image (video) pad tokens is one image (one video temporal patch)
+      and takes the next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
+    - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets
+      T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by
+      max(h, w) / merge (that image's max position + 1), so the text after it continues from there;
     - only tokens with attention_mask = 1 are numbered; padded slots get 0;
     - rope_deltas_b = max position + 1 - (number of real tokens in row b)."""
     m = cfg.vision.spatial_merge_size
@@ -563,8 +545,7 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
             cur += max(grid[1], grid[2]) // m
         pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
         position_ids[:, b, keep] = pos
-        # the delta is relative to the REAL token count
-        # (as transformers 5.x), not the padded length S
+        # relative to the REAL token count (as transformers 5.x), not the padded length S
         deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
     return position_ids, torch.stack(deltas).view(B, 1)
 
@@ -604,16 +585,14 @@ class Qwen3VL(nn.Module):
         return self.model.visual
 
     def init_buffers(self):
-        """Recompute the non-persistent buffers (rotary inv_freq): after
-        a meta-device build they are garbage."""
+        """Recompute the non-persistent rotary buffers, which a meta-device build leaves empty."""
         for mod in (self.model.visual, self.model.language_model):
             mod.inv_freq = mod.compute_inv_freq(device=next(mod.parameters()).device)
         lm = self.model.language_model
         lm.slot_rows = lm.compute_slot_rows(device=lm.inv_freq.device)
 
     def checkpoint_skip(self, key):
-        """Checkpoint keys this instance deliberately does not load
-        (early exit; tied head stored anyway)."""
+        """Checkpoint keys deliberately not loaded (early exit; a tied head stored anyway)."""
         if key.startswith("model.language_model.layers."):
             return int(key.split(".")[3]) >= self.num_layers
         if key == "model.language_model.norm.weight":
@@ -730,11 +709,11 @@ class Qwen3VL(nn.Module):
         if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
             mask = (kv[None, :] <= kv[past:, None])[None, None]  # (1, 1, S, past+S) causal
-            # (B, 1, S, past+S) + key padding, but every query keeps its own key:
             if attention_mask is not None:
-                # a left-padding row would be fully masked, which SDPA answers with NaN before torch
-                # 2.5 (and on some kernels), and the next layer's keys and values would carry it
-                # into every real row (0 * NaN)
+                # (B, 1, S, past+S) + key padding, but every query keeps its own key: a left-padding
+                # row would be fully masked, which SDPA answers with NaN before torch 2.5 (and on
+                # some kernels), and the next layer's keys and values would carry it into every
+                # real row (0 * NaN)
                 own = kv[None, :] == kv[past:, None]  # (S, past+S); for real rows already allowed
                 mask = mask & (attention_mask[:, None, None, :].bool() | own)
         # SDPA's built-in causal mask (no padding, no cache)
@@ -821,8 +800,7 @@ class Qwen3VL(nn.Module):
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, num_layers=None, dtype=torch.bfloat16, device="cpu"):
-        """Build on the meta device, then stream only the needed tensors from
-        the safetensors file(s) in `path`."""
+        """Build on the meta device, then stream only the needed tensors from `path`'s safetensors."""
         with open(os.path.join(path, "config.json")) as f:
             cfg = Qwen3VLConfig.from_hf(json.load(f))
         with torch.device("meta"):
@@ -837,8 +815,7 @@ class Qwen3VL(nn.Module):
 
 
 def safetensors_files(path_or_files):
-    """A directory with model.safetensors or model.safetensors.index.json, a single
-    file, or a list of files."""
+    """The files of a folder (model.safetensors or its sharded index), one file, or a list."""
     if isinstance(path_or_files, (list, tuple)):
         return list(path_or_files)
     if os.path.isfile(path_or_files):
@@ -855,19 +832,18 @@ def safetensors_files(path_or_files):
 
 
 def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device="cpu", skip=None):
-    """Assign checkpoint tensors to `model`'s parameters/persistent buffers
-    (which may live on the meta device).
+    """Assign checkpoint tensors to `model`'s parameters and persistent buffers (which may live on
+    the meta device).
 
-    key_map: optional checkpoint key -> model key mapping, a callable or a dict
-    (keys absent from the dict keep their name); a None result drops the key. skip: optional
-    predicate on the mapped key for tensors deliberately not loaded. Floating tensors are cast
-    to `dtype` (None keeps them). All headers are checked first; any missing, unexpected or
-    mis-shaped key raises one error naming every such key, before any tensor data is read. Tensors
-    are then read one at a time so peak memory ~ the kept bytes."""
+    key_map: checkpoint key -> model key, a callable or a dict (keys absent from the dict keep
+    their name); a None result drops the key. skip: predicate on the mapped key for tensors
+    deliberately not loaded. Floating tensors are cast to `dtype` (None keeps them). All headers
+    are checked first: any missing, unexpected or mis-shaped key raises one error naming every
+    such key, before any tensor data is read. Tensors are then read one at a time, so peak memory
+    is about the kept bytes."""
     if isinstance(key_map, dict):
         key_map = (lambda table: lambda k: table.get(k, k))(key_map)
-    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers
-    # are not in the state dict
+    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers are not in it
     expected = dict(model.state_dict(keep_vars=True))
     # pass 1 reads headers only (safe_open parses the JSON header)
     plan, unexpected, misshaped = [], [], []
@@ -894,9 +870,8 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
     # file-backed (paged in on first use, copy-on-write) and a cast one lives only as its cast
     # copy: peak RSS ~ kept bytes.
     for file, key, name in plan:
-        # a file is re-opened per tensor: closing it unmaps the source pages a cast
-        # has just read, so they do not pile up in RSS next to the cast copies
-        # (re-opening only re-parses the JSON header)
+        # a file is re-opened per tensor: closing it unmaps the source pages a cast has just read,
+        # so they do not pile up in RSS next to the cast copies (re-opening parses the header)
         with safe_open(file, framework="pt", device=str(device)) as f:
             t = f.get_tensor(key)
             if dtype is not None and t.is_floating_point():
@@ -937,8 +912,7 @@ def describe(args):
 
 
 def chat(args):
-    """One user turn (images then text) -> the model's reply, greedy or sampled,
-    with the KV-cache generate."""
+    """One user turn (images then text) -> the model's reply, greedy or sampled."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(args.model)
     model = Qwen3VL.from_pretrained(args.model, dtype=dtype, device=args.device)

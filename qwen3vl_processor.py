@@ -1,18 +1,21 @@
 """The Qwen3-VL processor in plain Python: chat template, image / video preprocessing, tokenization.
 
-  text  -> apply_chat_template (the Qwen3-VL-Instruct template as Python; no default system prompt)
-  image -> RGB -> smart_resize (sides multiples of 32) -> PIL bicubic -> rescale, normalise -> 2 equal frames
-           -> patches in merge-window order: pixel_values (patches, 3*2*16*16) float32, image_grid_thw (n, 3)
-  video -> frames sampled at `fps` -> one smart_resize per clip -> uint8 antialiased bicubic -> normalise -> even
-           frame count -> patches, video_grid_thw, one "<t seconds>" timestamp per temporal patch
-Each <|image_pad|> / <|video_pad|> is then expanded to its number of merged tokens
-and the text is tokenized with the checkpoint's tokenizer.json. The outputs are those
-of transformers' Qwen3VLProcessor with its PIL image processor, without transformers, jinja2 or
-torchvision at run time.
+  text  -> apply_chat_template: the Qwen3-VL-Instruct template as Python, no default system prompt
+  image -> RGB -> smart_resize (sides multiples of 32) -> PIL bicubic -> rescale, normalise
+           -> 2 equal frames -> patches in merge-window order: pixel_values (patches, 3*2*16*16)
+           float32, image_grid_thw (n, 3)
+  video -> frames sampled at `fps` -> one smart_resize per clip -> uint8 antialiased bicubic
+           -> normalise -> even frame count -> patches, video_grid_thw, one "<t seconds>" per
+           temporal patch
+Each <|image_pad|> / <|video_pad|> is then expanded to its number of merged tokens and the text
+is tokenized with the checkpoint's tokenizer.json. The outputs are those of transformers'
+Qwen3VLProcessor with its PIL image processor, with no transformers, jinja2 or torchvision at run
+time.
 
     proc = Qwen3VLProcessor.from_pretrained("/models/Qwen3-VL-4B-Instruct")
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
-    batch = proc(text=[text], images=[pil_image], padding_side="left")  # input_ids, attention_mask, pixel_values..
+    content = [{"type": "image"}, {"type": "text", "text": "Hi"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
+    batch = proc(text=[text], images=[pil_image], padding_side="left")  # input_ids, pixel_values, ...
 """
 
 import json
@@ -34,10 +37,8 @@ class Qwen3VLPreprocessConfig:
 
     patch_size: int = 16  # ViT patch side in pixels
     temporal_patch_size: int = 2  # frames per Conv3d patch; a still image is repeated to fill it
-    # 2x2 patches -> 1 LLM token, so sizes are multiples of patch_size * merge_size = 32
-    merge_size: int = 2
-    # size["shortest_edge"]: despite the name, a bound on h*w (or t*h*w for videos)
-    min_pixels: int = 65536
+    merge_size: int = 2  # 2x2 patches -> 1 LLM token: sides are multiples of 16 * 2 = 32
+    min_pixels: int = 65536  # size["shortest_edge"], despite the name a bound on h*w (t*h*w)
     max_pixels: int = 16777216  # size["longest_edge"]
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
@@ -52,19 +53,18 @@ class Qwen3VLPreprocessConfig:
     min_frames: int = 4
     max_frames: int = 768
     do_sample_frames: bool = True
-    # qwen-vl-utils style per-frame cap; off by default in transformers
-    cap_pixels_per_frame: bool = False
+    cap_pixels_per_frame: bool = False  # qwen-vl-utils' per-frame cap; off in transformers
     max_video_tokens: int = 768  # per-frame token ceiling used by cap_pixels_per_frame
 
     @classmethod
     def from_hf(cls, d, kind):
-        """Build from a preprocessor_config.json dict. Missing keys take the defaults
-        of the transformers class that would read the file: `Qwen2VLImageProcessor` (kind="image")
-        or `Qwen3VLVideoProcessor` (kind="video")."""
-        # Qwen2-VL class defaults (patch 14, CLIP stats); real Qwen3-VL configs override them
-        if kind == "image":
+        """Build from a preprocessor_config.json dict. Missing keys take the defaults of the
+        transformers class that would read the file: `Qwen2VLImageProcessor` (kind="image") or
+        `Qwen3VLVideoProcessor` (kind="video")."""
+        if kind == "image":  # Qwen2-VL's defaults (patch 14, CLIP stats): Qwen3-VL files set them
             base = dict(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                        image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711))
+                        image_mean=(0.48145466, 0.4578275, 0.40821073),
+                        image_std=(0.26862954, 0.26130258, 0.27577711))
         elif kind == "video":
             base = dict(patch_size=16, min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768,
                         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
@@ -73,8 +73,7 @@ class Qwen3VLPreprocessConfig:
         size = d.get("size") or {}
         base["min_pixels"] = size.get("shortest_edge", base["min_pixels"])
         base["max_pixels"] = size.get("longest_edge", base["max_pixels"])
-        # the image class lets legacy top-level min_pixels / max_pixels override size
-        if kind == "image":
+        if kind == "image":  # the image class lets legacy top-level min/max_pixels override size
             base["min_pixels"] = d.get("min_pixels") or base["min_pixels"]
             base["max_pixels"] = d.get("max_pixels") or base["max_pixels"]
         for k in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample", "do_resize",
@@ -98,7 +97,8 @@ def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216
     aspect ratio kept. Python's round() rounds half to even: 400/32 = 12.5 -> 12 -> 384
     (a C/Rust port rounding up gets 416)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, "
+                         f"got {max(height, width) / min(height, width)}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -122,7 +122,8 @@ def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, 
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, "
+                         f"got {max(height, width) / min(height, width)}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
@@ -178,8 +179,7 @@ def _pixel_lut(cfg, fused):
     if fused:
         x = torch.from_numpy(u.astype(np.float32))[None].repeat(3, 1)  # (3, 256)
         if cfg.do_normalize:
-            # torch: float32 tensor * python float stays float32, as in the reference
-            if cfg.do_rescale:
+            if cfg.do_rescale:  # float32 tensor * python float stays float32, as the reference
                 mean, std = mean * (1.0 / cfg.rescale_factor), std * (1.0 / cfg.rescale_factor)
             x = (x - mean[:, None]) / std[:, None]
         elif cfg.do_rescale:
@@ -193,8 +193,7 @@ def _pixel_lut(cfg, fused):
 
 
 def _pixel_lut_apply(lut, a):
-    """uint8 (..., 3) -> float32 (..., 3) through the per-channel table; np.take is ~5x
-    faster than fancy indexing."""
+    """uint8 (..., 3) -> float32 (..., 3) through the per-channel table (np.take: no fancy index)."""
     if (lut == lut[0]).all():  # the usual case (mean = std = 0.5 for every channel): one table
         return np.take(lut[0], a)
     return np.stack([np.take(lut[c], a[..., c]) for c in range(3)], axis=-1)
@@ -214,8 +213,7 @@ def _vision_patchify(frames, cfg):
 
 
 def _preprocess_one_image(image, cfg, lut):
-    # the reference would then keep 1 or 4 channels and fail later; say so now
-    if not cfg.do_convert_rgb:
+    if not cfg.do_convert_rgb:  # the reference would keep 1 or 4 channels and fail later
         shape = np.asarray(image).shape if not isinstance(image, Image.Image) else None
         if (image.mode != "RGB") if shape is None else (len(shape) != 3 or shape[-1] != 3):
             raise ValueError("do_convert_rgb=False needs 3-channel RGB images")
@@ -225,7 +223,8 @@ def _preprocess_one_image(image, cfg, lut):
         h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
         img = img.resize((w, h), resample=cfg.resample)
     elif img.height % factor or img.width % factor:
-        raise ValueError(f"with do_resize=False image sides must be multiples of {factor}, got {img.height}x{img.width}")
+        raise ValueError(f"with do_resize=False image sides must be multiples of {factor}, "
+                         f"got {img.height}x{img.width}")
     a = np.asarray(img)  # (H, W, 3) uint8
     x = _pixel_lut_apply(lut, a)  # (H, W, 3) float32
     x = np.broadcast_to(x[None], (cfg.temporal_patch_size,) + x.shape)  # still image -> tp identical frames
@@ -250,18 +249,17 @@ def preprocess_images(images, cfg=None):
 
 
 def pixel_lut(cfg) -> torch.Tensor:
-    """(256, 3) float32: uint8 value -> normalised value per channel, the image
-    processor's exact arithmetic."""
+    """(256, 3) float32: uint8 -> normalised value per channel, as the image processor computes it."""
     return torch.from_numpy(np.ascontiguousarray(_pixel_lut(cfg, fused=False).T))
 
 
 def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor = None):
-    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps
-    (sides multiples of patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values
-    (N*gh*gw, C*tp*p*p) float32 on that device, image_grid_thw (N, 3) int64 on the CPU),
-    equal to preprocess_images on the same frames. Lets uint8 frames cross to the GPU
-    (8x fewer bytes than the float patches, 16x with the temporal copy) and be patched there. `lut`:
-    pixel_lut(cfg) already on the device (else built and copied per call)."""
+    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps (sides
+    multiples of patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values
+    (N*gh*gw, C*tp*p*p) float32 on that device, image_grid_thw (N, 3) int64 on the CPU), equal to
+    preprocess_images on the same frames. Lets uint8 frames cross to the GPU (8x fewer bytes than
+    the float patches, 16x with the temporal copy) and be patched there. `lut`: pixel_lut(cfg)
+    already on the device (else built and copied per call)."""
     cfg = cfg or Qwen3VLPreprocessConfig()
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
@@ -273,16 +271,16 @@ def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor =
     lut = (pixel_lut(cfg) if lut is None else lut).to(frames.device, non_blocking=True)
     x = lut[frames.long(), torch.arange(3, device=frames.device)]  # (N, H, W, 3) float32, per-channel lookup
     gh, gw = h // p, w // p
-    x = x.view(n, 1, gh // m, m, p, gw // m, m, p, c).expand(n, tp, gh // m, m, p, gw // m, m, p, c)  # still: tp copies
-    # (N, bh, bw, mh, mw, C, tp, ph, pw): _vision_patchify's order
+    # a still image: tp copies in time; then (N, bh, bw, mh, mw, C, tp, ph, pw), _vision_patchify's
+    x = x.view(n, 1, gh // m, m, p, gw // m, m, p, c).expand(n, tp, gh // m, m, p, gw // m, m, p, c)
     x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
     grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
     return x.reshape(n * gh * gw, c * tp * p * p), grid
 
 
 def sample_video_frame_indices(total_num_frames, video_fps, cfg):
-    """Indices of the frames kept: int(duration * cfg.fps) of them, clamped
-    to [min_frames, max_frames] and to the clip length, spread uniformly (np.round: half to even)."""
+    """Indices of the frames kept: int(duration * cfg.fps) of them, clamped to [min_frames,
+    max_frames] and to the clip length, spread uniformly (np.round: half to even)."""
     n = int(total_num_frames / video_fps * cfg.fps)
     n = min(max(n, cfg.min_frames), cfg.max_frames, total_num_frames)
     return np.linspace(0, total_num_frames - 1, n).round().astype(int)
@@ -298,8 +296,7 @@ def video_timestamps(frames_indices, video_fps, temporal_patch_size=2):
 
 
 def _video_frames_uint8(frames):
-    """list of PIL frames / uint8 arrays, or a uint8 array/tensor
-    (T, H, W, 3) -> np.uint8 (T, H, W, 3)."""
+    """A list of PIL frames / uint8 arrays, or a uint8 (T, H, W, 3) array -> np.uint8 (T, H, W, 3)."""
     if isinstance(frames, (list, tuple)):
         if len(frames) == 0:
             raise ValueError("video has no frames")
@@ -334,16 +331,16 @@ def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_
     if cfg.do_resize:
         max_pixels = cfg.max_pixels
         if cfg.cap_pixels_per_frame:  # budget per frame, as qwen-vl-utils does
-            per_frame = max(min(cfg.max_video_tokens * factor * factor, cfg.max_pixels // t), int(cfg.min_pixels * 1.05))
+            per_frame = max(min(cfg.max_video_tokens * factor * factor, cfg.max_pixels // t),
+                            int(cfg.min_pixels * 1.05))
             max_pixels = per_frame * t
         nh, nw = smart_resize_video(t, h, w, cfg.temporal_patch_size, factor, cfg.min_pixels, max_pixels)
         # torchvision returns the input untouched when the size does not change
         if (nh, nw) != (h, w):
             if cfg.resample != 3:
                 raise ValueError(f"video resizing supports resample=3 (bicubic) only, got {cfg.resample}")
-            # torchvision on CPU resizes uint8 bicubic natively with exactly
-            # this call: uint8 out, clamped and rounded after each pass
-            # (a float32 resize + round differs by up to ~20 levels on noisy frames)
+            # torchvision's CPU resize of uint8 frames is exactly this call: uint8 out, clamped and
+            # rounded after each pass (a float32 resize + round differs by up to ~20 levels)
             x = F.interpolate(x.contiguous(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     elif h % factor or w % factor:
         raise ValueError(f"with do_resize=False video sides must be multiples of {factor}, got {h}x{w}")
@@ -360,8 +357,7 @@ def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_
 
 
 def _chat_render_content(content, counts, add_vision_id, role):
-    """User / tool content: a string, or items
-    {"type": "image"|"video"|"text", ...} rendered back to back."""
+    """User / tool content: a string, or {"type": "image"|"video"|"text", ...} items in a row."""
     if isinstance(content, str):
         return content
     if not isinstance(content, (list, tuple)):
@@ -370,25 +366,24 @@ def _chat_render_content(content, counts, add_vision_id, role):
     for item in content:
         if not isinstance(item, dict):
             raise ValueError(f"{role} content items must be dicts, got {type(item).__name__}")
-        # same tests, same order as the template: an item with an "image" key is
-        # an image whatever its type
+        # the template's tests, in its order: an item with an "image" key is an image
         if item.get("type") == "image" or "image" in item or "image_url" in item:
             counts[0] += 1
-            out.append((f"Picture {counts[0]}: " if add_vision_id else "") + "<|vision_start|><|image_pad|><|vision_end|>")
+            out.append((f"Picture {counts[0]}: " if add_vision_id else "")
+                       + "<|vision_start|><|image_pad|><|vision_end|>")
         elif item.get("type") == "video" or "video" in item:
             counts[1] += 1
-            out.append((f"Video {counts[1]}: " if add_vision_id else "") + "<|vision_start|><|video_pad|><|vision_end|>")
+            out.append((f"Video {counts[1]}: " if add_vision_id else "")
+                       + "<|vision_start|><|video_pad|><|vision_end|>")
         elif "text" in item:
             out.append(item["text"])
-        # the template silently drops such items; an unknown item is almost surely a caller bug
-        else:
+        else:  # the template silently drops such an item; it is almost surely a caller bug
             raise ValueError(f"{role} content item has no image/video/text: {sorted(item)}")
     return "".join(out)
 
 
 def _chat_text_only(content, role):
-    """System / assistant content: the text of the items that have one
-    (images there are ignored, as the template)."""
+    """System / assistant content: the text of the items that have one (the template's rule)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, (list, tuple)):
@@ -414,7 +409,8 @@ def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=Fals
             if i != 0:
                 raise ValueError(f"a system message is only rendered as the first message, found one at index {i}")
         elif role == "user":
-            out.append("<|im_start|>user\n" + _chat_render_content(msg["content"], counts, add_vision_id, role) + "<|im_end|>\n")
+            out.append("<|im_start|>user\n" + _chat_render_content(msg["content"], counts, add_vision_id, role)
+                       + "<|im_end|>\n")
         elif role == "assistant":
             if msg.get("tool_calls"):
                 raise ValueError("assistant tool_calls are not supported by this chat-template port")
@@ -437,12 +433,12 @@ def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=Fals
 # processor
 
 
-def _proc_read_json(path):
+def _read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def _proc_token_content(tok):
+def _token_content(tok):
     return tok["content"] if isinstance(tok, dict) else tok
 
 
@@ -462,8 +458,7 @@ class Qwen3VLProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
-        # ids are looked up by string so any Qwen-family tokenizer works
-        # (151655 etc. in the real vocab)
+        # ids looked up by string, so any Qwen-family tokenizer works (151655... in the real vocab)
         ids = {}
         for name, tok in [("image", self.image_token), ("video", self.video_token), ("pad", pad_token),
                           ("vision_start", self.vision_start_token), ("vision_end", self.vision_end_token)]:
@@ -476,9 +471,9 @@ class Qwen3VLProcessor:
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         """Read tokenizer.json, tokenizer_config.json (pad token, padding side),
-        preprocessor_config.json and, if present, video_preprocessor_config.json
-        (else the video side reads preprocessor_config.json, as transformers does). A v5
-        processor_config.json with nested "image_processor"/"video_processor" wins."""
+        preprocessor_config.json and, if present, video_preprocessor_config.json (else the video
+        side reads preprocessor_config.json, as transformers does). A v5 processor_config.json with
+        nested "image_processor" / "video_processor" wins."""
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"missing {tok_file}")
@@ -486,18 +481,18 @@ class Qwen3VLProcessor:
         tokenizer.no_padding()  # padding / truncation are done here, never inside tokenizers
         tokenizer.no_truncation()
         tcfg_file = os.path.join(path, "tokenizer_config.json")
-        tcfg = _proc_read_json(tcfg_file) if os.path.isfile(tcfg_file) else {}
+        tcfg = _read_json(tcfg_file) if os.path.isfile(tcfg_file) else {}
         nested = {}
         if os.path.isfile(os.path.join(path, "processor_config.json")):
-            nested = _proc_read_json(os.path.join(path, "processor_config.json"))
+            nested = _read_json(os.path.join(path, "processor_config.json"))
         img_file = os.path.join(path, "preprocessor_config.json")
         vid_file = os.path.join(path, "video_preprocessor_config.json")
-        img = nested.get("image_processor") or (_proc_read_json(img_file) if os.path.isfile(img_file) else None)
+        img = nested.get("image_processor") or (_read_json(img_file) if os.path.isfile(img_file) else None)
         if img is None:
             raise FileNotFoundError(f"missing {img_file}")
-        vid = nested.get("video_processor") or (_proc_read_json(vid_file) if os.path.isfile(vid_file) else img)
+        vid = nested.get("video_processor") or (_read_json(vid_file) if os.path.isfile(vid_file) else img)
         pad = tcfg.get("pad_token")
-        kwargs.setdefault("pad_token", _proc_token_content(pad) if pad is not None else "<|endoftext|>")
+        kwargs.setdefault("pad_token", _token_content(pad) if pad is not None else "<|endoftext|>")
         kwargs.setdefault("padding_side", tcfg.get("padding_side", "right"))
         return cls(tokenizer, Qwen3VLPreprocessConfig.from_hf(img, "image"),
                    Qwen3VLPreprocessConfig.from_hf(vid, "video"), **kwargs)
@@ -506,8 +501,7 @@ class Qwen3VLProcessor:
         return apply_chat_template(messages, add_generation_prompt, add_vision_id)
 
     def _video_placeholder(self, grid, timestamps):
-        # per temporal patch: "<t seconds>" as plain text, then that patch's merged tokens
-        # between start/end markers
+        # per temporal patch: "<t seconds>" as text, then its merged tokens between start/end
         n = grid[1] * grid[2] // self.video_config.merge_size ** 2
         block = self.vision_start_token + self.video_token * n + self.vision_end_token
         return "".join(f"<{t:.1f} seconds>" + block for t in timestamps[: grid[0]])
@@ -535,8 +529,7 @@ class Qwen3VLProcessor:
             images = [images]
         if images is not None:
             images = [im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])]
-        # one placeholder per image / video over the whole batch, checked before any
-        # pixel work (as transformers)
+        # one placeholder per image / video over the batch, checked before any pixel work
         for tok, media, name in [(self.image_token, images, "images"), (self.video_token, videos, "videos")]:
             n_text = sum(t.count(tok) for t in texts)
             if n_text != (0 if media is None else len(media)):
@@ -566,8 +559,7 @@ class Qwen3VLProcessor:
         # one encode() per text, not encode_batch: that one starts a Rayon thread pool, which then
         # makes tokenizers warn and disable itself in forked DataLoader workers
         seqs = [self.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
-        # every placeholder in the text must become exactly one id
-        # (transformers' _check_special_mm_tokens)
+        # every placeholder must become exactly one id (transformers' _check_special_mm_tokens)
         for tok, tid in [(self.image_token, self.image_token_id), (self.video_token, self.video_token_id)]:
             n_text, n_ids = sum(t.count(tok) for t in texts), sum(s.count(tid) for s in seqs)
             if n_text != n_ids:
@@ -590,8 +582,7 @@ class Qwen3VLProcessor:
 
     def token_ids(self, text: str, image_grid_thw) -> list:
         """The input_ids __call__ gives for one `text` whose images have these grids, without
-        touching pixels (the VLA ships its frames as uint8 and patches them on the device:
-        pixel_values_from_frames)."""
+        touching pixels (the VLA patches its uint8 frames on the device: pixel_values_from_frames)."""
         grids = [tuple(g) for g in torch.as_tensor(image_grid_thw).tolist()]
         if text.count(self.image_token) != len(grids):
             raise ValueError(f"the text has {text.count(self.image_token)} {self.image_token} placeholders but "
@@ -625,21 +616,20 @@ class Qwen3VLProcessor:
         return [self.tokenizer.decode(list(s), skip_special_tokens=skip_special_tokens) for s in sequences]
 
 
-# Files of a checkpoint folder that the processor reads
-# (copied along when a model folder is converted)
+# The files of a checkpoint folder that the processor reads (copied along by conversions)
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
                    "video_preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
-# Qwen's special tokens in the order the tiny byte-level vocabulary gives them ids 256, 257, ...
-# (see byte_level_tokenizer)
+# Qwen's special tokens, in the order byte_level_tokenizer gives them ids 256, 257, ...
 BYTE_TOKENIZER_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|vision_start|>",
                            "<|vision_end|>", "<|box_start|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def _byte_to_unicode():
-    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE
-    (printable bytes map to themselves, the others to code points from 256 on)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE (printable bytes map
+    to themselves, the others to code points from 256 on)."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
