@@ -5,10 +5,9 @@ with unchanged key names.
 
     y = x W^T + b + scale * dropout(x) A^T B^T        A: (rank, in)  B: (out, rank)  scale = alpha / rank
 
-MIMIC puts rank-128, alpha-128, dropout-0.05 LoRA on q/k/v/o/gate/up/down_proj
-of the 18 kept Qwen3-VL decoder layers. The numerics mirror peft's `LoraModel`
-(peft/tuners/lora/layer.py, class Linear): kaiming-uniform(a=sqrt(5)) A, zero B, dropout on the LoRA
-input path only, the input cast to the adapter dtype.
+MIMIC puts rank-128, alpha-128, dropout-0.05 LoRA on q/k/v/o/gate/up/down_proj of the 18 kept
+Qwen3-VL decoder layers. The numerics are peft's (LoRA `Linear`): kaiming-uniform(a=sqrt(5)) A,
+zero B, dropout on the LoRA input path only, the input cast to the adapter dtype.
 
 State-dict key names (what model.py maps the released peft names onto):
 
@@ -19,14 +18,11 @@ State-dict key names (what model.py maps the released peft names onto):
     <fqn>.lora_B  (out, rank)  <fqn>.lora_B.default.weight                        base_model.model.<fqn>.lora_B.weight
 
 Usage:
-    replaced = apply_lora(model, ["q_proj", "k_proj"], rank=8, alpha=16, dropout=0.05)  # freezes the rest
+    apply_lora(model, ["q_proj", "k_proj"], rank=8, alpha=16, dropout=0.05)  # freezes the rest
     ... train ...
-    save_adapter(model, "out/adapter", LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "k_proj"]))
+    save_adapter(model, "out/adapter", LoRAConfig(rank=8, alpha=16, targets=["q_proj", "k_proj"]))
     load_adapter(model, "out/adapter"); merge_lora(model)   # inference without the extra matmuls
     load_peft_adapter(model, "peft_folder")                 # a folder written by peft's save_pretrained
-
-Tests: python -m pytest -q tests/test_lora.py
-(peft is the numerical reference there, never imported here)
 """
 
 import json
@@ -86,7 +82,8 @@ class LoRALinear(nn.Module):
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=adt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=dev, dtype=adt))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no state-dict keys either way
+        # no state-dict keys either way
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True: behave exactly like the base layer (needs merged == False)
         self.merged = False  # True: scale * B @ A has been added into self.weight
         self.reset_lora_parameters()
@@ -98,8 +95,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A, (out, in), in fp32 at least so a merge/unmerge round trip is as exact
-        as the base dtype allows."""
+        """scale * B @ A (out, in), in fp32 at least: a merge/unmerge round trip is then as exact as
+        the base dtype allows."""
         dt = torch.promote_types(self.lora_A.dtype, torch.float32)
         return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scale
 
@@ -113,8 +110,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """Undo merge(). Idempotent. Exact in fp32 up to rounding; a bf16 base weight
-        loses precision (as in peft)."""
+        """Undo merge(). Idempotent. Exact in fp32 up to rounding; a bf16 base loses precision."""
         if not self.merged:
             return
         self.weight.sub_(self.delta_weight().to(self.weight.dtype))
@@ -124,12 +120,13 @@ class LoRALinear(nn.Module):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             if self.disabled:
-                # the base weight now contains the update; silently returning it would be
-                # wrong (peft unmerges here)
-                raise RuntimeError("LoRALinear is merged and disabled: call unmerge() before disabling the adapter")
+                # the base weight now holds the update: returning it would be wrong (peft unmerges)
+                raise RuntimeError("LoRALinear is merged and disabled: call unmerge() before "
+                                   "disabling the adapter")
             # a merged layer has no separate adapter to train and no dropout on its path
             if self.training:
-                raise RuntimeError("LoRALinear is merged: call unmerge() before training (or .eval() for inference)")
+                raise RuntimeError("LoRALinear is merged: call unmerge() before training "
+                                   "(or .eval() for inference)")
             return out
         if self.disabled:
             return out
@@ -140,7 +137,8 @@ class LoRALinear(nn.Module):
         # copy of a bf16 x would be rounded straight back: skipping it gives the same numbers with
         # two kernels fewer per layer
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return (out + (delta if self.scale == 1.0 else delta * self.scale)).to(out.dtype)  # x * 1.0 == x exactly
+        # scale 1.0 skips a multiply (x * 1.0 == x exactly)
+        return (out + (delta if self.scale == 1.0 else delta * self.scale)).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -206,8 +204,7 @@ def _require_lora(model: nn.Module) -> dict:
 
 
 def reset_lora_parameters(model: nn.Module):
-    """(Re-)initialise every LoRA pair: A kaiming-uniform, B zero. For meta-built
-    models after to_empty()."""
+    """(Re-)initialise every LoRA pair: A kaiming-uniform, B zero (after to_empty())."""
     for m in _require_lora(model).values():
         m.reset_lora_parameters()
 
@@ -231,8 +228,8 @@ def set_lora_disabled(model: nn.Module, disabled: bool = True):
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Adapter-only state dict: {"<fqn>.lora_A": (rank, in), "<fqn>.lora_B": (out,
-    rank)}, detached tensors."""
+    """Adapter-only state dict of detached tensors: {"<fqn>.lora_A": (rank, in), "<fqn>.lora_B":
+    (out, rank)}."""
     sd = {}
     for fqn, m in _require_lora(model).items():
         sd[f"{fqn}.lora_A"] = m.lora_A.detach()
@@ -274,8 +271,7 @@ def _place(model: nn.Module, tensors: dict, rank: int, alpha: float, source: str
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]):
-    # write next to the destination, then rename: a crash never leaves a half-written
-    # file under the final name
+    # write next to the destination, then rename: a crash never leaves a half-written file
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)
@@ -301,9 +297,9 @@ def save_adapter(model: nn.Module, path, config: LoRAConfig):
 
 
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
-    """Load a folder written by save_adapter into a model that already has matching LoRA
-    layers. Returns the config. Raises ValueError listing missing / unplaced / mis-shaped keys
-    or a rank/alpha mismatch."""
+    """Load a folder written by save_adapter into a model that already has matching LoRA layers.
+    Returns the config. Raises ValueError listing missing / unplaced / mis-shaped keys or a
+    rank/alpha mismatch."""
     path = Path(path)
     cfg = json.loads((path / ADAPTER_CONFIG).read_text())
     unknown = sorted(set(cfg) - set(LoRAConfig.__dataclass_fields__))
@@ -315,21 +311,20 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
 
 
 def load_peft_adapter(model: nn.Module, folder, rename: Callable[[str], str] = None) -> dict:
-    """Load a folder written by peft's `save_pretrained` (adapter_config.json +
-    adapter_model.safetensors, keys `base_model.model.<fqn>.lora_{A,B}.weight`)
-    into a model already prepared with apply_lora. `rename` maps a peft-side
-    module fqn to ours when the module trees differ. Checks: a plain-LoRA config
-    (no DoRA, rsLoRA, per-module rank/alpha patterns, bias or modules_to_save), r and lora_alpha
-    equal to the model's, every adapter module matching target_modules, and the adapter modules
-    being exactly the model's LoRA layers (missing / unplaced keys listed by name). lora_dropout is
-    not checked (train-time only). Returns the peft config dict."""
+    """Load a folder written by peft's `save_pretrained` (adapter_config.json and
+    adapter_model.safetensors, keys `base_model.model.<fqn>.lora_{A,B}.weight`) into a model
+    already prepared with apply_lora. `rename` maps a peft-side module fqn to ours when the module
+    trees differ. Checks: a plain-LoRA config (no DoRA, rsLoRA, per-module rank/alpha patterns,
+    bias or modules_to_save), r and lora_alpha equal to the model's, every adapter module matching
+    target_modules, and the adapter modules being exactly the model's LoRA layers (missing /
+    unplaced keys listed by name). lora_dropout is not checked (train-time only). Returns the peft
+    config dict."""
     folder = Path(folder)
     cfg = json.loads((folder / PEFT_CONFIG).read_text())
     errors = []
     if cfg.get("peft_type", "LORA") != "LORA":
         errors.append(f"peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    # features that change the math: refuse each by name instead of loading something
-    # that computes differently
+    # features that change the math: refused by name rather than loaded to compute differently
     for name, ok in [("use_rslora", False), ("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False),
                      ("bias", "none")]:
         if cfg.get(name, ok) != ok:

@@ -188,8 +188,7 @@ class PolicyServer:
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._threads = []
 
-    # --- lifecycle
-    # ----------------------------------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self):
         self._threads = [threading.Thread(target=self._work, name="mimic-model", daemon=True),
@@ -220,8 +219,7 @@ class PolicyServer:
     def __exit__(self, *exc):
         self.close()
 
-    # --- requests
-    # -----------------------------------------------------------------------------------------------
+    # --- requests ---------------------------------------------------------------------------------
 
     def info(self) -> dict:
         p = next(self.model.parameters())
@@ -262,8 +260,7 @@ class PolicyServer:
         return {"angles": job.angles.tolist(), "joint_names": list(kinematics.JOINT_NAMES), "seed": seed,
                 "steps": req["steps"] or self.model.config.diffusion_steps, "timing": timing}
 
-    # --- the model thread
-    # ---------------------------------------------------------------------------------------
+    # --- the model thread -------------------------------------------------------------------------
 
     def _work(self):
         while True:

@@ -36,8 +36,7 @@ def inputs(B=3, S=7, seed=1, cfg=DiTConfig(**TINY)):
     return vl, deep, mask, state, x_t, t
 
 
-# --- explicit-ops reference of the whole head
-# ----------------------------------------------------------------------
+# --- explicit-ops reference of the whole head -----------------------------------------------------
 
 def ref_time(t, D):
     half = D // 2
@@ -107,8 +106,7 @@ def ref_head(head, vl, deep, mask, state, x_t, t):
     return lin(silu(lin(x, "action_decoder.0")), "action_decoder.2")
 
 
-# --- tests
-# -----------------------------------------------------------------------------------------------------------
+# --- tests ----------------------------------------------------------------------------------------
 
 def test_time_embedding_formula():
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
