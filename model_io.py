@@ -54,10 +54,10 @@ def draw_box(image, box, width=3, color=(0, 255, 0)):
 
 
 def frame_image(frame, box, image_size: int, mirror: bool = False) -> Image.Image:
-    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3))
-    in RGB, the target person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn green 3
-    px, optionally mirrored (the flip augmentation mirrors frame and box together), then resized
-    to image_size^2 (aspect ratio not kept)."""
+    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3)) in
+    RGB, the target person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn in green,
+    3 px wide, optionally mirrored (the flip augmentation mirrors frame and box together), then
+    resized to image_size^2 (aspect ratio not kept)."""
     im = frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
     im = draw_box(im.copy() if im is frame else im, box)  # never draw on the caller's image
     if mirror:
@@ -77,10 +77,9 @@ class InputEncoder:
         self.processor, self.qwen_config, self.image_size = processor, qwen_config, image_size
         self.pad_token_id = processor.pad_token_id
         ic = processor.image_config
-        kept = qwen3vl_processor.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
-                                    ic.max_pixels)
-        # frames are patched as they are (pixel_values_from_frames)
-        if kept != (image_size, image_size):
+        kept = qwen3vl_processor.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size,
+                                              ic.min_pixels, ic.max_pixels)
+        if kept != (image_size, image_size):  # frames are patched as they are (no resize)
             raise ValueError(f"the processor would resize {image_size}x{image_size} frames to {kept}: image_size must "
                              f"be a multiple of {ic.patch_size * ic.merge_size} within its min/max_pixels")
         self.grid = (1, image_size // ic.patch_size, image_size // ic.patch_size)
