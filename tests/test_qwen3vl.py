@@ -1,9 +1,6 @@
-"""Parity tests: qwen3vl.py vs transformers' Qwen3VLForConditionalGeneration on tiny
-random configs (fp32, CPU).
-
-The reference is built with random (perturbed) weights, saved with save_pretrained, and loaded
-by our loader, so every test also exercises the real checkpoint path. Run: python -m pytest
--q tests/test_qwen3vl.py
+"""Parity tests: qwen3vl.py vs transformers' Qwen3VLForConditionalGeneration on tiny random configs
+(fp32, CPU). The reference is built with random (perturbed) weights, saved with save_pretrained
+and loaded by our loader, so every test also exercises the real checkpoint path.
 """
 
 import json
@@ -17,8 +14,7 @@ from qwen3vl import PRESETS, Qwen3VL, Qwen3VLConfig, mrope_slot_rows
 
 transformers = pytest.importorskip("transformers")
 
-# ids inside the tiny vocabulary (never the real ones)
-VS, VE, IMG, VID, VOCAB = 290, 291, 292, 293, 300
+VS, VE, IMG, VID, VOCAB = 290, 291, 292, 293, 300  # ids inside the tiny vocabulary, never the real
 ATOL = 1e-4
 
 

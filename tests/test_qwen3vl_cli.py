@@ -1,5 +1,4 @@
-"""qwen3vl.py's command line on a tiny checkpoint folder written in the test
-(no network): describe and chat."""
+"""qwen3vl.py's command line on a tiny checkpoint folder written in the test: describe and chat."""
 
 import json
 
@@ -36,9 +35,10 @@ def test_chat_on_a_tiny_folder(tmp_path, capsys):
     # a random model says random bytes; the same greedy call through the API must give the same text
     proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(tmp_path)
     loaded = qwen3vl.Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32)
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                  {"type": "text", "text": "What is this?"}]}])
+    content = [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
     batch = proc(text=[text], images=[Image.open(img)], padding_side="left")
     batch.pop("mm_token_type_ids", None)
-    new = loaded.generate(**batch, max_new_tokens=8, eos_token_id=[258, 256], pad_token_id=proc.pad_token_id)
+    new = loaded.generate(**batch, max_new_tokens=8, eos_token_id=[258, 256],
+                          pad_token_id=proc.pad_token_id)
     assert reply == proc.decode(new[0].tolist(), skip_special_tokens=True) + "\n"  # print adds one newline

@@ -1,5 +1,5 @@
-"""Parity of qwen3vl.py's processor against transformers' own Qwen3-VL processor classes
-(CPU, no weights, no network).
+"""Parity of qwen3vl_processor.py against transformers' own Qwen3-VL processor classes (CPU, no
+weights, no network).
 
 The test writes a tiny checkpoint folder: a byte-level BPE tokenizer.json trained here with
 the Qwen2 pipeline plus the Qwen special tokens, a tokenizer_config.json whose chat_template
@@ -10,7 +10,7 @@ Qwen3VLVideoProcessor and Qwen3VLProcessor; tests that need them skip when trans
 The video processor needs torchvision for two kernels; the test supplies them as torchvision runs
 them on CPU (resize = F.interpolate on uint8 with antialias, normalize = sub/div), so the video
 resize itself is not checked independently, except that identity-size clips bypass it entirely.
-Everything else is compared bit for bit. Run: python -m pytest -q tests/test_qwen3vl_processor.py
+Everything else is compared bit for bit.
 """
 
 import enum
@@ -35,7 +35,8 @@ from qwen3vl_processor import (
     video_timestamps,
 )
 
-QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -186,8 +187,8 @@ class _TorchvisionCPU:
         if tuple(size) == (h, w):  # torchvision returns the input untouched
             return image
         assert image.dtype == torch.uint8 and interpolation.value == "bicubic" and antialias
+        # the native uint8 kernel: torchvision's CPU path for uint8 bicubic
         x = F.interpolate(image.reshape(-1, c, h, w), size=list(size), mode="bicubic", align_corners=False,
-                          # native uint8 kernel: torchvision's CPU path for uint8 bicubic
                           antialias=True)
         return x.reshape(*lead, c, *size)
 
@@ -472,7 +473,8 @@ def test_config_defaults_follow_transformers_classes():
 
 def test_mimic_sample_is_fast(proc):
     frames = [np.asarray(_img(224, 224, seed=i)) for i in range(4)]
-    text = proc.apply_chat_template(_user(*[{"type": "image"}] * 4, {"type": "text", "text": "Task: x. Instruction: y"}))
+    text = proc.apply_chat_template(_user(*[{"type": "image"}] * 4,
+                                          {"type": "text", "text": "Task: x. Instruction: y"}))
     proc(text=[text], images=frames)
     t0 = time.perf_counter()
     for _ in range(10):
