@@ -350,9 +350,10 @@ def make_clip(T=30, size=(224, 224), cid="clip_a", action="waving", desc="Wave y
         frames.append(buf.getvalue())
     pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     boxes = np.tile(np.array([[50, 40, 150, 200]], np.float32), (T, 1))
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
-                     src_frame_index=np.arange(T) * 3, src_time=np.arange(T) / 10.0, src_fps=30.0, width=size[0],
-                     height=size[1], action_class=action, description=desc, video_id="vid", extra={"k": "v"})
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose,
+                     angles=kinematics.pose3d_to_angles(pose), src_frame_index=np.arange(T) * 3,
+                     src_time=np.arange(T) / 10.0, src_fps=30.0, width=size[0], height=size[1],
+                     action_class=action, description=desc, video_id="vid", extra={"k": "v"})
 
 
 def test_clip_round_trip_and_partial_reads(tmp_path):
@@ -480,9 +481,11 @@ def test_window_dataset_timing_box_and_flip(tmp_path):
             assert (x[100, 52] != [0, 255, 0]).any() and (x[39:42, 100] == [0, 255, 0]).all()
     f = ds[2 + 1]  # the mirror of window 1
     assert f["flipped"] and f["start"] == 20 and f["text"] == "Task: waving. Instruction: Wave your right hand."
-    want = model_io.encode_angles(kinematics.pose3d_to_angles(kinematics.flip_pose3d(clip.pose3d[20:36].astype(np.float64))))
+    flipped = kinematics.flip_pose3d(clip.pose3d[20:36].astype(np.float64))
+    want = model_io.encode_angles(kinematics.pose3d_to_angles(flipped))
     assert torch.allclose(f["actions"], torch.from_numpy(want).float(), atol=1e-6)
-    assert angle_err(model_io.decode_angles(f["actions"].numpy()), kinematics.flip_angles(clip.angles[20:36])).max() < 1e-4
+    got = model_io.decode_angles(f["actions"].numpy())
+    assert angle_err(got, kinematics.flip_angles(clip.angles[20:36])).max() < 1e-4
     x = np.asarray(f["images"][0]).astype(int)
     assert (x[100, 223 - 51:223 - 48] == [0, 255, 0]).all()  # the box mirrored with the frame
     assert np.array_equal(np.asarray(f["images"][2]), np.asarray(ds[1]["images"][2])[:, ::-1])

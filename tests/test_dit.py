@@ -1,4 +1,4 @@
-"""Tests for dit.py (tiny fp32 configs on CPU): python -m pytest -q tests/test_dit.py"""
+"""Tests for dit.py: the head against explicit maths, samplers, masking (tiny fp32 configs, CPU)."""
 
 import math
 

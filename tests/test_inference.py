@@ -1,8 +1,8 @@
-"""The model's one input path: a training window (data.WindowDataset + collate) and
-the public inference API (VLAModel.predict / prepare) build bit-identical inputs and actions;
-the per-frame vision cache changes no number, alone or in a batch; bad calls say what is
-missing. inference.optimize: merged LoRA, the bf16 rule, bucket padding and torch.compile
-(inductor on the CPU) give the eager numbers within tolerance, without recompiling."""
+"""The model's one input path: a training window (data.WindowDataset + collate) and the public
+inference API (VLAModel.predict / prepare) build bit-identical inputs and actions; the per-frame
+vision cache changes no number, alone or in a batch; bad calls say what is missing.
+inference.optimize: merged LoRA, the bf16 rule, bucket padding and torch.compile (inductor on the
+CPU) give the eager numbers within tolerance, without recompiling."""
 
 import copy
 import io
@@ -23,8 +23,8 @@ from model_io import collate_inputs, decode_angles, encode_angles
 
 
 def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
-    """Random-texture frames (so every frame gives the vision tower different tokens),
-    a moving box, real angles."""
+    """Random-texture frames (every frame gives the vision tower other tokens), a moving box,
+    real angles."""
     rng = np.random.default_rng(seed)
     frames = []
     for _ in range(T):
@@ -34,9 +34,10 @@ def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
     pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     x = np.linspace(10, 60, T, dtype=np.float32)
     boxes = np.stack([x, x * 0 + 15, x + 80, x * 0 + 110], 1)
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
-                     src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0],
-                     height=size[1], action_class="waving", description="Wave your left hand.", video_id="v")
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose,
+                     angles=kinematics.pose3d_to_angles(pose), src_frame_index=np.arange(T),
+                     src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0], height=size[1],
+                     action_class="waving", description="Wave your left hand.", video_id="v")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,7 @@ def test_training_window_and_inference_api_are_bit_identical(model, tmp_path):
 
 
 def rolling_inputs(model, clip, starts, batch=1):
-    """The batched inputs of a rolling loop over `starts`, `batch` copies of each
-    call with different boxes."""
+    """The batched inputs of a rolling loop over `starts`: `batch` copies of each call, other boxes."""
     out = []
     for s in starts:
         frames = [Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[s - 4:s]]
@@ -140,8 +140,7 @@ def raw_actions(model, inputs, state, noise, cache=None):
 
 
 def mixed_batch(model, clip, s=4):
-    """Three samples of different text lengths
-    (right-padded by collate_inputs), their states and noise."""
+    """Three samples of different text lengths (right-padded by collate), their states and noise."""
     frames = [Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[s - 4:s]]
     items = [model.prepare(frames, clip.boxes[s - 4:s] + 3 * k, "waving", text)
              for k, text in enumerate(["Wave.", "Wave your left hand slowly.", "Wave twice."])]
@@ -176,8 +175,8 @@ def test_merged_lora_matches_and_the_optimized_model_never_trains(model, tmp_pat
 
 
 def test_bf16_inference_equals_the_training_precision_rule(model):
-    """Weights cast once == the training rule
-    (bf16 backbone, fp32 head, bf16 autocast) casting on every call."""
+    """Weights cast once == the training rule (bf16 backbone, fp32 head, bf16 autocast) casting on
+    every call."""
     clip = textured_clip(T=10, seed=8)
     inputs, state, noise = mixed_batch(model, clip)
     rule = copy.deepcopy(model)
@@ -187,7 +186,8 @@ def test_bf16_inference_equals_the_training_precision_rule(model):
     fast = optimize(copy.deepcopy(model), dtype=torch.bfloat16, merge_lora=False)
     head = fast.action_head
     assert head.dit_blocks[0].ffn[0].weight.dtype == torch.bfloat16 == head.dit_blocks[0].self_attn.in_proj_weight.dtype
-    assert head.action_pos_embed.dtype == torch.float32 == head.qwen_projection[1].weight.dtype  # LayerNorm
+    assert head.action_pos_embed.dtype == torch.float32
+    assert head.qwen_projection[1].weight.dtype == torch.float32  # a LayerNorm
     assert torch.equal(raw_actions(fast, inputs, state, noise), want)
     assert (raw_actions(fast, inputs, state, noise) - raw_actions(model, inputs, state, noise)).abs().max() > 1e-4
 

@@ -1,7 +1,4 @@
-"""Tests for lora.py; peft's LoraModel is the numerical reference (tests only).
-
-    python -m pytest -q tests/test_lora.py
-"""
+"""Tests for lora.py; peft's LoraModel is the numerical reference (tests only)."""
 
 import copy
 import json

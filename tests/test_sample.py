@@ -62,7 +62,7 @@ def test_default_run_predicts_from_the_past_frames_and_writes_files(dataset, tmp
     assert rec["rmse_deg_t1_15"] > 0
     strip = Image.open(out / "sample.png")
     assert strip.size == (200 * 10, 236)
-    px = np.asarray(strip.convert("RGB"))[36:, 800:].reshape(-1, 3)  # skeleton panels: both colours are drawn
+    px = np.asarray(strip.convert("RGB"))[36:, 800:].reshape(-1, 3)  # the skeleton panels: both colours
     for color in (sample.PRED_COLOR, sample.GT_COLOR):
         assert (np.abs(px.astype(int) - color).sum(1) < 30).sum() > 50
     gif = Image.open(out / "sample.gif")
@@ -113,7 +113,7 @@ def test_video_needs_pyav_or_says_how_to_get_it(tmp_path, monkeypatch):
         have_av = True
     except ImportError:
         have_av = False
-    if have_av and video is not None and video.is_file():  # 300 frames at 29.97 fps -> 100 frames at 10 Hz
+    if have_av and video is not None and video.is_file():  # 300 frames at 29.97 fps -> 100 at 10 Hz
         src = sample.load_video(video)
         assert len(src.frames) == 100 and src.frames[0].size == (340, 256) and src.angles is None
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed

@@ -177,14 +177,16 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_problem(model, server):
         assert got == status and (path in reply["error"] or method in reply["error"]), reply
     # an oversized body: the client learns why, not from a reset connection
     # (the server reads the body, within its timeout, and drops it)
-    with pytest.raises(policy_client.PolicyError, match=r"413: the body has 80\d{5} bytes: more than the limit of 300000"):
+    with pytest.raises(policy_client.PolicyError,
+                       match=r"413: the body has 80\d{5} bytes: more than the limit of 300000"):
         policy_client.PolicyClient(server.url).act(**dict(obs, instruction="x" * 8_000_000))
     # the client's error carries the status and the message
     with pytest.raises(policy_client.PolicyError, match="422: state has non-finite") as e:
         policy_client.PolicyClient(server.url).act(**dict(obs, state=np.full(22, np.inf)))
     assert e.value.status == 422
     # the server keeps serving
-    assert np.array_equal(policy_client.PolicyClient(server.url).act(**obs, seed=1)["angles"], in_process(model, obs, 1))
+    again = policy_client.PolicyClient(server.url).act(**obs, seed=1)["angles"]
+    assert np.array_equal(again, in_process(model, obs, 1))
 
 
 def raw_socket(url):
@@ -209,7 +211,8 @@ def test_slow_clients_and_missing_lengths_get_an_error_and_others_are_served(mod
     slow = raw_socket(server.url)
     slow.sendall(b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"{" * 10)  # then stalls
     # meanwhile another client is answered (the slow one holds only its own thread)
-    assert np.array_equal(policy_client.PolicyClient(server.url).act(**obs, seed=2)["angles"], in_process(model, obs, 2))
+    other = policy_client.PolicyClient(server.url).act(**obs, seed=2)["angles"]
+    assert np.array_equal(other, in_process(model, obs, 2))
     status, reply = read_reply(slow)  # after the server's 1 s timeout
     assert status == 408 and "10 of 1000 bytes" in reply["error"]
     slow.close()
