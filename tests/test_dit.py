@@ -250,8 +250,7 @@ def test_euler_one_step_and_generator():
 
 
 def test_rk4_analytic():
-    # dx/dt = -x + t, x(0) = x0 has the solution x(t) = t - 1 + (x0 + 1)
-    # e^-t, so x(1) = (x0 + 1) / e
+    # dx/dt = -x + t, x(0) = x0 is solved by x(t) = t - 1 + (x0 + 1) e^-t: x(1) = (x0 + 1) / e
     x0 = torch.tensor([0.3, -2.0, 5.0], dtype=torch.float64)
     exact = (x0 + 1) * math.exp(-1.0)
     errs = []

@@ -1,7 +1,7 @@
 """eval.py: metrics on hand-made trajectories with known answers, baselines against an independent
 computation, the no-leak rule (an instrumented frame reader + frames that carry their own index),
-caching and determinism of model calls, and the CLI end to end
-(baselines only, and a tiny model) writing its files."""
+caching and determinism of model calls, and the CLI end to end (baselines only, and a tiny model)
+writing its files."""
 
 import contextlib
 import io
@@ -173,8 +173,7 @@ def independent_baselines(root, S):
 def test_baselines_match_independent_computation_and_windows_reach_clip_end(dataset):
     res = ev.rolling_eval(None, dataset, num_windows=1000, steps=STEPS, progress=False)
     starts = sorted((w["clip_id"], w["start"]) for w in res["windows"])
-    # clip0 (T=20): s = 4 only; clip1 (T=21): s = 4, 5
-    # (ends on the last frame); clip2 (T=27): s = 4..11
+    # clip0 (T=20): s = 4; clip1 (T=21): s = 4, 5 (ends on the last frame); clip2 (T=27): s = 4..11
     assert starts == [("clip0", 4), ("clip1", 4), ("clip1", 5)] + [("clip2", s) for s in range(4, 12)]
     assert res["num_windows"] == 11 and res["model_calls"] == 0
     for S in STEPS:

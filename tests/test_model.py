@@ -1,5 +1,5 @@
-"""The VLA (model.py): config handling, end-to-end forward/backward, batch invariance,
-the released checkpoint layout (peft names) loading exactly, conversion round trip, and the model
+"""The VLA (model.py): config handling, end-to-end forward/backward, batch invariance, the
+released checkpoint layout (peft names) loading exactly, conversion round trip, and the model
 card's parameter counts."""
 
 import warnings

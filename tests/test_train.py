@@ -1,5 +1,5 @@
-# Tests of train.py on CPU with a toy dataset written here (4 short clips) and a shrunk
-# tiny preset: DDP (2 gloo processes) == 1 process with the same global batch, exact resume
+# Tests of train.py on CPU with a toy dataset written here (4 short clips) and a shrunk tiny
+# preset: DDP (2 gloo processes) == 1 process with the same global batch, exact resume
 # (full and trainable-only checkpoints), atomic checkpoints and --keep-last pruning, and the main
 # job end to end (val loss, rolling eval, final_eval.json). Runs of the single-process job call
 # train.main in-process (saves the import time).
