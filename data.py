@@ -81,7 +81,7 @@ def _rows_text(rows, first=0):
 
 
 def split_of(clip_id):
-    """The released split rule: val when int(md5(clip_id)[:8], 16) / 0xFFFFFFFF < 0.02, else train."""
+    """The split rule: val when int(md5(clip_id)[:8], 16) / 0xFFFFFFFF < 0.02, else train."""
     h = int(hashlib.md5(clip_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if h < 0.02 else "train"
 
