@@ -1,12 +1,14 @@
 """
-Convert the released MIMIC checkpoint (a pickled `checkpoint.pth` + its `config.yaml`) into a folder that
-`VLAModel.from_pretrained` loads strictly: model.safetensors + config.json (+ the Qwen3-VL processor files).
+Convert the released MIMIC checkpoint (a pickled `checkpoint.pth` + its `config.yaml`) into a
+folder that `VLAModel.from_pretrained` loads strictly: model.safetensors + config.json (+ the
+Qwen3-VL processor files).
 
-    python convert.py checkpoint.pth config.yaml mimic-4b/ --qwen /models/Qwen3-VL-4B-Instruct [--merge-lora]
+    python convert.py checkpoint.pth config.yaml mimic-4b/ --qwen /models/Qwen3-VL-4B-Instruct
     python -c "from model import VLAModel; m = VLAModel.from_pretrained('mimic-4b')"
 
-The pickle is opened with torch.load(weights_only=True); full unpickling (which runs code from the file) happens only
-with --allow-pickle. Every key is placed explicitly (model.map_released_keys) or named in the error.
+The pickle is opened with torch.load(weights_only=True); full unpickling (which runs code from the
+file) happens only with --allow-pickle. Every key is placed explicitly (model.map_released_keys)
+or named in the error.
 """
 
 import argparse
@@ -19,9 +21,8 @@ from model import VLAConfig, VLAModel
 
 def load_mimic_checkpoint(path, allow_pickle: bool = False) -> dict:
     """Read the released `checkpoint.pth` -> its `model_state_dict` with `module.` stripped.
-
-    Pickles run arbitrary code when fully unpickled, so this uses torch.load(weights_only=True) unless the caller
-    explicitly passes allow_pickle=True (the CLI's --allow-pickle) for a file they trust."""
+    A fully unpickled file runs arbitrary code, so this uses torch.load(weights_only=True) unless
+    the caller passes allow_pickle=True (the CLI's --allow-pickle) for a file they trust."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
     except Exception as e:  # weights_only refuses arbitrary objects (e.g. a pickled config class)
@@ -37,8 +38,9 @@ def load_mimic_checkpoint(path, allow_pickle: bool = False) -> dict:
 
 
 def read_model_config_yaml(path) -> dict:
-    """The `model_config` mapping of the released config.yaml. A small reader for the YAML subset those files use
-    (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists, # comments), so no PyYAML."""
+    """The `model_config` mapping of the released config.yaml. A small reader for the YAML subset
+    those files use (nested mappings by indentation, scalars, inline [a, b] and block `- a` lists,
+    # comments), so no PyYAML."""
     root = {}
     stack = [(-1, root)]  # (indent, mapping) of the mappings enclosing the current line
     last = None  # (mapping, key) of the last key read: a block list belongs to it
@@ -70,7 +72,8 @@ def read_model_config_yaml(path) -> dict:
 
 
 def yaml_scalar(v: str):
-    """One YAML scalar or inline list: quoted strings, booleans, null, ints, floats, else the bare string."""
+    """One YAML scalar or inline list: quoted strings, booleans, null, ints,
+    floats, else the bare string."""
     if v.startswith("[") and v.endswith("]"):
         return [yaml_scalar(x.strip()) for x in v[1:-1].split(",") if x.strip()]
     if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":

@@ -1,15 +1,15 @@
 """
 MIMIC's data: the one-file-per-clip format and the training windows with their flip augmentation.
 
-Clips: ONE safetensors file per clip holding its arrays and all its JPEG frames (concatenated, with byte offsets),
-string metadata in the header, so a training window reads only the bytes of its 4 frames; an index.jsonl per
-dataset folder lists the clips, so a dataset of 10^6 clips opens without touching every file. WindowDataset yields
-the windows of docs/conventions.md (4 past frames with the target box, prompt, state, 16 target steps as sin/cos),
-built through model_io, the model's own input code. The angles themselves: kinematics.py.
+Clips: ONE safetensors file per clip holding its arrays and all its JPEG frames (concatenated,
+with byte offsets), string metadata in the header, so a training window reads only the bytes of
+its 4 frames; an index.jsonl per dataset folder lists the clips, so a dataset of 10^6 clips opens
+without touching every file. WindowDataset yields the windows of docs/conventions.md (4 past
+frames with the target box, prompt, state, 16 target steps as sin/cos), built through model_io,
+the model's own input code. The angles themselves: kinematics.py.
 
-Commands (the demo dataset is built by synth.py, MoveNet-332 imported by movenet.py):
-  python data.py info data/demo                                    # dataset summary (or a single .safetensors clip)
-  python data.py index data/demo                                   # (re)write data/demo/index.jsonl
+    python data.py info data/demo      # dataset summary (or one .safetensors clip)
+    python data.py index data/demo     # (re)write data/demo/index.jsonl
 """
 
 import argparse
@@ -32,7 +32,7 @@ from safetensors.numpy import save as _st_save
 from kinematics import flip_pose3d, pose3d_to_angles
 from model_io import INPUT_KEYS, collate_inputs, encode_angles, frame_image, prompt_text
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text mirroring (the flip augmentation)
 
 
@@ -40,7 +40,7 @@ _LR = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def flip_text(text):
-    """Swap the whole words left <-> right, keeping case ("Left" -> "Right", "LEFT" -> "RIGHT", "left-hand" ok)."""
+    """Swap the whole words left <-> right, keeping case ("Left" -> "Right", "left-hand" too)."""
     def swap(m):
         w = m.group(0)
         new = "right" if w.lower() == "left" else "left"
@@ -50,7 +50,7 @@ def flip_text(text):
     return _LR.sub(swap, text)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Clip format: one safetensors file per clip
 
 
@@ -61,13 +61,13 @@ QUALITY_FLAGS = ("prog_good", "vlm_good", "strict")
 _ARRAYS = {"boxes": (np.float32, (4,)), "pose3d": (np.float32, (17, 3)), "angles": (np.float32, (22,)),
            "src_frame_index": (np.int64, ()), "src_time": (np.float64, ())}
 CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
-# Arrays that must be finite everywhere: one NaN angle turns every later training step into NaN. Boxes may be NaN
-# (= unknown, drawn as nothing) but never infinite.
+# Arrays that must be finite everywhere: one NaN angle turns every later training step into NaN.
+# Boxes may be NaN (= unknown, drawn as nothing) but never infinite.
 _FINITE = ("pose3d", "angles", "src_time")
 
 
 def nonfinite_rows(name, arr):
-    """Row indices of `arr` (one of _ARRAYS) that break its finiteness rule (see _FINITE), as a list."""
+    """Row indices of `arr` (one of _ARRAYS) that break its finiteness rule (_FINITE), a list."""
     arr = np.asarray(arr)
     if not np.issubdtype(arr.dtype, np.floating):
         return []
@@ -81,7 +81,7 @@ def _rows_text(rows, first=0):
 
 
 def split_of(clip_id):
-    """mimic.md sec 5: val when int(md5(clip_id)[:8], 16) / 0xFFFFFFFF < 0.02, else train."""
+    """The split rule: val when int(md5(clip_id)[:8], 16) / 0xFFFFFFFF < 0.02, else train."""
     h = int(hashlib.md5(clip_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if h < 0.02 else "train"
 
@@ -90,10 +90,10 @@ def split_of(clip_id):
 class Clip:
     clip_id: str                 # unique, filesystem-safe
     frames_jpeg: list            # T full frames at 10 Hz, JPEG bytes, RGB
-    boxes: np.ndarray            # (T, 4) float32 x1, y1, x2, y2 in pixels of the frame (NaN: no box)
+    boxes: np.ndarray            # (T, 4) float32 x1, y1, x2, y2 in frame pixels (NaN: no box)
     pose3d: np.ndarray           # (T, 17, 3) float32, camera frame (x right, y down, z forward)
     angles: np.ndarray           # (T, 22) float32 radians = pose3d_to_angles(pose3d)
-    src_frame_index: np.ndarray  # (T,) int64 index of the source video (or mocap) frame of each sample
+    src_frame_index: np.ndarray  # (T,) int64 source video (or mocap) frame of each sample
     src_time: np.ndarray         # (T,) float64 seconds in the source
     src_fps: float               # fps of the source video (or mocap)
     width: int                   # frame width in pixels
@@ -106,18 +106,18 @@ class Clip:
 
 
 def clip_path(root, clip_id):
-    """root/clips/<md5[:2]>/<clip_id>.safetensors: 256 sub-folders keep directories small at 10^6 clips."""
+    """root/clips/<md5[:2]>/<clip_id>.safetensors: 256 sub-folders keep folders small at 10^6."""
     return Path(root) / "clips" / hashlib.md5(clip_id.encode("utf-8")).hexdigest()[:2] / f"{clip_id}.safetensors"
 
 
 def atomic_write_bytes(path, payload):
-    """Write to a temp file in the same folder, fsync, then os.replace: readers see the old file or the new one."""
+    """Write a temp file in the same folder, fsync, os.replace: readers see the old or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would, so a dataset written by one
-        # user on a cluster stays readable by the others
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so a dataset
+        # written by one user on a cluster stays readable by the others
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
@@ -186,8 +186,9 @@ def _read_header(path):
 
 
 class _Reader:
-    """An open clip file (one safe_open); use through ClipFile.open(). Reads only the slices asked for, and refuses
-    non-finite values (a file written by something other than write_clip), naming the clip, array and frames."""
+    """An open clip file (one safe_open); use through ClipFile.open(). Reads only the slices asked
+    for, and refuses non-finite values (a file written by something other than write_clip), naming
+    the clip, array and frames."""
 
     def __init__(self, handle, path):
         self.h, self.path = handle, path
@@ -213,8 +214,8 @@ class _Reader:
 
 
 class ClipFile:
-    """Lazy reader of one clip file. Holds no open file between calls (safe across DataLoader worker forks).
-    .meta (typed metadata), .num_frames, .read(name, start, stop), .frames(indices) -> PIL images, .to_clip()."""
+    """Lazy reader of one clip file, holding no open file between calls (safe across DataLoader
+    worker forks): .meta, .num_frames, .read(name, start, stop), .frames(indices), .to_clip()."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -227,7 +228,7 @@ class ClipFile:
                      "extra": json.loads(raw.get("extra", "{}"))}
 
     def open(self):
-        """Context manager -> reader with .read(name, start, stop) and .frame_bytes(indices): one open per item."""
+        """Context manager -> a reader with .read(name, start, stop), .frame_bytes(indices)."""
         return _ReaderContext(self.path)
 
     # whole arrays, read on access (nothing cached: a window should use read(name, start, stop))
@@ -278,7 +279,7 @@ def read_clip(path):
 
 
 def write_index(root):
-    """Scan root for clip files (headers only) and write root/index.jsonl atomically; returns the entries."""
+    """Scan root's clip files (headers only), write root/index.jsonl atomically, return it."""
     root = Path(root)
     entries = []
     for p in sorted(root.rglob("*.safetensors")):
@@ -287,7 +288,7 @@ def write_index(root):
                  "num_frames": header["jpeg_offsets"]["shape"][0] - 1, "action_class": meta["action_class"],
                  "split": meta["split"], "video_id": meta.get("video_id", "")}
         extra = json.loads(meta.get("extra") or "{}")
-        if any(k in extra for k in QUALITY_FLAGS):  # pipeline clips: which of the original's datasets they are in
+        if any(k in extra for k in QUALITY_FLAGS):  # pipeline clips: the datasets they are in
             entry["quality"] = [k for k in QUALITY_FLAGS if extra.get(k) == "True"]
         entries.append(entry)
     payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8")
@@ -296,11 +297,12 @@ def write_index(root):
 
 
 def list_clips(root, split=None, require=None):
-    """Index entries (dicts: clip_id, path relative to root, num_frames, action_class, split, video_id, and for
-    pipeline clips quality) of the dataset in root, from root/index.jsonl (written by write_index when missing; after
-    adding clips to an indexed folder, run write_index / `python data.py index ROOT` again).
-    split: None | "train" | "val". require: None | one of QUALITY_FLAGS: only the clips that passed it (the
-    original's datasets: "strict" = checks AND judge, "vlm_good" = judge only; "prog_good" = checks only)."""
+    """Index entries (dicts: clip_id, path relative to root, num_frames, action_class, split,
+    video_id, and for pipeline clips quality) of the dataset in root, from root/index.jsonl
+    (written by write_index when missing; after adding clips to an indexed folder, run
+    write_index / `python data.py index ROOT` again). split: None | "train" | "val". require:
+    None | one of QUALITY_FLAGS: only the clips that passed it (the original's datasets:
+    "strict" = checks AND judge, "vlm_good" = judge only; "prog_good" = checks only)."""
     root = Path(root)
     if not (root / INDEX_FILE).is_file():
         if not root.is_dir():
@@ -319,8 +321,8 @@ def list_clips(root, split=None, require=None):
     return [e for e in entries if split is None or e["split"] == split]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training windows (mimic.md sec 5)
+# --------------------------------------------------------------------------------------------------
+# Training windows (docs/conventions.md)
 
 
 def window_starts(T, stride=16, horizon=16, context=4):
@@ -329,9 +331,10 @@ def window_starts(T, stride=16, horizon=16, context=4):
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Training windows of all clips of a split. Index i < N: window i; N <= i < 2N (flip=True): its mirror image.
-    Item: images (4 PIL frames s-4..s-1, green box, image_size^2), text, state (44,), actions (16, 44), clip_id,
-    start, flipped; with `encode` (images, text) -> dict of tensors, its fields replace the images."""
+    """Training windows of all clips of a split. Index i < N: window i; N <= i < 2N (flip=True): its
+    mirror image. Item: images (4 PIL frames s-4..s-1, green box, image_size^2), text, state (44,),
+    actions (16, 44), clip_id, start, flipped; with `encode` (images, text) -> dict of tensors, its
+    fields replace the images."""
 
     def __init__(self, root, split="train", stride=16, flip=True, encode=None, image_size=224, horizon=16,
                  context=4, require=None):
@@ -340,7 +343,7 @@ class WindowDataset(torch.utils.data.Dataset):
         entries = list_clips(self.root, split, require)
         self.paths = [e["path"] for e in entries]
         T = np.array([e["num_frames"] for e in entries], dtype=np.int64)
-        # vectorised window_starts for every clip (10^6 clips -> no Python loop): count, then offsets within a clip
+        # window_starts of every clip, vectorised (no Python loop over 10^6 clips)
         counts = np.maximum(0, -(-(T - horizon + 1 - context) // stride))
         self.win_clip = np.repeat(np.arange(len(entries), dtype=np.int64), counts)
         first = np.cumsum(counts) - counts
@@ -357,7 +360,7 @@ class WindowDataset(torch.utils.data.Dataset):
         flipped = i >= n
         j = i - n if flipped else i
         s, H, C = int(self.win_start[j]), self.horizon, self.context
-        cf = ClipFile(self.root / self.paths[self.win_clip[j]])  # opened here, in the worker: nothing crosses a fork
+        cf = ClipFile(self.root / self.paths[self.win_clip[j]])  # in the worker: nothing crosses a fork
         with cf.open() as r:
             boxes = r.read("boxes", s - C, s)
             if flipped:  # mirror the 3D pose BEFORE IK, as the original
@@ -365,7 +368,7 @@ class WindowDataset(torch.utils.data.Dataset):
             else:
                 angles = r.read("angles", s, s + H)
             jpegs = r.frame_bytes(range(s - C, s))
-        # the model's own input rules (model.frame_image): box drawn, mirrored with the frame when flipped, resized
+        # the model's own input rule: box drawn, mirrored with the frame when flipped, resized
         images = [frame_image(Image.open(io.BytesIO(b)), box, self.image_size, mirror=flipped)
                   for b, box in zip(jpegs, boxes)]
         m = cf.meta
@@ -383,9 +386,9 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 def collate(items, pad_token_id=0):
-    """Batch WindowDataset items: the model's input fields (model.INPUT_KEYS, from an InputEncoder) through
-    model.collate_inputs; state (B, 44), actions (B, 16, 44), start (B,), flipped (B,) stacked; clip_id, text and
-    images as lists."""
+    """Batch WindowDataset items: the model's input fields (model_io.INPUT_KEYS) through
+    collate_inputs; state (B, 44), actions (B, 16, 44), start (B,), flipped (B,) stacked;
+    clip_id, text and images as lists."""
     out = {}
     if INPUT_KEYS[0] in items[0]:
         out.update(collate_inputs([{k: it[k] for k in INPUT_KEYS} for it in items], pad_token_id))
@@ -402,7 +405,7 @@ def collate(items, pad_token_id=0):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 

@@ -1,24 +1,22 @@
 """
-MIMIC's action head: a DiT that turns Qwen3-VL features + the current pose into a 16-step action chunk by flow
-matching. Parameter names and shapes are exactly those of the released checkpoint with the
-`action_head.` prefix stripped, so `ActionHead(cfg).load_state_dict(sd, strict=True)` takes the released weights.
+MIMIC's action head: a DiT that turns Qwen3-VL features + the current pose into a 16-step action
+chunk by flow matching. Parameter names and shapes are exactly those of the released checkpoint
+with the `action_head.` prefix stripped, so `ActionHead(cfg).load_state_dict(sd, strict=True)`
+takes the released weights.
 
-    tokens = [state_encoder(state) | future_tokens (F) | action_encoder(x_t) + action_pos_embed + time_emb (H)]
+    tokens = [state_encoder(state) | future_tokens (F) | action_encoder(x_t) + pos + time_emb (H)]
     per block: x += SelfAttn(AdaLN1(x, c)); x += CrossAttn(AdaLN2(x, c), VL); x += FFN(AdaLN3(x, c))
-    velocity = action_decoder(final_norm(x, c)[:, -H:])                      c = time_embed(t), AdaLN only sees c
-    VL = qwen_projection(layer-17 tokens) + deepstack_projection(masked mean of concat(layer 8, layer 17))
+    velocity = action_decoder(final_norm(x, c)[:, -H:])         c = time_embed(t), seen by AdaLN only
+    VL = qwen_projection(layer-17 tokens) + deepstack_projection(mean of concat(layer 8, layer 17))
 
-Flow matching: x_t = t * x1 + (1 - t) * eps (t = 0 noise, t = 1 data), target x1 - eps, MSE. Sampling integrates
-dx/dt = v from t = 0 to 1 (Euler, the released config uses 1 step; or RK4). The VL keys/values of every block's
-cross-attention do not depend on t or x_t: `encode_context` computes them once per sampling call and `velocity`
-reuses them at every solver step.
+Flow matching: x_t = t * x1 + (1 - t) * eps (t = 0 noise, t = 1 data), target x1 - eps, MSE.
+Sampling integrates dx/dt = v from t = 0 to 1 (Euler, the released config uses 1 step; or RK4).
+The VL keys/values of every block's cross-attention do not depend on t or x_t: `encode_context`
+computes them once per sampling call and `velocity` reuses them at every solver step.
 
-Fixes over the original: padding is masked in both the deep-feature mean and the cross-attention
-(a sample's output does not depend on what else is in its batch); attention runs through SDPA.
-
-References: DiT (Peebles & Xie 2023, facebookresearch/DiT models.py), flow matching (Lipman et al. 2023),
-torch.nn.MultiheadAttention for the attention parameter layout.
-Tests: python -m pytest -q tests/test_dit.py
+Padding is masked in the deep-feature mean and in the cross-attention, so a sample's output does
+not depend on its batch. References: DiT (Peebles & Xie 2023), flow matching (Lipman et al. 2023);
+the attention parameters are laid out as torch.nn.MultiheadAttention's.
 """
 
 import math
@@ -37,11 +35,11 @@ class DiTConfig:
     num_heads: int = 24  # attention heads; head size D / heads = 64
     action_dim: int = 44  # A: 22 joint angles as interleaved (sin, cos)
     action_horizon: int = 16  # H: predicted steps (1.6 s at 10 Hz)
-    num_future_tokens: int = 4  # F: learned extra query tokens between the state token and the action tokens
-    qwen_hidden_size: int = 2560  # Q: Qwen3-VL-4B hidden size; deep features are 2Q wide (layers 8 and 17)
+    num_future_tokens: int = 4  # F: learned query tokens between the state and the action tokens
+    qwen_hidden_size: int = 2560  # Q: Qwen3-VL-4B width; deep features are 2Q (layers 8 and 17)
     projection_dim: int = 1024  # P: bottleneck of qwen_projection
     dropout: float = 0.1  # attention-weight dropout and FFN dropout (train mode only)
-    deep_features: bool = True  # use_deepstack_features: add deepstack_projection(mean of deep features)
+    deep_features: bool = True  # use_deepstack_features: add deepstack_projection(deep mean)
 
     def __post_init__(self):
         if self.hidden_dim % self.num_heads:
@@ -60,13 +58,13 @@ class DiTConfig:
                    deep_features=mc.get("use_deepstack_features", True))
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building blocks
 
 
 class SinusoidalEmbedding(nn.Module):
-    """t (B,) in [0, 1] -> (B, D) = concat(sin(t f), cos(t f)), f_i = exp(-i ln(10000) / (D/2 - 1)), i < D/2.
-    The raw t is used (no x1000 as in image DiTs): this is what the released head was trained with."""
+    """t (B,) in [0, 1] -> (B, D) = concat(sin(t f), cos(t f)), f_i = exp(-i ln(10000) / (D/2 - 1)),
+    i < D/2. The raw t is used (no x1000 as in image DiTs), as the released head was trained."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -74,7 +72,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        # computed on the fly (fp32, tiny) rather than a buffer: nothing to re-create after a meta-device build
+        # computed on the fly (fp32, tiny), not a buffer: nothing to rebuild after a meta build
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
         args = t.float()[:, None] * freqs[None]  # (B, D/2)
         return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
@@ -91,16 +89,17 @@ class AdaLN(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (B, T, D), c (B, D) -> (B, T, D)"""
-        scale, shift = self.cond_proj(c).unsqueeze(1).chunk(2, dim=-1)  # each (B, 1, D); released order: scale first
+        # each (B, 1, D); the released order is scale first
+        scale, shift = self.cond_proj(c).unsqueeze(1).chunk(2, dim=-1)
         h = F.layer_norm(x.float(), (self.dim,), eps=1e-5).to(x.dtype)  # statistics in fp32
         return h * (1 + scale) + shift
 
 
 class Attention(nn.Module):
-    """Multi-head attention with nn.MultiheadAttention's parameters (in_proj_weight rows = q, k, v; in_proj_bias;
-    out_proj), computed with F.scaled_dot_product_attention. Self-attention when `kv` is None; cross-attention
-    with precomputed keys/values from `project_kv` otherwise. Dropout on the attention weights in train mode,
-    as nn.MultiheadAttention(dropout=p) does."""
+    """Multi-head attention with nn.MultiheadAttention's parameters (in_proj_weight rows = q, k, v;
+    in_proj_bias; out_proj), computed with F.scaled_dot_product_attention. Self-attention when `kv`
+    is None; cross-attention with precomputed keys/values from `project_kv` otherwise. Dropout on
+    the attention weights in train mode, as nn.MultiheadAttention(dropout=p) does."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -110,14 +109,14 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def project_kv(self, src: torch.Tensor) -> tuple:
-        """src (B, S, D) -> keys, values, each (B, nh, S, hs): the k and v rows of in_proj applied to src."""
+        """src (B, S, D) -> keys, values (B, nh, S, hs): in_proj's k and v rows applied to src."""
         B, S, D = src.shape
         kv = F.linear(src, self.in_proj_weight[D:], self.in_proj_bias[D:])  # (B, S, 2D)
         k, v = kv.view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, S, hs)
         return k, v
 
     def forward(self, x: torch.Tensor, kv: tuple = None, mask: torch.Tensor = None) -> torch.Tensor:
-        """x (B, T, D); kv from project_kv or None (self-attention); mask bool (B, 1, 1, S), True = attend."""
+        """x (B, T, D); kv from project_kv or None (self-attention); mask (B, 1, 1, S), True = attend."""
         B, T, D = x.shape
         nh, hs = self.heads, D // self.heads
         if kv is None:  # self-attention: one fused matmul for q, k, v
@@ -131,8 +130,8 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm block: AdaLN -> self-attention, AdaLN -> cross-attention to the VL tokens, AdaLN -> GELU FFN,
-    each added back to the residual stream (no adaLN-Zero gate: the released head has none)."""
+    """Pre-norm block: AdaLN -> self-attention, AdaLN -> cross-attention to the VL tokens, AdaLN ->
+    GELU FFN, each added to the residual stream (no adaLN-Zero gate: the released head has none)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -142,31 +141,33 @@ class DiTBlock(nn.Module):
         self.norm2 = AdaLN(D)
         self.cross_attn = Attention(D, cfg.num_heads, cfg.dropout)
         self.norm3 = AdaLN(D)
+        # nn.GELU()'s default is the exact erf form, as released
         self.ffn = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * D, D),
-                                 nn.Dropout(cfg.dropout))  # nn.GELU() default = exact erf form, as released
+                                 nn.Dropout(cfg.dropout))
 
     def forward(self, x, c, kv, mask):
-        """x (B, T, D) tokens, c (B, D) time embedding, kv this block's VL keys/values, mask (B, 1, 1, S)."""
+        """x (B, T, D) tokens, c (B, D) time embedding, kv this block's VL keys and values, mask
+        (B, 1, 1, S)."""
         x = x + self.self_attn(self.norm1(x, c))
         x = x + self.cross_attn(self.norm2(x, c), kv=kv, mask=mask)
         return x + self.ffn(self.norm3(x, c))
 
 
 class VLContext(NamedTuple):
-    """Everything about the VL tokens the blocks need; fixed across the solver steps of one sampling call."""
+    """What the blocks need of the VL tokens; fixed across the solver steps of a sampling call."""
     kv: list  # per block: (keys, values), each (B, nh, S, hs)
     mask: torch.Tensor  # (B, 1, 1, S) bool, True = real token
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x (B, S, C), mask (B, S) bool -> (B, C) mean over the real tokens. torch.where (not x * mask) so NaN/inf in
-    padded positions cannot leak in."""
+    """x (B, S, C), mask (B, S) bool -> (B, C) mean over the real tokens. torch.where (not x * mask)
+    so NaN/inf in padded positions cannot leak in."""
     x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x.sum(1) / mask.sum(1, keepdim=True).to(x.dtype)
 
 
 def integrate(velocity: Callable, x0: torch.Tensor, steps: int, method: str = "euler") -> torch.Tensor:
-    """Solve dx/dt = velocity(x, t) from t = 0 to t = 1 in `steps` equal steps; t is passed as a Python float."""
+    """Solve dx/dt = velocity(x, t) from t = 0 to 1 in `steps` equal steps; t is a Python float."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if method not in ("euler", "rk4"):
@@ -189,8 +190,9 @@ def sample_timesteps(n: int, schedule: str = "uniform", generator: torch.Generat
                      device=None) -> torch.Tensor:
     """Training times t (n,) with t = 0 noise, t = 1 data.
     uniform: t ~ U(0, 1), the released recipe.
-    beta:    s ~ Beta(1.5, 1) (density 1.5 sqrt(s), drawn exactly as U^(1/1.5)), t = 0.999 (1 - s): the GR00T /
-             openpi / lerobot schedule, which leans toward the NOISE side (t near 0 here); t never reaches 1."""
+    beta:    s ~ Beta(1.5, 1) (density 1.5 sqrt(s), drawn exactly as U^(1/1.5)), t = 0.999 (1 - s):
+             the GR00T / openpi / lerobot schedule, which leans toward the NOISE side (t near 0
+             here); t never reaches 1."""
     u = torch.rand(n, generator=generator, device=device)
     if schedule == "uniform":
         return u
@@ -199,7 +201,7 @@ def sample_timesteps(n: int, schedule: str = "uniform", generator: torch.Generat
     raise ValueError(f"schedule must be 'uniform' or 'beta', got {schedule!r}")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The head
 
 
@@ -224,11 +226,11 @@ class ActionHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """From-scratch init (the released head was trained from scratch; its exact init is not published):
-        Linear: xavier-uniform, bias 0 (DiT); attention in_proj: xavier-uniform, bias 0 (as nn.MultiheadAttention);
-        LayerNorm: 1 / 0; action_pos_embed, future_tokens and the time MLP: N(0, 0.02) (DiT's t_embedder);
-        every AdaLN cond_proj Linear: ZERO (as released), so all norms start as plain LayerNorms.
-        Safe after to_empty() on a meta-built head."""
+        """From-scratch init (the released head was trained from scratch; its exact init is not
+        published): Linear: xavier-uniform, bias 0 (DiT); attention in_proj: xavier-uniform, bias 0
+        (as nn.MultiheadAttention); LayerNorm: 1 / 0; action_pos_embed, future_tokens and the time
+        MLP: N(0, 0.02) (DiT's t_embedder); every AdaLN cond_proj Linear: ZERO (as released), so all
+        norms start as plain LayerNorms. Safe after to_empty() on a meta-built head."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -248,14 +250,14 @@ class ActionHead(nn.Module):
                 nn.init.zeros_(m.cond_proj[1].weight)
                 nn.init.zeros_(m.cond_proj[1].bias)
 
-    # --- context: once per sample / per training step ---------------------------------------------------------
+    # --- context: once per sample / per training step ---------------------------------------------
 
     def encode_context(self, vl_tokens: torch.Tensor, deep: torch.Tensor, vl_mask: torch.Tensor,
                        check_mask: bool = True) -> VLContext:
-        """vl_tokens (B, S, Q) backbone layer-17 output; deep (B, S, 2Q) concat(layer 8, layer 17) outputs, or None
-        when cfg.deep_features is False; vl_mask (B, S) bool, True = real token (every sample needs one).
-        check_mask=False skips that check (it reads the mask back to the host: a sync on a GPU), for callers that
-        checked a host copy of the mask already."""
+        """vl_tokens (B, S, Q) backbone layer-17 output; deep (B, S, 2Q) concat(layer 8, layer 17)
+        outputs, or None when cfg.deep_features is False; vl_mask (B, S) bool, True = real token
+        (every sample needs one). check_mask=False skips that check (it reads the mask back
+        to the host: a sync on a GPU), for callers that checked a host copy of the mask already."""
         cfg = self.cfg
         B, S, Q = vl_tokens.shape
         if Q != cfg.qwen_hidden_size:
@@ -264,26 +266,28 @@ class ActionHead(nn.Module):
             raise ValueError(f"vl_mask must be bool of shape {(B, S)}, got {vl_mask.dtype} {tuple(vl_mask.shape)}")
         if check_mask and not bool(vl_mask.any(1).all()):
             raise ValueError("vl_mask: a sample has no real token (all False)")
-        dtype = self.action_pos_embed.dtype  # the head runs in its own dtype (fp32), whatever the backbone's
+        # the head runs in its own dtype (fp32), whatever the backbone's
+        dtype = self.action_pos_embed.dtype
         vl = self.qwen_projection(vl_tokens.to(dtype))  # (B, S, D)
         if cfg.deep_features:
             if deep is None or tuple(deep.shape) != (B, S, 2 * Q):
                 raise ValueError(f"deep must have shape {(B, S, 2 * Q)}, got "
                                  f"{None if deep is None else tuple(deep.shape)}")
-            pooled = masked_mean(deep.to(dtype), vl_mask)  # (B, 2Q); the original averaged padding in too
+            pooled = masked_mean(deep.to(dtype), vl_mask)  # (B, 2Q), padding left out
             vl = vl + self.deepstack_projection(pooled)[:, None]  # (B, 1, D) broadcast over S
         elif deep is not None:
             raise ValueError("deep features given but cfg.deep_features is False")
-        # zero the padded tokens: they are masked out of attention anyway, but NaN/inf garbage there would still
-        # poison the attention output (0 * NaN), and zeros keep the context reproducible
+        # zero the padded tokens: they are masked out of attention anyway, but NaN/inf garbage there
+        # would still poison the attention output (0 * NaN), and zeros keep the context reproducible
         vl = vl.masked_fill(~vl_mask[..., None], 0.0)
         kv = [blk.cross_attn.project_kv(vl) for blk in self.dit_blocks]
-        return VLContext(kv=kv, mask=vl_mask[:, None, None, :])  # mask (B, 1, 1, S) broadcasts over heads, queries
+        return VLContext(kv=kv, mask=vl_mask[:, None, None, :])  # (B, 1, 1, S): over heads, queries
 
-    # --- velocity: once per solver step -----------------------------------------------------------------------
+    # --- velocity: once per solver step -----------------------------------------------------------
 
     def velocity(self, ctx: VLContext, state: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """state (B, A) encoded current pose, x_t (B, H, A) noisy actions, t (B,) tensor or float -> v (B, H, A)."""
+        """state (B, A) encoded current pose, x_t (B, H, A) noisy actions, t (B,) or a float
+        -> v (B, H, A)."""
         cfg = self.cfg
         B = x_t.shape[0]
         if tuple(x_t.shape[1:]) != (cfg.action_horizon, cfg.action_dim) or tuple(state.shape) != (B, cfg.action_dim):
@@ -292,7 +296,7 @@ class ActionHead(nn.Module):
         dtype = self.action_pos_embed.dtype
         if isinstance(t, torch.Tensor):
             t = t.to(device=x_t.device, dtype=torch.float32).expand(B)
-        else:  # a solver's Python float: filled on the device (as_tensor would copy it from the host every call)
+        else:  # a solver's float, filled on the device (as_tensor would copy it from the host)
             t = torch.full((B,), float(t), dtype=torch.float32, device=x_t.device)
         c = self.time_embed(t)  # (B, D)
         tokens = torch.cat([
@@ -306,16 +310,16 @@ class ActionHead(nn.Module):
         return self.action_decoder(tokens[:, -cfg.action_horizon:])  # (B, H, A)
 
     def forward(self, vl_tokens, deep, vl_mask, state, x_t, t) -> torch.Tensor:
-        """One velocity evaluation from scratch (context + velocity). Shapes as in encode_context / velocity."""
+        """One velocity evaluation from scratch (context + velocity); shapes as in those two."""
         return self.velocity(self.encode_context(vl_tokens, deep, vl_mask), state, x_t, t)
 
-    # --- training and sampling -----------------------------------------------------------------------------------
+    # --- training and sampling --------------------------------------------------------------------
 
     def loss(self, vl_tokens, deep, vl_mask, state, actions, timesteps=None, noise=None,
              generator: torch.Generator = None, schedule: str = "uniform") -> torch.Tensor:
-        """Flow-matching MSE. actions (B, H, A) = x1 (data). timesteps (B,) and noise (B, H, A) may be given to
-        reproduce a value exactly; otherwise drawn from `generator` (t via sample_timesteps(schedule), noise
-        N(0, I))."""
+        """Flow-matching MSE. actions (B, H, A) = x1 (data). timesteps (B,) and noise (B, H, A) may
+        be given to reproduce a value exactly; otherwise they are drawn from `generator` (t by
+        sample_timesteps(schedule), noise N(0, I))."""
         if schedule not in ("uniform", "beta"):
             raise ValueError(f"schedule must be 'uniform' or 'beta', got {schedule!r}")
         B = actions.shape[0]
@@ -336,8 +340,9 @@ class ActionHead(nn.Module):
     @torch.no_grad()
     def sample(self, vl_tokens, deep, vl_mask, state, steps: int = 1, method: str = "euler", noise=None,
                generator: torch.Generator = None, check_mask: bool = True) -> torch.Tensor:
-        """Integrate from x0 = noise (default N(0, I) from `generator`) at t = 0 to t = 1 -> actions (B, H, A).
-        The VL context is encoded once and reused by every velocity call. Call .eval() first (dropout)."""
+        """Integrate from x0 = noise (default N(0, I) from `generator`) at t = 0 to t = 1 -> actions
+        (B, H, A). The VL context is encoded once and reused by every velocity call. Call
+        .eval() first (dropout)."""
         cfg = self.cfg
         ctx = self.encode_context(vl_tokens, deep, vl_mask, check_mask)
         B = vl_tokens.shape[0]

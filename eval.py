@@ -1,16 +1,18 @@
-"""Rolling evaluation of MIMIC: the model card's table (RMSE of the 22 angles vs the restart interval S), leak-free.
+"""Rolling evaluation of MIMIC: the model card's table (RMSE of the 22 angles vs the restart
+interval S), leak-free.
 
-For N validation windows and each S, every method restarts from the ground truth at window offsets 0, S, 2S, ...:
-the model gets only the 4 frames before each restart (box drawn, as in training) and the ground-truth state; static
-repeats the state; linear extrapolates the last velocity. Errors are wrapped to [-180, 180) degrees and scored on
-future steps t = 1..15 (docs/conventions.md; README lists how this differs from the original evaluation). A model
-call depends only on (window, offset): it is made once for all S, batched, with noise seeded by what it predicts, so
-results never depend on batch size or order.
+For N validation windows and each S, every method restarts from the ground truth at window offsets
+0, S, 2S, ...: the model gets only the 4 frames before each restart (box drawn, as in training) and
+the ground-truth state; static repeats the state; linear extrapolates the last velocity. Errors
+are wrapped to [-180, 180) degrees and scored on future steps t = 1..15 (docs/conventions.md). A
+model call depends only on (window, offset): it is made once for all S, batched, with noise seeded
+by what it predicts, so results never depend on batch size or order.
 
-    python eval.py                                       # latest checkpoint of runs/tiny on data/demo
-    python eval.py --ckpt runs/4b/ckpt-0029060 --data /data/clips --num-windows 500 --steps 1 2 3 5 8 16
+    python eval.py                                       # runs/tiny's latest checkpoint on data/demo
+    python eval.py --ckpt runs/4b/ckpt-0029060 --data /data/clips --steps 1 2 3 5 8 16
     python eval.py --data /data/clips --baselines-only   # static / linear only: needs no model
-Writes OUT/eval.json (every breakdown), OUT/rmse_vs_step.png and OUT/class_gaps.png (default OUT: out/eval).
+Writes OUT/eval.json (every breakdown), OUT/rmse_vs_step.png and OUT/class_gaps.png
+(default OUT: out/eval).
 """
 
 import argparse
@@ -35,23 +37,24 @@ HORIZON = 16  # predicted steps per call (1.6 s at 10 Hz)
 CONTEXT = 4  # frames before "now" given to the model
 METHODS = ("model", "static", "linear")
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Predictions of the baselines, and the rolling schedule
 
 
 def wrap_deg(x):
-    """Wrap degrees to [-180, 180): the error of an angle that crosses +-180 is the short way round."""
+    """Wrap degrees to [-180, 180): an error across +-180 is the short way round."""
     return (np.asarray(x) + 180.0) % 360.0 - 180.0
 
 
 def restart_offsets(steps, horizon=HORIZON):
-    """Every window offset r at which some S restarts (0, S, 2S, ... < horizon): one model call each."""
+    """Every window offset r at which some S restarts (0, S, 2S, ... < horizon): a call each."""
     return sorted({r for S in steps for r in range(0, horizon, S)})
 
 
 def baseline_calls(ext, offsets, horizon=HORIZON):
-    """ext (N, horizon+1, 22): ground-truth radians of frames s-1 .. s+horizon-1. For each restart offset r ->
-    static, linear (N, R, horizon, 22): what each method predicts for frames s+r, s+r+1, ... if restarted at r."""
+    """ext (N, horizon+1, 22): ground-truth radians of frames s-1 .. s+horizon-1. For each restart
+    offset r -> static, linear (N, R, horizon, 22): what each method predicts for frames s+r,
+    s+r+1, ... if restarted at r."""
     gt, k = ext[:, 1:], np.arange(horizon, dtype=np.float64)[:, None]  # k steps ahead: (horizon, 1)
     static = np.stack([np.repeat(gt[:, r:r + 1], horizon, axis=1) for r in offsets], 1)  # (N, R, H, 22)
     # velocity of the previous frame, wrapped: a joint going 179 -> -179 deg moves +2 deg, not -358
@@ -61,7 +64,8 @@ def baseline_calls(ext, offsets, horizon=HORIZON):
 
 
 def rolled(calls, offsets, S, horizon=HORIZON):
-    """calls (N, R, horizon, 22) per restart offset -> (N, horizon, 22): frames r .. r+S-1 come from the call at r."""
+    """calls (N, R, horizon, 22) per restart offset -> (N, horizon, 22): frames r .. r+S-1 come
+    from the call at r."""
     out = np.empty_like(calls[:, 0])
     for r in range(0, horizon, S):
         n = min(S, horizon - r)
@@ -75,19 +79,19 @@ def errors_deg(pred, gt):
 
 
 def motion_deg(gt):
-    """(N, horizon, 22) radians -> (N,) total ground-truth angular change in degrees over the window (wrapped)."""
+    """(N, horizon, 22) radians -> (N,) total wrapped ground-truth angular change in degrees."""
     return np.abs(np.degrees(kinematics.wrap_angle(np.diff(np.asarray(gt, np.float64), axis=1)))).sum(axis=(1, 2))
 
 
 def top_quartile(values):
-    """Boolean mask of the ceil(N/4) largest values (ties broken by position, so the mask is deterministic)."""
+    """Boolean mask of the ceil(N/4) largest values (ties broken by position: deterministic)."""
     values = np.asarray(values)
     mask = np.zeros(len(values), bool)
     mask[np.argsort(-values, kind="stable")[:math.ceil(len(values) / 4)]] = True
     return mask
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -96,8 +100,8 @@ def _rmse(sq):
 
 
 def summarize(err, S, high, classes):
-    """err (N, horizon, 22) wrapped degrees of one method rolled with step S; high (N,) bool; classes (N,) str.
-    Every number is an RMSE over the future frames t = 1..15 and the joints named."""
+    """err (N, horizon, 22) wrapped degrees of one method rolled with step S; high (N,) bool;
+    classes (N,) str. Every number is an RMSE over future frames t = 1..15 and the joints named."""
     sq = err[:, 1:] ** 2  # (N, 15, 22): t = 0 is the given state, never scored
     keep = np.arange(1, err.shape[1]) % S != 0  # (15,) frames that are not restarts
     per_window = np.sqrt(sq.mean(axis=(1, 2)))  # (N,)
@@ -126,7 +130,8 @@ def _gap(a, b):
 
 
 def score(gt, calls, offsets, steps, classes):
-    """gt (N, 16, 22) radians; calls {method: (N, R, 16, 22)}; classes (N,) -> (table, metrics, gaps, per-window)."""
+    """gt (N, 16, 22) radians; calls {method: (N, R, 16, 22)}; classes (N,) -> (table, metrics,
+    gaps, per-window, motion, high-motion mask)."""
     disp = motion_deg(gt)
     high = top_quartile(disp)
     table, metrics, gaps, per_window = {}, {}, {}, {}
@@ -152,29 +157,30 @@ def score(gt, calls, offsets, steps, classes):
     return table, metrics, gaps, per_window, disp, high
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Windows and ground truth
 
 
 def sample_windows(root, num_windows, seed=0, stride=1, split="val", horizon=HORIZON, context=CONTEXT):
-    """Up to num_windows windows of the split, drawn without replacement with a fixed seed from every start
-    s in data.window_starts(T, stride) of every clip; returned in dataset order: dicts path, clip_id, start, T."""
+    """Up to num_windows windows of the split, drawn without replacement with a fixed seed from
+    every start s in data.window_starts(T, stride) of every clip; returned in dataset order: dicts
+    path, clip_id, start, T."""
     entries = data.list_clips(root, split)
     T = np.array([e["num_frames"] for e in entries], dtype=np.int64)
-    # windows per clip, counted without listing them (10^6 clips x 30 starts would be a slow Python list)
+    # windows per clip, counted without listing them (10^6 clips x 30 starts: a slow list)
     counts = np.maximum(0, -(-(T - horizon + 1 - context) // stride))
     ends = np.cumsum(counts)
     if not len(ends) or ends[-1] == 0:
         raise ValueError(f"no {split} windows in {root} (clips need >= {context + horizon} frames)")
     pick = np.sort(np.random.default_rng(seed).choice(ends[-1], size=min(num_windows, ends[-1]), replace=False))
-    clip = np.searchsorted(ends, pick, side="right")  # window k belongs to the clip whose range holds k
+    clip = np.searchsorted(ends, pick, side="right")  # window k: the clip whose range holds k
     start = context + stride * (pick - (ends[clip] - counts[clip]))
     return [{"path": str(Path(root) / entries[c]["path"]), "clip_id": entries[c]["clip_id"], "start": int(s),
              "num_frames": int(T[c])} for c, s in zip(clip, start)]
 
 
 def load_ground_truth(windows, horizon=HORIZON):
-    """-> ext (N, horizon+1, 22) radians of frames s-1 .. s+horizon-1, classes (N,), prompts (N,)."""
+    """-> ext (N, horizon+1, 22) radians of frames s-1 .. s+horizon-1, classes, prompts (N,)."""
     ext, classes, prompts = [], [], []
     for w in windows:
         cf = data.ClipFile(w["path"])
@@ -189,13 +195,13 @@ def clip_prompt(meta):
     return prompt_text(meta["action_class"], meta["description"])
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model calls
 
 
 def restart_images(path, t, image_size=224, context=CONTEXT):
-    """The model's images for a restart at clip frame t: frames t-context .. t-1 ONLY (the no-leak rule), each with
-    its box, as in training (model.frame_image)."""
+    """The model's images for a restart at clip frame t: frames t-context .. t-1 ONLY (no leak),
+    each with its box, as in training (model_io.frame_image)."""
     cf = data.ClipFile(path)
     jpegs = cf.frame_bytes(range(t - context, t))
     boxes = cf.read("boxes", t - context, t)
@@ -203,13 +209,14 @@ def restart_images(path, t, image_size=224, context=CONTEXT):
 
 
 def call_seed(seed, clip_id, start, r):
-    """Seed of the noise of one model call: a function of what is predicted, not of batch or position."""
+    """Seed of one model call's noise: a function of what is predicted, not of its batch."""
     return int(hashlib.md5(f"{seed}/{clip_id}/{start}/{r}".encode()).hexdigest()[:15], 16)
 
 
 class RestartCalls(torch.utils.data.Dataset):
-    """Item k = (window k // R, restart offset k % R): encoded images + prompt, ground-truth state (44,) of frame
-    s+r, fixed noise (horizon, action_dim). Runs in DataLoader workers (JPEG decode, box, patching, tokens)."""
+    """Item k = (window k // R, restart offset k % R): encoded images + prompt, ground-truth
+    state (44,) of frame s+r, fixed noise (horizon, action_dim). Runs in DataLoader workers
+    (JPEG decode, box, patching, tokens)."""
 
     def __init__(self, windows, offsets, states, prompts, encode, seed, image_size, horizon, action_dim):
         self.windows, self.offsets, self.states, self.prompts = windows, offsets, states, prompts
@@ -229,7 +236,7 @@ class RestartCalls(torch.utils.data.Dataset):
 
 def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batch_size=16, num_workers=0,
                 diffusion_steps=None, progress=True):
-    """One batched model call per (window, restart offset) -> (N, R, horizon, 22) predicted radians."""
+    """One batched model call per (window, restart offset) -> (N, R, horizon, 22) radians."""
     cfg = model.config
     if cfg.action_horizon != HORIZON or cfg.num_frames != CONTEXT:
         raise ValueError(f"the rolling evaluation is defined for horizon {HORIZON} and {CONTEXT} input frames; the "
@@ -261,21 +268,22 @@ def model_calls(model, windows, offsets, ext, prompts, seed=0, device=None, batc
     finally:
         model.train(was_training)
     calls = out.reshape(len(windows), len(offsets), HORIZON, -1)
-    # Re-initialising from the ground truth means the restart frame itself is known to every method: the model's
-    # chunk is used from one step after the restart on (its row 0 only echoes the state it was given).
+    # a restart frame is known to every method (re-initialised to the ground truth): the model's
+    # chunk counts from one step after it (its row 0 only echoes the given state)
     calls[:, :, 0] = np.stack([ext[:, r + 1] for r in offsets], 1)
     return calls
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The evaluation
 
 
 def rolling_eval(model, root, num_windows=500, steps=(1, 2, 3, 5, 8, 16), seed=0, device=None, batch_size=16,
                  num_workers=0, stride=1, split="val", diffusion_steps=None, progress=True):
-    """The card's rolling evaluation on `root` (model=None: baselines only). Returns a JSON-ready dict:
-    table[S][model|static|linear|*_high] (RMSE deg, t = 1..15), metrics[S][method] (every breakdown),
-    gaps[S] (model - static), windows (per-window details), num_windows, model_calls, settings."""
+    """The card's rolling evaluation on `root` (model=None: baselines only). Returns a JSON-ready
+    dict: table[S][model|static|linear|*_high] (RMSE deg, t = 1..15), metrics[S][method] (every
+    breakdown), gaps[S] (model - static), windows (per-window details), num_windows, model_calls,
+    settings."""
     steps = sorted({int(S) for S in steps})
     if not steps or steps[0] < 1 or steps[-1] > HORIZON:
         raise ValueError(f"steps must be in 1..{HORIZON}, got {steps}")
@@ -305,7 +313,8 @@ def rolling_eval(model, root, num_windows=500, steps=(1, 2, 3, 5, 8, 16), seed=0
 
 
 def format_table(res):
-    """The card's table as text: S x (model / static / linear [/ model - static]), all windows | high-motion."""
+    """The card's table as text: S x (model / static / linear [/ model - static]), all windows |
+    high-motion."""
     has_model = res["table"][str(res["steps"][0])]["model"] is not None
     cols = METHODS if has_model else METHODS[1:]
     n_high = sum(w["high_motion"] for w in res["windows"])
@@ -334,7 +343,7 @@ def format_table(res):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Plots (PIL only)
 
 COLORS = {"model": (214, 39, 40), "static": (31, 119, 180), "linear": (44, 160, 44),
@@ -361,7 +370,7 @@ def nice_ticks(lo, hi, n=5):
 
 
 def line_panel(draw, box, xs, series, title, xlabel="", ylabel=""):
-    """Line chart in box (x0, y0, x1, y1): series {name: list of y (None skipped)} coloured by COLORS."""
+    """Line chart in box (x0, y0, x1, y1): series {name: [y, None skipped]} coloured by COLORS."""
     x0, y0, x1, y1 = box
     f = load_font(12)
     draw.text(((x0 + x1) / 2, y0 + 2), title, fill=INK, font=load_font(13), anchor="mt")
@@ -421,8 +430,8 @@ def plot_rmse_vs_step(res, path):
 
 
 def plot_class_gaps(res, path, S=None):
-    """Horizontal bars: model - static RMSE (deg) per action class at step S (default: the largest), with counts.
-    Red = the model is worse than standing still, blue = better."""
+    """Horizontal bars: model - static RMSE (deg) per action class at step S (default: the
+    largest), with counts. Red: the model is worse than standing still; blue: better."""
     S = str(S or res["steps"][-1])
     gaps = sorted(((c, v["count"], v["gap"]) for c, v in res["gaps"][S]["per_class"].items()),
                   key=lambda cv: cv[2])
@@ -452,7 +461,7 @@ def plot_class_gaps(res, path, S=None):
     return save_png(img, path)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 

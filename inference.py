@@ -1,14 +1,16 @@
 """
-Fast inference for a robot's control loop, on top of model.VLAModel: a per-frame vision cache (at 10 Hz the 4-frame
-window slides by one frame, so 3 of its 4 frames were encoded one call earlier), LoRA merged into the base weights
-once, an inference dtype, and torch.compile of the step with static shapes (the text padded to token buckets, so a
-new instruction does not recompile; CUDA graphs with mode="reduce-overhead").
+Fast inference for a robot's control loop, on top of model.VLAModel: a per-frame vision cache (at
+10 Hz the 4-frame window slides by one frame, so 3 of its 4 frames were encoded one call earlier),
+LoRA merged into the base weights once, an inference dtype, and torch.compile of the step with
+static shapes (the text padded to token buckets, so a new instruction does not recompile; CUDA
+graphs with mode="reduce-overhead").
 
     model = inference.optimize(VLAModel.from_pretrained(ckpt), dtype=torch.bfloat16, compile=True)
     cache = inference.VisionCache()
-    angles = model.predict(frames, boxes, task, instruction, state, cache=cache)   # (16, 22) radians
+    angles = model.predict(frames, boxes, task, instruction, state, cache=cache)  # (16, 22) rad
 
-The optimized model answers through the same predict() / model(inputs=...) calls; it must not train or be saved.
+The optimized model answers through the same predict() / model(inputs=...) calls; it must not
+train or be saved.
 """
 
 import collections
@@ -21,14 +23,15 @@ import torch.nn as nn
 from dit import Attention
 from lora import lora_modules
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Per-frame vision cache
 
 
 class VisionCache:
-    """Per-frame vision-tower outputs (merged tokens and every DeepStack level), keyed by the frame's pixels after
-    the box is drawn (a hash of the uint8 frame), least recently used first out. Each frame is encoded on its own
-    in the vision tower, so cached and fresh outputs are the same numbers (tested)."""
+    """Per-frame vision-tower outputs (merged tokens and every DeepStack level), keyed by the
+    frame's pixels after the box is drawn (a hash of the uint8 frame), least recently used first
+    out. Each frame is encoded on its own in the vision tower, so cached and fresh outputs are the
+    same numbers."""
 
     def __init__(self, max_frames: int = 64):
         self.max_frames = max_frames
@@ -39,8 +42,8 @@ class VisionCache:
         self.entries.clear()
 
     def encode(self, frames: torch.Tensor, encode_fn):
-        """frames (N, S, S, 3) uint8 on the CPU -> (tokens (N*T, Q), [levels (N*T, Q)]) as encode_fn(frames)
-        would return them, running encode_fn only on the frames not seen before."""
+        """frames (N, S, S, 3) uint8 on the CPU -> (tokens (N*T, Q), [levels (N*T, Q)]) as
+        encode_fn(frames) returns them, running encode_fn only on the frames not seen before."""
         if frames.device.type != "cpu":
             raise ValueError("VisionCache keys frames by their pixels: pass them on the CPU")
         if len(frames) > self.max_frames:
@@ -66,9 +69,10 @@ class VisionCache:
 
 
 def pad_inputs(inputs: dict, multiple: int, pad_token_id: int = 0) -> dict:
-    """A collate_inputs batch right-padded to the next multiple of `multiple` tokens (static shapes for a compiled
-    step: a new instruction of similar length reuses it). Padded slots get mask 0 and position 0 as collate's own
-    padding does; their token id is irrelevant (masked); visual_rows are re-indexed for the longer rows."""
+    """A collate_inputs batch right-padded to the next multiple of `multiple` tokens (static shapes
+    for a compiled step: a new instruction of similar length reuses it). Padded slots get mask 0
+    and position 0 as collate's own padding does; their token id is irrelevant (masked);
+    visual_rows are re-indexed for the longer rows."""
     ids = inputs["input_ids"]
     B, L = ids.shape
     Lb = -(-L // multiple) * multiple
@@ -81,28 +85,31 @@ def pad_inputs(inputs: dict, multiple: int, pad_token_id: int = 0) -> dict:
             "position_ids": pad(inputs["position_ids"], (0, Lb - L)), "visual_rows": rows // L * Lb + rows % L}
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # optimize(): merged LoRA, dtype, compile
 
 
 def optimize(model, dtype=None, merge_lora: bool = True, compile=False, bucket: int = None):
-    """Make a VLAModel faster for inference, in place (and in eval mode); returns it. predict(), model(inputs=...)
-    and everything built on them take the optimized path with no other change.
+    """Make a VLAModel faster for inference, in place (and in eval mode); returns it. predict(),
+    model(inputs=...) and everything built on them take the optimized path with no other change.
 
-    merge_lora: fold every LoRA update into its base weight once (exact up to fp32 rounding): no adapter matmuls or
-        casts per layer. Such a model must never train again: .train() and save_pretrained() raise.
-    dtype: e.g. torch.bfloat16 (GPU, or a CPU with bf16 support). The backbone's weights are cast to it; so are the
-        head's matrices, while its norms, the embeddings added to its residual stream and the flow state stay fp32,
-        and every call runs under autocast(dtype): the training precision rule (fp32 head under bf16 autocast) with
-        the casts made once instead of per call, so the same numbers (tested). None keeps the weights and the rule
-        of VLAModel.autocast() (bf16 autocast on CUDA, fp32 on the CPU).
-    compile: True, or a torch.compile mode ("reduce-overhead": CUDA graphs). Compiles, with static shapes and no
-        graph break, the vision tower for one frame and the step from token ids + image embeddings to actions
-        (decoder layers 0..tap, then the head's sampler), with no host-device sync inside. Each new shape compiles
-        on its first call (seconds to minutes); a failure raises, never falls back.
-    bucket: right-pad the text to a multiple of this many tokens (default: 32 when compiling, else none), so a new
-        instruction of similar length reuses the compiled step. Padding changes no real token's output (causal
-        attention never looks ahead; the head masks it) beyond rounding."""
+    merge_lora: fold every LoRA update into its base weight once (exact up to fp32 rounding): no
+        adapter matmuls or casts per layer. Such a model must never train again: .train() and
+        save_pretrained() raise.
+    dtype: e.g. torch.bfloat16 (GPU, or a CPU with bf16 support). The backbone's weights are cast
+        to it, and so are the head's matrices, while its norms, the embeddings added to its residual
+        stream and the flow state stay fp32; every call runs under autocast(dtype). That is the
+        training precision rule (fp32 head under bf16 autocast) with the casts made once instead of
+        per call: the same numbers. None keeps the weights and VLAModel.autocast()'s rule.
+    compile: True, or a torch.compile mode ("reduce-overhead": CUDA graphs). Compiles, with static
+        shapes and no graph break, the vision tower for one frame and the step from token ids and
+        image embeddings to actions (decoder layers 0..tap, then the head's sampler), with no
+        host-device sync inside. Each new shape compiles on its first call (seconds to minutes); a
+        failure raises, never falls back.
+    bucket: right-pad the text to a multiple of this many tokens (default: 32 when compiling, else
+        none), so a new instruction of similar length reuses the compiled step. Padding changes no
+        real token's output (causal attention never looks ahead; the head masks it) beyond
+        rounding."""
     if model._inference is not None:
         raise RuntimeError("inference.optimize was already applied to this model")
     mode = (compile if isinstance(compile, str) else "default") if compile else None
@@ -126,8 +133,8 @@ def optimize(model, dtype=None, merge_lora: bool = True, compile=False, bucket: 
 
 
 def cast_for_inference(model, dtype):
-    """Backbone weights -> dtype (LoRA adapters stay fp32, as peft keeps them); head: the matrices of its linear
-    layers and attention -> dtype, everything else fp32 (what bf16 autocast computes with)."""
+    """Backbone weights -> dtype (LoRA adapters stay fp32, as peft keeps them); the head's linear
+    and attention matrices -> dtype, everything else fp32 (what bf16 autocast computes with)."""
     for name, p in model.qwen_model.named_parameters():
         if p.is_floating_point() and not name.endswith((".lora_A", ".lora_B")):
             p.data = p.data.to(dtype)
@@ -139,9 +146,10 @@ def cast_for_inference(model, dtype):
 
 
 def inference_step(model, input_ids, position_ids, visual_rows, emb, levels, mask, state, noise, steps: int):
-    """Token ids + image embeddings -> actions (B, H, A), on the device with no host sync: what compile traces.
-    The attention mask is not passed to the backbone: padding is on the right, and causal attention never lets a
-    real token see it (same numbers as the masked path); the head masks padding itself."""
+    """Token ids + image embeddings -> actions (B, H, A), on the device with no host sync: what
+    compile traces. The attention mask is not passed to the backbone: padding is on the right,
+    and causal attention never lets a real token see it (same numbers as the masked path);
+    the head masks padding itself."""
     out = model.qwen_model(input_ids=input_ids, position_ids=position_ids, image_embeds=(emb, levels),
                            visual_rows=visual_rows, hidden_layers=(model.deep_tap, model.tap))
     vl = out.layer_outputs[model.tap]
@@ -153,7 +161,7 @@ def inference_step(model, input_ids, position_ids, visual_rows, emb, levels, mas
 
 @dataclass
 class Optimized:
-    """What optimize() applied, and the optimized forward that VLAModel.forward hands inference calls to."""
+    """What optimize() applied, and the forward VLAModel.forward hands inference calls to."""
 
     dtype: torch.dtype  # weights cast to it and autocast to it; None: unchanged
     merged: bool  # LoRA folded into the base weights
@@ -164,12 +172,12 @@ class Optimized:
 
     @torch.inference_mode()
     def actions(self, model, inputs, robot_state, noise, steps, cache):
-        """(B, H, A) actions. Every tensor handed to a compiled function is a fresh inference-mode copy on the
-        device, whoever made the input: a tensor made outside inference mode would not match the compiled graph's
-        guards and would compile it again."""
+        """(B, H, A) actions. Every tensor handed to a compiled function is a fresh inference-mode
+        copy on the device, whoever made the input: a tensor made outside inference mode would not
+        match the compiled graph's guards and would compile it again."""
         dev = model.action_head.future_tokens.device
         hd = model.action_head.future_tokens.dtype
-        if not bool(inputs["attention_mask"].any(1).all()):  # on the host here (collate_inputs): no device sync
+        if not bool(inputs["attention_mask"].any(1).all()):  # on the host: no device sync
             raise ValueError("attention_mask: a sample has no real token")
         inputs = pad_inputs(inputs, self.bucket)
         frames = inputs["frames"]
@@ -186,7 +194,7 @@ class Optimized:
             return self.call(self.step, dev, *args)
 
     def encode_frames(self, model, frames):
-        """frames (N, S, S, 3) uint8 on the host -> (tokens, [levels]); compiled: one frame per call (one shape)."""
+        """frames (N, S, S, 3) uint8 on the host -> (tokens, [levels]); compiled: a frame per call."""
         dev = model.action_head.future_tokens.device
         if self.mode is None:
             return model.vision_on_device(frames.to(dev, non_blocking=True), model.pixel_lut(dev))
@@ -195,12 +203,12 @@ class Optimized:
         return torch.cat([o[0] for o in outs]), [torch.cat(lv) for lv in zip(*(o[1] for o in outs))]
 
     def call(self, fn, dev, *args):
-        """fn(*args), uncompiled as is; compiled: a failure names torch.compile, and outputs are copied out (a CUDA
-        graph's outputs are overwritten by its next replay)."""
+        """fn(*args), uncompiled as is; compiled: a failure names torch.compile, and outputs are
+        copied out (a CUDA graph's outputs are overwritten by its next replay)."""
         if self.mode is None:
             return fn(*args)
-        if dev.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied: reuse them
+        if dev.type == "cuda":  # the previous call's outputs were copied: reuse them
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             out = fn(*args)
         except Exception as e:

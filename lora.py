@@ -1,12 +1,13 @@
 """
-LoRA (low-rank adaptation) for plain nn.Linear layers, in the torchtune style: the adapted layer keeps the base
-layer's `weight` / `bias` as its own direct attributes, so a base checkpoint loads with unchanged key names.
+LoRA (low-rank adaptation) for plain nn.Linear layers, in the torchtune style: the adapted layer
+keeps the base layer's `weight` / `bias` as its own direct attributes, so a base checkpoint loads
+with unchanged key names.
 
     y = x W^T + b + scale * dropout(x) A^T B^T        A: (rank, in)  B: (out, rank)  scale = alpha / rank
 
-MIMIC puts rank-128, alpha-128, dropout-0.05 LoRA on q/k/v/o/gate/up/down_proj of the 18 kept Qwen3-VL decoder
-layers. The numerics mirror peft's `LoraModel` (peft/tuners/lora/layer.py, class Linear):
-kaiming-uniform(a=sqrt(5)) A, zero B, dropout on the LoRA input path only, the input cast to the adapter dtype.
+MIMIC puts rank-128, alpha-128, dropout-0.05 LoRA on q/k/v/o/gate/up/down_proj of the 18 kept
+Qwen3-VL decoder layers. The numerics are peft's (LoRA `Linear`): kaiming-uniform(a=sqrt(5)) A,
+zero B, dropout on the LoRA input path only, the input cast to the adapter dtype.
 
 State-dict key names (what model.py maps the released peft names onto):
 
@@ -17,13 +18,11 @@ State-dict key names (what model.py maps the released peft names onto):
     <fqn>.lora_B  (out, rank)  <fqn>.lora_B.default.weight                        base_model.model.<fqn>.lora_B.weight
 
 Usage:
-    replaced = apply_lora(model, ["q_proj", "k_proj"], rank=8, alpha=16, dropout=0.05)  # freezes the rest
+    apply_lora(model, ["q_proj", "k_proj"], rank=8, alpha=16, dropout=0.05)  # freezes the rest
     ... train ...
-    save_adapter(model, "out/adapter", LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "k_proj"]))
+    save_adapter(model, "out/adapter", LoRAConfig(rank=8, alpha=16, targets=["q_proj", "k_proj"]))
     load_adapter(model, "out/adapter"); merge_lora(model)   # inference without the extra matmuls
     load_peft_adapter(model, "peft_folder")                 # a folder written by peft's save_pretrained
-
-Tests: python -m pytest -q tests/test_lora.py   (peft is the numerical reference there, never imported here)
 """
 
 import json
@@ -43,7 +42,8 @@ ADAPTER_WEIGHTS = "adapter.safetensors"  # save_adapter / load_adapter file name
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # peft save_pretrained file names
 PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."  # peft prefixes every adapter key with this (PeftModel -> LoraModel -> model)
+# peft prefixes every adapter key with this (PeftModel -> LoraModel -> model)
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -56,43 +56,47 @@ class LoRAConfig:
     )
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The layer
 
 
 class LoRALinear(nn.Module):
-    """A Linear layer plus a low-rank update. Built from an existing nn.Linear, whose weight/bias Parameters are
-    re-used (not copied): on the meta device they stay meta until the base checkpoint is loaded with assign=True."""
+    """A Linear layer plus a low-rank update. Built from an existing nn.Linear, whose weight/bias
+    Parameters are re-used (not copied): on the meta device they stay meta until the base checkpoint
+    is loaded with assign=True."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in) the frozen base weight, same key as the nn.Linear it replaces
+        # (out, in) the frozen base weight, same key as the nn.Linear it replaces
+        self.weight = base.weight
         self.bias = base.bias  # (out,) or None
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        # peft's autocast_adapter_dtype: adapters of a half-precision base are kept in fp32 so the small update
-        # is not swamped by rounding; the input is cast to the adapter dtype and the sum back to the base dtype.
+        # peft's autocast_adapter_dtype: adapters of a half-precision base are kept in fp32 so
+        # the small update is not swamped by rounding; the input is cast to the adapter dtype and
+        # the sum back to the base dtype.
         wdt = base.weight.dtype
         adt = torch.float32 if wdt in (torch.float16, torch.bfloat16) else wdt
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=adt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=dev, dtype=adt))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no state-dict keys either way
+        # no state-dict keys either way
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True: behave exactly like the base layer (needs merged == False)
         self.merged = False  # True: scale * B @ A has been added into self.weight
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
-        """peft's default init: A like nn.Linear's default (kaiming-uniform a=sqrt(5)), B zero -> starts at base.
-        A no-op on the meta device; call again after `to_empty()` to materialise."""
+        """peft's default init: A like nn.Linear's default (kaiming-uniform a=sqrt(5)), B zero ->
+        starts at base. A no-op on the meta device; call again after `to_empty()` to materialise."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A, (out, in), in fp32 at least so a merge/unmerge round trip is as exact as the base
-        dtype allows."""
+        """scale * B @ A (out, in), in fp32 at least: a merge/unmerge round trip is then as exact as
+        the base dtype allows."""
         dt = torch.promote_types(self.lora_A.dtype, torch.float32)
         return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scale
 
@@ -106,7 +110,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """Undo merge(). Idempotent. Exact in fp32 up to rounding; a bf16 base weight loses precision (as in peft)."""
+        """Undo merge(). Idempotent. Exact in fp32 up to rounding; a bf16 base loses precision."""
         if not self.merged:
             return
         self.weight.sub_(self.delta_weight().to(self.weight.dtype))
@@ -116,26 +120,32 @@ class LoRALinear(nn.Module):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             if self.disabled:
-                # the base weight now contains the update; silently returning it would be wrong (peft unmerges here)
-                raise RuntimeError("LoRALinear is merged and disabled: call unmerge() before disabling the adapter")
-            if self.training:  # a merged layer has no separate adapter to train and no dropout on its path
-                raise RuntimeError("LoRALinear is merged: call unmerge() before training (or .eval() for inference)")
+                # the base weight now holds the update: returning it would be wrong (peft unmerges)
+                raise RuntimeError("LoRALinear is merged and disabled: call unmerge() before "
+                                   "disabling the adapter")
+            # a merged layer has no separate adapter to train and no dropout on its path
+            if self.training:
+                raise RuntimeError("LoRALinear is merged: call unmerge() before training "
+                                   "(or .eval() for inference)")
             return out
         if self.disabled:
             return out
         if self.training or not torch.is_autocast_enabled(x.device.type):
-            x = self.lora_dropout(x.to(self.lora_A.dtype))  # dropout on the LoRA path only (the base sees the clean x)
-        # else (inference under autocast): F.linear casts x to the autocast dtype anyway, so an fp32 copy of a bf16 x
-        # would be rounded straight back: skipping it gives the same numbers with two kernels fewer per layer
+            # dropout on the LoRA path only (the base sees the clean x)
+            x = self.lora_dropout(x.to(self.lora_A.dtype))
+        # else (inference under autocast): F.linear casts x to the autocast dtype anyway, so an fp32
+        # copy of a bf16 x would be rounded straight back: skipping it gives the same numbers with
+        # two kernels fewer per layer
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return (out + (delta if self.scale == 1.0 else delta * self.scale)).to(out.dtype)  # x * 1.0 == x exactly
+        # scale 1.0 skips a multiply (x * 1.0 == x exactly)
+        return (out + (delta if self.scale == 1.0 else delta * self.scale)).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}, disabled={self.disabled}")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model-level helpers
 
 Targets = Union[Sequence[str], Callable[[str, nn.Module], bool]]
@@ -147,11 +157,12 @@ def _matches(fqn: str, name: str) -> bool:
 
 
 def apply_lora(module: nn.Module, targets: Targets, rank: int, alpha: float, dropout: float = 0.0) -> list:
-    """Replace every matching nn.Linear in `module` by a LoRALinear (via setattr on its parent), then freeze every
-    parameter of `module` except the LoRA ones. `targets` is a list of names (matched like peft's target_modules:
-    "q_proj" matches "layers.0.self_attn.q_proj") or a callable (fqn, module) -> bool. Returns the replaced fqns.
-    Works on a meta-device model: the new LoRA tensors are meta too; `reset_lora_parameters(model)` after to_empty().
-    To train other parts as well (MIMIC's action head), set their requires_grad back to True afterwards."""
+    """Replace every matching nn.Linear in `module` by a LoRALinear (via setattr on its parent),
+    then freeze every parameter of `module` except the LoRA ones. `targets` is a list of names
+    (matched like peft's target_modules: "q_proj" matches "layers.0.self_attn.q_proj") or a callable
+    (fqn, module) -> bool. Returns the replaced fqns. Works on a meta-device model: the new LoRA
+    tensors are meta too; `reset_lora_parameters(model)` after to_empty(). To train other parts as
+    well (MIMIC's action head), set their requires_grad back to True afterwards."""
     if callable(targets):
         pick = targets
     else:
@@ -165,7 +176,8 @@ def apply_lora(module: nn.Module, targets: Targets, rank: int, alpha: float, dro
             continue
         if isinstance(m, LoRALinear):
             raise ValueError(f"apply_lora: {fqn} already has LoRA")
-        if type(m) is not nn.Linear:  # a subclass could hide a different forward; refuse rather than guess
+        # a subclass could hide a different forward; refuse rather than guess
+        if type(m) is not nn.Linear:
             raise TypeError(f"apply_lora: target {fqn} is a {type(m).__name__}, only nn.Linear is supported")
         chosen.append(fqn)
     if not chosen:
@@ -192,7 +204,7 @@ def _require_lora(model: nn.Module) -> dict:
 
 
 def reset_lora_parameters(model: nn.Module):
-    """(Re-)initialise every LoRA pair: A kaiming-uniform, B zero. For meta-built models after to_empty()."""
+    """(Re-)initialise every LoRA pair: A kaiming-uniform, B zero (after to_empty())."""
     for m in _require_lora(model).values():
         m.reset_lora_parameters()
 
@@ -216,7 +228,8 @@ def set_lora_disabled(model: nn.Module, disabled: bool = True):
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Adapter-only state dict: {"<fqn>.lora_A": (rank, in), "<fqn>.lora_B": (out, rank)}, detached tensors."""
+    """Adapter-only state dict of detached tensors: {"<fqn>.lora_A": (rank, in), "<fqn>.lora_B":
+    (out, rank)}."""
     sd = {}
     for fqn, m in _require_lora(model).items():
         sd[f"{fqn}.lora_A"] = m.lora_A.detach()
@@ -225,9 +238,9 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def _place(model: nn.Module, tensors: dict, rank: int, alpha: float, source: str):
-    """Copy {"<fqn>.lora_A"/"<fqn>.lora_B": tensor} into the model's LoRA layers after checking, by name, that the
-    keys cover exactly the model's LoRA layers, that shapes fit and that rank/alpha agree. Nothing is copied if
-    any check fails."""
+    """Copy {"<fqn>.lora_A"/"<fqn>.lora_B": tensor} into the model's LoRA layers after checking, by
+    name, that the keys cover exactly the model's LoRA layers, that shapes fit and that rank/alpha
+    agree. Nothing is copied if any check fails."""
     mods = _require_lora(model)
     errors = []
     wrong_cfg = [f for f, m in mods.items() if m.rank != rank or m.alpha != alpha]
@@ -258,15 +271,16 @@ def _place(model: nn.Module, tensors: dict, rank: int, alpha: float, source: str
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]):
-    # write next to the destination, then rename: a crash never leaves a half-written file under the final name
+    # write next to the destination, then rename: a crash never leaves a half-written file
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)
 
 
 def save_adapter(model: nn.Module, path, config: LoRAConfig):
-    """Write the adapter to folder `path`: adapter.safetensors (lora_state_dict keys) + adapter_config.json
-    (asdict(config)). The config must describe the model's LoRA layers (rank/alpha are checked)."""
+    """Write the adapter to folder `path`: adapter.safetensors (lora_state_dict keys) +
+    adapter_config.json (asdict(config)). The config must describe the model's LoRA layers
+    (rank/alpha are checked)."""
     mods = _require_lora(model)
     bad = [f for f, m in mods.items() if m.rank != config.rank or m.alpha != config.alpha]
     if bad:
@@ -283,8 +297,9 @@ def save_adapter(model: nn.Module, path, config: LoRAConfig):
 
 
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
-    """Load a folder written by save_adapter into a model that already has matching LoRA layers. Returns the config.
-    Raises ValueError listing missing / unplaced / mis-shaped keys or a rank/alpha mismatch."""
+    """Load a folder written by save_adapter into a model that already has matching LoRA layers.
+    Returns the config. Raises ValueError listing missing / unplaced / mis-shaped keys or a
+    rank/alpha mismatch."""
     path = Path(path)
     cfg = json.loads((path / ADAPTER_CONFIG).read_text())
     unknown = sorted(set(cfg) - set(LoRAConfig.__dataclass_fields__))
@@ -296,18 +311,20 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
 
 
 def load_peft_adapter(model: nn.Module, folder, rename: Callable[[str], str] = None) -> dict:
-    """Load a folder written by peft's `save_pretrained` (adapter_config.json + adapter_model.safetensors, keys
-    `base_model.model.<fqn>.lora_{A,B}.weight`) into a model already prepared with apply_lora. `rename` maps a
-    peft-side module fqn to ours when the module trees differ. Checks: a plain-LoRA config (no DoRA, rsLoRA,
-    per-module rank/alpha patterns, bias or modules_to_save), r and lora_alpha equal to the model's, every adapter
-    module matching target_modules, and the adapter modules being exactly the model's LoRA layers (missing /
-    unplaced keys listed by name). lora_dropout is not checked (train-time only). Returns the peft config dict."""
+    """Load a folder written by peft's `save_pretrained` (adapter_config.json and
+    adapter_model.safetensors, keys `base_model.model.<fqn>.lora_{A,B}.weight`) into a model
+    already prepared with apply_lora. `rename` maps a peft-side module fqn to ours when the module
+    trees differ. Checks: a plain-LoRA config (no DoRA, rsLoRA, per-module rank/alpha patterns,
+    bias or modules_to_save), r and lora_alpha equal to the model's, every adapter module matching
+    target_modules, and the adapter modules being exactly the model's LoRA layers (missing /
+    unplaced keys listed by name). lora_dropout is not checked (train-time only). Returns the peft
+    config dict."""
     folder = Path(folder)
     cfg = json.loads((folder / PEFT_CONFIG).read_text())
     errors = []
     if cfg.get("peft_type", "LORA") != "LORA":
         errors.append(f"peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    # features that change the math: refuse each by name instead of loading something that computes differently
+    # features that change the math: refused by name rather than loaded to compute differently
     for name, ok in [("use_rslora", False), ("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False),
                      ("bias", "none")]:
         if cfg.get(name, ok) != ok:

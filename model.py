@@ -1,18 +1,16 @@
 """
-The MIMIC vision-language-action model: an early-exit Qwen3-VL backbone (+ LoRA on its LLM) feeding a DiT
-flow-matching action head that predicts 16 future steps of 22 joint angles (as 44 sin/cos numbers) at 10 Hz.
+The MIMIC vision-language-action model: an early-exit Qwen3-VL backbone (+ LoRA on its LLM) feeding
+a DiT flow-matching head that predicts 16 steps of 22 joint angles (44 sin/cos numbers) at 10 Hz.
 
     4 frames (224x224, target box drawn) + "Task: {class}. Instruction: {text}"
-        -> Qwen3-VL, decoder layers 0..tap only (tap = 17 for the 4B: 18 of 36 layers, no final norm, no lm_head)
-        -> vl tokens = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) outputs (B, S, 5120)
-        -> dit.ActionHead(vl tokens, masked-mean(deep), state) -> velocity; Euler/RK4 from noise -> (B, 16, 44)
+      -> Qwen3-VL decoder layers 0..tap (tap = 17 of the 4B's 36; no final norm, no lm_head)
+      -> vl = layer-tap output (B, S, 2560); deep = concat(layer tap//2, layer tap) (B, S, 5120)
+      -> dit.ActionHead(vl, masked-mean(deep), state): Euler / RK4 from noise -> (B, 16, 44)
 
-Its input and output conventions live in model_io.py (training, evaluation, sampling and serving all use them). This
-file, model_io.py, qwen3vl.py, lora.py and dit.py import nothing else of the repo: the five can be copied on their
-own. inference.py adds the fast path for a control loop (vision cache, merged LoRA, dtype, torch.compile).
+The input / output conventions are model_io.py's. With qwen3vl.py, qwen3vl_processor.py, lora.py,
+dit.py and model_io.py this file stands alone (they import nothing else of the repo).
 
-    python model.py describe --preset mimic-4b     # parameter breakdown on the meta device (no memory)
-    python convert.py --help                       # the released checkpoint.pth -> a safetensors folder
+    python model.py describe --preset mimic-4b     # parameter breakdown on the meta device
 """
 
 import argparse
@@ -33,24 +31,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qwen3vl
+import qwen3vl_processor
 from dit import ActionHead, DiTConfig
 from lora import apply_lora, lora_modules
 from model_io import InputEncoder, collate_inputs, decode_angles, encode_angles, frame_image, prompt_text
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class VLAConfig:
-    """Every field of the released `config.yaml` `model_config` plus a few of ours (marked); defaults are the
-    released model's. An unknown field is an error naming it (dataclass __init__ raises TypeError)."""
+    """The released config.yaml's `model_config` fields (its defaults) plus a few of ours."""
 
-    qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"  # a local Qwen3-VL folder is loaded; a hub id is NOT downloaded
-    qwen_hidden_size: int = 2560  # Q: text hidden size of the backbone (checked against the backbone config)
-    use_intermediate_hidden: bool = True  # features from layer `tap` (True, released) or the last layer (False)
-    hidden_layer_fraction: float = 0.5  # kept layers = int(num_layers * fraction); tap = kept - 1 (17 for the 4B)
-    use_deepstack_features: bool = True  # MIMIC's pooled concat(layer tap//2, layer tap) -> deepstack_projection
+    qwen_model_name: str = "Qwen/Qwen3-VL-4B-Instruct"  # a local folder; a hub id is never fetched
+    qwen_hidden_size: int = 2560  # Q, checked against the backbone config
+    use_intermediate_hidden: bool = True  # features of layer `tap` (released) or of the last layer
+    hidden_layer_fraction: float = 0.5  # kept layers = int(num_layers * fraction); tap = kept - 1
+    use_deepstack_features: bool = True  # MIMIC's pooled concat(layer tap//2, layer tap)
     projection_dim: int = 1024  # P in qwen_projection
     action_dim: int = 44  # 22 angles as interleaved sin/cos
     diffusion_hidden_dim: int = 1536  # D
@@ -63,25 +61,24 @@ class VLAConfig:
     lora_rank: int = 128
     lora_alpha: float = 128.0
     lora_dropout: float = 0.05
-    lora_target_modules: list = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    lora_target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     freeze_vision_encoder: bool = True
-    freeze_qwen_layers: bool = True  # True: the LLM's base weights are frozen (LoRA trains); False: they train too
+    freeze_qwen_layers: bool = True  # the LLM's base weights (LoRA trains either way)
     diffusion_steps: int = 1  # sampler steps at inference (released: 1 Euler step)
     diffusion_dropout: float = 0.1
     image_size: int = 224
-    # --- accepted only so that the released config.yaml loads; they steered the original code, not this one ---
-    hidden_layer_index: int = 18  # the original ignores it in favour of hidden_layer_fraction; so do we
-    use_early_exit: bool = True  # layers after the tap never affect the output, so we always stop there
-    use_flash_attention: bool = False  # ignored: we always use torch SDPA (it picks flash kernels itself)
-    use_thinking_mode: bool = False  # must be False: the released model uses the plain Instruct template
+    # accepted so that the released config.yaml loads; they steered the original code, not this one
+    hidden_layer_index: int = 18  # ignored in favour of hidden_layer_fraction, as the original did
+    use_early_exit: bool = True  # layers after the tap never affect the output: always on
+    use_flash_attention: bool = False  # ignored: torch SDPA picks flash kernels itself
+    use_thinking_mode: bool = False  # must be False: the plain Instruct template
     init_from_current_pose: bool = False  # must be False: the original never implemented it
-    use_dynamic_resolution: bool = False  # must be False: frames are always resized to image_size
-    action_chunking: bool = True  # must be True: the head always predicts the whole horizon
-    # --- ours ---
-    qwen_config: dict = None  # the backbone's config.json dict; None -> read from qwen_model_name or a preset
-    time_sampling: str = "uniform"  # flow-matching t distribution in training: "uniform" (released) or "beta"
+    use_dynamic_resolution: bool = False  # must be False: frames are resized to image_size
+    action_chunking: bool = True  # must be True: the head predicts the whole horizon
+    # ours
+    qwen_config: dict = None  # the backbone's config.json; None: from qwen_model_name or a preset
+    time_sampling: str = "uniform"  # training t: "uniform" (released) or "beta"
     sampler: str = "euler"  # "euler" (released) or "rk4"
 
     def __post_init__(self):
@@ -97,17 +94,18 @@ class VLAConfig:
             raise ValueError(f"sampler must be 'euler' or 'rk4', got {self.sampler!r}")
 
     def kept_layers(self, num_hidden_layers: int) -> int:
-        """Decoder layers to build: int(L * fraction) as the original computes it (18 of 36), or all of them."""
+        """Decoder layers to build: int(L * fraction) as the original computes it, or all."""
         if not self.use_intermediate_hidden:
             return num_hidden_layers
         k = int(num_hidden_layers * self.hidden_layer_fraction)
         if not 1 <= k <= num_hidden_layers:
-            raise ValueError(f"hidden_layer_fraction={self.hidden_layer_fraction} keeps {k} of {num_hidden_layers} layers")
+            raise ValueError(f"hidden_layer_fraction={self.hidden_layer_fraction} keeps {k} of "
+                             f"{num_hidden_layers} layers")
         return k
 
 
-# A tiny backbone for tests and CPU demos: Qwen3-VL's exact structure at toy width, in config.json form, with a
-# byte-level tokenizer (qwen3vl.byte_level_tokenizer) so nothing needs downloading.
+# A tiny backbone for tests and CPU demos: Qwen3-VL's structure at toy width (config.json form),
+# with qwen3vl_processor.byte_level_tokenizer, so nothing needs downloading.
 TINY_QWEN = {
     "model_type": "qwen3_vl",
     "tie_word_embeddings": True,
@@ -128,8 +126,7 @@ TINY_QWEN = {
 }
 
 PRESETS = {
-    # the released model
-    "mimic-4b": dict(),
+    "mimic-4b": dict(),  # the released model
     # toy sizes for tests and the CPU demo; the backbone trains fully (it is random), no LoRA
     "tiny": dict(qwen_model_name="tiny", qwen_hidden_size=64, projection_dim=64, image_size=128,
                  diffusion_hidden_dim=128, num_diffusion_layers=4, num_diffusion_heads=4, use_lora=False,
@@ -138,11 +135,11 @@ PRESETS = {
 
 
 def backbone_config(config: VLAConfig):
-    """(Qwen3VLConfig, folder or None): from config.qwen_config, else the local folder, else the 4B preset."""
+    """(Qwen3VLConfig, folder or None): from config.qwen_config, the local folder or a preset."""
     folder = Path(config.qwen_model_name) if config.qwen_model_name else None
     folder = folder if folder is not None and (folder / "config.json").is_file() else None
     if folder is not None and "text_config" not in json.loads((folder / "config.json").read_text()):
-        folder = None  # a converted MIMIC folder: its config.json is ours (the backbone config is in qwen_config)
+        folder = None  # a converted MIMIC folder: the backbone config is in its qwen_config
     if config.qwen_config is not None:
         qcfg = qwen3vl.Qwen3VLConfig.from_hf(config.qwen_config)
     elif config.qwen_model_name == "tiny":
@@ -161,24 +158,22 @@ def backbone_config(config: VLAConfig):
     return qcfg, folder
 
 
-# The released Qwen3-VL preprocessor settings (preprocessor_config.json of the Qwen3-VL checkpoints),
-# used by the tiny preset, which has no folder to read them from.
+# The Qwen3-VL checkpoints' preprocessor_config.json, for the tiny preset (which has no folder)
 QWEN3VL_PREPROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                         "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216},
                         "resample": 3}
 
 
 def build_processor(config: VLAConfig, folder, qcfg):
-    """The Qwen3-VL processor for this model: the folder's tokenizer + preprocessor (a real Qwen3-VL or a converted
-    MIMIC folder), or for the tiny preset the byte-level tokenizer + the released preprocessor settings.
-
-    min_pixels is lowered to image_size^2 so that 224x224 frames stay 224x224 (14x14 patches -> 49 tokens each, as
-    the released model saw them); the stock 65536 would upscale them to 256x256 (64 tokens)."""
+    """The folder's tokenizer + preprocessor (Qwen3-VL or converted MIMIC), or the tiny preset's.
+    min_pixels drops to image_size^2: 224x224 frames stay 224x224 (49 tokens, as released) where
+    the stock 65536 would upscale them to 256x256."""
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
-        proc = qwen3vl.Qwen3VLProcessor.from_pretrained(folder)
+        proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(folder)
     elif config.qwen_model_name == "tiny":
-        proc = qwen3vl.Qwen3VLProcessor(qwen3vl.byte_level_tokenizer(),
-                                        qwen3vl.Qwen3VLPreprocessConfig.from_hf(QWEN3VL_PREPROCESSOR, "image"))
+        tokenizer = qwen3vl_processor.byte_level_tokenizer()
+        image_cfg = qwen3vl_processor.Qwen3VLPreprocessConfig.from_hf(QWEN3VL_PREPROCESSOR, "image")
+        proc = qwen3vl_processor.Qwen3VLProcessor(tokenizer, image_cfg)
     else:
         raise FileNotFoundError(f"no tokenizer for qwen_model_name={config.qwen_model_name!r}: point it (or --qwen) "
                                 f"at a local Qwen3-VL folder with tokenizer.json and preprocessor_config.json")
@@ -189,14 +184,13 @@ def build_processor(config: VLAConfig, folder, qcfg):
     return proc
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
 def use_tf32(enabled: bool = True):
-    """TF32 for the fp32 matmuls on CUDA (what autocast leaves in fp32, and fp32 runs); off gives exact fp32. The
-    entry points that use a GPU (train, eval, sample) turn it on. Only torch's newer per-backend switch is touched
-    when it exists: mixing it with the legacy allow_tf32 flag makes torch refuse to report the precision."""
+    """TF32 for fp32 CUDA matmuls (train, eval and sample turn it on); off is exact fp32. Only the
+    newer switch is touched where it exists: mixed with allow_tf32, torch cannot report the mode."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         matmul.fp32_precision = "tf32" if enabled else "ieee"
@@ -205,9 +199,8 @@ def use_tf32(enabled: bool = True):
 
 
 def frozen_checksum(model: nn.Module) -> float:
-    """Sum of |w| over the frozen floating parameters, each rounded to bf16 and summed in float64: the same number
-    whether they are held in fp32 or bf16, on any device. A trainable-only folder records it, so that a base rebuilt
-    from another folder or seed is an error rather than a silently different model."""
+    """Sum of |w| of the frozen parameters as bf16, in float64 (the same for fp32 or bf16 copies): a
+    trainable-only folder records it, so that a different base is an error, not a silent change."""
     total = torch.zeros((), dtype=torch.float64)
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad and p.is_floating_point():
@@ -216,9 +209,8 @@ def frozen_checksum(model: nn.Module) -> float:
 
 
 def cast_frozen_(module: nn.Module, dtype):
-    """Frozen parameters to `dtype` (bf16 on a GPU, as released); parameters that train stay fp32, since AdamW
-    updates of ~1e-5 on weights of ~0.02 would round away in bf16 (its spacing there is ~1e-4). Buffers (rotary
-    frequencies) are left in fp32."""
+    """Frozen parameters to `dtype` (bf16 on a GPU, as released). Parameters that train stay fp32:
+    AdamW updates of ~1e-5 on weights of ~0.02 would round away in bf16. Buffers stay fp32."""
     for p in module.parameters():
         want = torch.float32 if p.requires_grad else dtype
         if want is not None and p.dtype != want and p.is_floating_point():
@@ -226,12 +218,9 @@ def cast_frozen_(module: nn.Module, dtype):
 
 
 class VLAModel(nn.Module):
-    """Backbone (`qwen_model`, a qwen3vl.Qwen3VL cut after layer `tap`) + `action_head` (dit.ActionHead).
-
-    Build with `VLAModel(config)`: loads the Qwen3-VL weights when `config.qwen_model_name` is a local folder, else the
-    backbone is randomly initialised (tiny preset, or a model whose weights come from a MIMIC checkpoint next).
-    `load_backbone=False` skips reading the folder's weights (its config and tokenizer are still used).
-    `backbone_dtype` (e.g. bf16) applies to the frozen backbone parameters only (cast_frozen_)."""
+    """Backbone (`qwen_model`, a Qwen3VL cut after layer `tap`) + `action_head` (dit.ActionHead).
+    Loads the Qwen3-VL weights of a local config.qwen_model_name folder (unless load_backbone is
+    False), else initialises randomly; `backbone_dtype` applies to the frozen parameters only."""
 
     def __init__(self, config: VLAConfig, load_backbone: bool = True, backbone_dtype=None):
         super().__init__()
@@ -246,19 +235,16 @@ class VLAModel(nn.Module):
                                                               dtype=backbone_dtype or torch.float32)
         else:
             self.qwen_model = qwen3vl.Qwen3VL(qcfg, num_layers=self.kept)
-        # LoRA on the LLM decoder layers only: the vision tower's modules have other names (qkv, proj, linear_fc*)
-        if config.use_lora:
-            apply_lora(self.qwen_model.model.language_model, list(config.lora_target_modules), rank=config.lora_rank,
-                       alpha=config.lora_alpha, dropout=config.lora_dropout)  # freezes the LLM's base weights
-        # What trains: LLM base weights unless frozen (released: frozen), the adapters always, vision unless frozen.
+        if config.use_lora:  # on the LLM only (the vision tower's names differ); freezes the rest
+            apply_lora(self.qwen_model.model.language_model, list(config.lora_target_modules),
+                       rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
         self.qwen_model.model.language_model.requires_grad_(not config.freeze_qwen_layers)
         for m in lora_modules(self.qwen_model).values():
             m.lora_A.requires_grad_(True)
             m.lora_B.requires_grad_(True)
         self.qwen_model.model.visual.requires_grad_(not config.freeze_vision_encoder)
-        # DeepStack level j is added AFTER decoder layer j, and we read layer `tap`'s own output (before its add):
-        # levels j >= tap never reach the features (only in toy configs; the 4B's tap is 17), so they must not
-        # train (DDP would otherwise fail on parameters that never receive a gradient).
+        # DeepStack level j is added after layer j and we read layer tap's own output, so levels
+        # j >= tap (toy configs only) get no gradient: frozen, or DDP fails on them
         for j, merger in enumerate(self.qwen_model.model.visual.deepstack_merger_list):
             if j >= self.tap:
                 merger.requires_grad_(False)
@@ -270,27 +256,25 @@ class VLAModel(nn.Module):
         tok_dir = Path(config.qwen_model_name or ".")
         self._processor_folder = tok_dir if (tok_dir / "tokenizer.json").is_file() else None
 
-    # --- inputs -------------------------------------------------------------------------------------------------
+    # --- inputs ---------------------------------------------------------------------------------
 
     @property
     def processor(self):
-        """The Qwen3-VL processor (tokenizer + image settings), built lazily. Frames of image_size stay that size
-        (224 -> 14x14 patches -> 49 tokens, as the released model saw them), so min_pixels is lowered to allow it."""
+        """The Qwen3-VL processor (tokenizer + image settings), built lazily (build_processor)."""
         if self._processor is None:
             self._processor = build_processor(self.config, self._processor_folder, self.qwen_config)
         return self._processor
 
     def encoder(self) -> InputEncoder:
-        """The picklable (images, text) -> one sample's input callable (DataLoader workers, servers)."""
+        """The picklable (images, text) -> one sample's input (DataLoader workers, servers)."""
         if self._encoder is None:
             self._encoder = InputEncoder(self.processor, self.qwen_config, self.config.image_size)
         return self._encoder
 
     def prepare(self, frames, boxes, task: str, instruction: str) -> dict:
-        """One sample's input from what a robot or a video has: the config.num_frames frames before now (PIL images
-        or uint8 (H, W, 3) arrays, any size, oldest first), the target person's box in each ((F, 4) x1 y1 x2 y2 in
-        that frame's pixels; a NaN row = unknown, drawn as nothing), the task (action class) and the instruction.
-        Built exactly as training builds it (data.WindowDataset)."""
+        """One sample's input, as training builds it: the num_frames frames before now (PIL or uint8
+        (H, W, 3), any size, oldest first), the target's box in each ((F, 4) x1 y1 x2 y2 in that
+        frame's pixels; a NaN row draws nothing), the task (action class) and the instruction."""
         F_ = self.config.num_frames
         if frames is None or len(frames) != F_:
             raise ValueError(f"need the {F_} frames before now, got {None if frames is None else len(frames)}")
@@ -309,34 +293,33 @@ class VLAModel(nn.Module):
         return self.encoder()(images, prompt_text(task, instruction))
 
     def encode(self, images, instructions) -> dict:
-        """images: list (B) of lists of frames that already carry the box; instructions: list (B) of the full
-        prompt texts -> a batch (collate_inputs). The original code's input convention."""
+        """The original's inputs: B lists of frames (box drawn) and B full prompts -> a batch."""
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} image lists but {len(instructions)} instructions")
         enc = self.encoder()
-        return collate_inputs([enc(list(fr), text) for fr, text in zip(images, instructions)], enc.pad_token_id)
+        samples = [enc(list(fr), text) for fr, text in zip(images, instructions)]
+        return collate_inputs(samples, enc.pad_token_id)
 
     def encode_frames(self, frames: torch.Tensor):
-        """frames (N, S, S, 3) uint8 -> the vision tower's (tokens (N*T, Q), [DeepStack levels (N*T, Q)]),
-        patched on the model's device."""
+        """frames (N, S, S, 3) uint8 -> the vision tower's (tokens, [DeepStack levels])."""
         dev = self.action_head.future_tokens.device
         return self.vision_on_device(frames.to(dev, non_blocking=True), self.pixel_lut(dev))
 
     def pixel_lut(self, dev):
         if dev not in self._luts:
-            self._luts[dev] = qwen3vl.pixel_lut(self.processor.image_config).to(dev)
+            self._luts[dev] = qwen3vl_processor.pixel_lut(self.processor.image_config).to(dev)
         return self._luts[dev]
 
     def vision_on_device(self, frames: torch.Tensor, lut: torch.Tensor):
-        """encode_frames' body for frames already on the device (what compile=True traces, once per frame)."""
+        """encode_frames for frames already on the device (what compile=True traces)."""
         cfg = self.processor.image_config
-        pv, _ = qwen3vl.pixel_values_from_frames(frames, cfg, lut)
+        pv, _ = qwen3vl_processor.pixel_values_from_frames(frames, cfg, lut)
         n, h, w, _ = frames.shape
         return self.qwen_model.model.visual(pv, [(1, h // cfg.patch_size, w // cfg.patch_size)] * n)
 
     def features(self, inputs: dict, cache=None):
-        """Backbone -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask (B, S) bool). Only layers 0..tap run.
-        `inputs`: collate_inputs' batch (CPU tensors; moved here). `cache`: reuse per-frame vision outputs."""
+        """collate_inputs' batch (CPU tensors) -> (vl (B, S, Q), deep (B, S, 2Q) or None, mask
+        (B, S) bool); only layers 0..tap run. `cache` reuses per-frame vision outputs."""
         dev = self.action_head.future_tokens.device
         frames = inputs["frames"]  # (B, F, S, S, 3) uint8
         flat = frames.reshape(-1, *frames.shape[2:])
@@ -350,29 +333,27 @@ class VLAModel(nn.Module):
         return vl, deep, inputs["attention_mask"].to(dev, non_blocking=True).bool()
 
     def autocast(self):
-        """The one precision rule for training and inference: bf16 autocast on CUDA (as the released model was
-        trained and should be run), full fp32 on the CPU. After inference.optimize(dtype=...): autocast to
-        that dtype on any device (none for float32)."""
+        """The one precision rule of training and inference: bf16 autocast on CUDA (as released),
+        fp32 on the CPU; after inference.optimize(dtype=...), that dtype on any device."""
         dev = self.action_head.future_tokens.device
         dtype = self._inference.dtype if self._inference is not None else None
         if dtype is not None:
             return torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
-    # --- training / inference -----------------------------------------------------------------------------------
+    # --- training / inference -------------------------------------------------------------------
 
     def forward(self, images=None, instructions=None, actions=None, timesteps=None, robot_state=None,
                 compute_loss=True, noise=None, inputs=None, steps=None, cache=None):
-        """The original's signature. images: list of per-sample lists of frames (box already drawn); instructions:
-        list of full prompt texts; actions: (B, H, 44) sin/cos targets; robot_state: (B, 44); timesteps: (B,) flow
-        times (training); noise: (B, H, 44) flow noise / initial noise for exact reproduction. `inputs`: an
-        already-collated batch (collate_inputs; the DataLoader workers make them) instead of images + instructions.
-        Returns {'loss'} when actions are given (and compute_loss), else {'actions': (B, H, 44)}."""
+        """The original's signature: images + instructions (see encode) or `inputs` (a collated
+        batch), robot_state (B, 44), actions (B, H, 44) sin/cos targets, timesteps (B,), noise
+        (B, H, 44) for exact reproduction. -> {'loss'} when actions are given (and compute_loss),
+        else {'actions': (B, H, 44)}."""
         if robot_state is None:
             raise ValueError("robot_state (B, 44) is required: the head is conditioned on the current pose")
         if inputs is None:
             inputs = self.encode(images, instructions)
-        if self._inference is not None and (actions is None or not compute_loss):  # after inference.optimize
+        if self._inference is not None and (actions is None or not compute_loss):  # optimized
             return {"actions": self._inference.actions(self, inputs, robot_state, noise, steps, cache)}
         dev = self.action_head.future_tokens.device
         vl, deep, mask = self.features(inputs, cache)
@@ -392,10 +373,10 @@ class VLAModel(nn.Module):
     @torch.inference_mode()
     def predict(self, frames, boxes, task: str, instruction: str, state_angles, steps=None, noise=None,
                 cache=None) -> np.ndarray:
-        """One control step: the frames before now with their target boxes, task, instruction and the current
-        angles (22,) radians -> (H, 22) predicted angles in radians (row 0 is the current step). `noise` (H, 44)
-        fixes the sampler's start; `cache` reuses the vision outputs of frames seen in earlier calls."""
-        state = np.asarray(state_angles, dtype=np.float64)  # sin/cos in float64, then float32, as in training
+        """One control step: frames, boxes, task, instruction (see prepare) and the current angles
+        (22,) in radians -> (H, 22) predicted radians, row 0 the current step. `noise` (H, 44) fixes
+        the sampler's start; `cache` reuses the vision outputs of frames seen before."""
+        state = np.asarray(state_angles, dtype=np.float64)  # sin/cos in float64, as in training
         if state.shape != (self.config.action_dim // 2,) or not np.all(np.isfinite(state)):
             raise ValueError(f"state_angles must be {self.config.action_dim // 2} finite radians, got shape "
                              f"{state.shape}")
@@ -403,8 +384,9 @@ class VLAModel(nn.Module):
         if noise is not None:
             noise = torch.as_tensor(noise, dtype=torch.float32).reshape(1, self.config.action_horizon, -1)
         with self.autocast():
-            out = self(inputs=inputs, robot_state=torch.from_numpy(encode_angles(state)).float()[None], compute_loss=False,
-                       noise=noise, steps=steps, cache=cache)["actions"]
+            robot_state = torch.from_numpy(encode_angles(state)).float()[None]
+            out = self(inputs=inputs, robot_state=robot_state, compute_loss=False, noise=noise, steps=steps,
+                       cache=cache)["actions"]
         return decode_angles(out[0].float().cpu().numpy())
 
     def train(self, mode: bool = True):
@@ -413,13 +395,12 @@ class VLAModel(nn.Module):
                                "must not train; load a fresh model to train")
         return super().train(mode)
 
-    # --- checkpoints --------------------------------------------------------------------------------------------
+    # --- checkpoints ----------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load our own keys or the released checkpoint's (peft-wrapped transformers names, mapped explicitly by
-        `map_released_keys`). strict=True raises on any unplaced or missing key, naming each; with strict off (the
-        model card's call) the same lists are printed as a loud warning and everything placeable is loaded.
-        A shape mismatch always raises."""
+        """Our own keys or the released checkpoint's (mapped by map_released_keys). strict raises
+        naming every unplaced or missing key; strict=False (the model card's call) prints the same
+        lists as a loud warning and loads the rest. A shape mismatch always raises."""
         mapped, ignored, unplaced = map_released_keys(state_dict, self)
         own = self.state_dict()
         missing = sorted(set(own) - set(mapped))
@@ -435,8 +416,7 @@ class VLAModel(nn.Module):
                 raise KeyError(msg)
             warnings.warn(msg, stacklevel=2)
             print("WARNING " + msg, file=sys.stderr)
-        # Copy (or assign) tensor by tensor: placing is explicit, so nn.Module's own key matching is not needed.
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters())  # placed explicitly, tensor by tensor
         buffers = dict(self.named_buffers())
         with torch.no_grad():
             for k, v in mapped.items():
@@ -448,16 +428,14 @@ class VLAModel(nn.Module):
         return torch.nn.modules.module._IncompatibleKeys(missing, unplaced)
 
     def trainable_state_dict(self) -> dict:
-        """Only the tensors that train (LoRA + head, + whatever is unfrozen): what a training checkpoint needs."""
+        """Only the tensors that train (LoRA, head, whatever is unfrozen)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def save_pretrained(self, out, merge_lora_weights: bool = False, trainable_only: bool = False, base=None):
-        """OUT/model.safetensors + OUT/config.json (+ the processor files), written atomically. With
-        merge_lora_weights the adapters are folded into the base weights and the saved config has use_lora=False.
-        trainable_only: only the tensors that train; `base` records where the frozen rest comes from, so that
-        from_pretrained can rebuild it: {"qwen": Qwen3-VL folder}, {"init_seed": seed} (random init under
-        torch.manual_seed(seed)) or {"folder": a full MIMIC folder}; a checksum of the frozen weights goes along."""
+        """OUT/model.safetensors + config.json (+ processor files), atomically. merge_lora_weights
+        folds the adapters in. trainable_only keeps what trains; `base` records where the frozen
+        rest comes from: {"qwen": folder}, {"init_seed": seed} or {"folder": a MIMIC folder}."""
         if self._inference is not None:
             raise ValueError("save_pretrained: save the model before inference.optimize (its weights are merged "
                              "or cast now; a merged LoRA would be applied twice on load)")
@@ -479,7 +457,7 @@ class VLAModel(nn.Module):
             meta.update(base=base, frozen_checksum=frozen_checksum(self))
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         if self._processor_folder is not None:
-            for name in qwen3vl.PROCESSOR_FILES:
+            for name in qwen3vl_processor.PROCESSOR_FILES:
                 src = self._processor_folder / name
                 if src.is_file():
                     data = src.read_bytes()
@@ -488,14 +466,13 @@ class VLAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", backbone_dtype=None, base=None):
-        """Load a folder written by save_pretrained / `python convert.py`. Strict: every key must match.
-        A trainable-only folder takes its frozen weights from `base` (a model or a full folder), by default from
-        the base it records (save_pretrained), and checks them against the recorded checksum."""
+        """Load a folder of save_pretrained / convert.py, strictly. A trainable-only folder takes
+        its frozen weights from `base` (a model or a full folder; default: the base it records)."""
         folder = Path(folder)
         meta = json.loads((folder / "config.json").read_text())
         cfg = dict(meta["model_config"])
-        if (folder / "tokenizer.json").is_file():
-            cfg["qwen_model_name"] = str(folder)  # tokenizer + preprocessor travel with the converted folder
+        if (folder / "tokenizer.json").is_file():  # the processor files travel with the folder
+            cfg["qwen_model_name"] = str(folder)
         config = VLAConfig(**cfg)
         if meta.get("trainable_only"):
             base = base if base is not None else meta.get("base")
@@ -522,18 +499,18 @@ class VLAModel(nn.Module):
             model = cls(config, load_backbone=False)
         model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True, assign=True)
         model.reinit_buffers()
-        cast_frozen_(model.qwen_model, backbone_dtype)  # adapters and anything that trains stay fp32
+        cast_frozen_(model.qwen_model, backbone_dtype)  # what trains (adapters...) stays fp32
         return model.to(device)
 
     def reinit_buffers(self):
-        """Non-persistent buffers (rotary inverse frequencies) are garbage after a meta-device build: recompute."""
+        """Recompute the rotary buffers, which a meta-device build leaves empty."""
         self.qwen_model.init_buffers()
 
 
 def _build_base(cls, config: VLAConfig, base: dict, folder):
-    """The model whose frozen weights a trainable-only folder was trained on, from its recorded `base`."""
+    """The model whose frozen weights a trainable-only folder was trained on, from its `base`."""
     if "qwen" in base:
-        return cls(replace(config, qwen_model_name=base["qwen"]))  # reads that Qwen3-VL folder's weights
+        return cls(replace(config, qwen_model_name=base["qwen"]))  # reads that folder's weights
     if "init_seed" in base:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             torch.manual_seed(int(base["init_seed"]))
@@ -543,16 +520,15 @@ def _build_base(cls, config: VLAConfig, base: dict, folder):
     raise ValueError(f"{folder}: unknown base record {base!r} (expected qwen, init_seed or folder)")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Released checkpoint names -> ours (docs/released_checkpoint.md)
 #
-#   module.                                                   -> (stripped)
-#   qwen_model.base_model.model.<rest>                        -> qwen_model.<rest>     (peft's PeftModel/LoraModel)
-#   ...{q,k,v,o,gate,up,down}_proj.base_layer.{weight,bias}   -> ...{...}_proj.{weight,bias}
-#   ...{...}_proj.lora_A.default.weight  (r, in)              -> ...{...}_proj.lora_A
-#   ...{...}_proj.lora_B.default.weight  (out, r)             -> ...{...}_proj.lora_B
-#   qwen_model.model.language_model.norm.weight, qwen_model.lm_head.weight, layers >= kept   -> ignored (early exit)
-#   qwen_model.model.visual.*, qwen_model.model.language_model.*, action_head.*               -> unchanged
+#   module.                                              -> (stripped)
+#   qwen_model.base_model.model.<rest>                   -> qwen_model.<rest>   (peft's wrappers)
+#   ..._proj.base_layer.{weight,bias}                    -> ..._proj.{weight,bias}
+#   ..._proj.lora_A.default.weight (r, in)               -> ..._proj.lora_A     (lora_B: (out, r))
+#   language_model.norm, lm_head, layers >= kept         -> ignored (early exit)
+#   visual.*, language_model.*, action_head.*            -> unchanged
 
 _PEFT_PREFIX = "qwen_model.base_model.model."
 _LORA_RE = re.compile(r"^(.*)\.(lora_[AB])\.default\.weight$")
@@ -561,8 +537,8 @@ _LAYER_RE = re.compile(r"^qwen_model\.model\.language_model\.layers\.(\d+)\.")
 
 
 def map_released_keys(state_dict, model: VLAModel):
-    """-> (mapped {our key: tensor}, ignored [released keys unused by the early-exit model], unplaced [keys that
-    match nothing we have]). Pure renaming; every rule is listed in the table above."""
+    """-> (mapped {our key: tensor}, ignored [released keys unused after the early exit],
+    unplaced [keys that match nothing]). Pure renaming, by the table above."""
     own = set(model.state_dict())
     mapped, ignored, unplaced = {}, [], []
     for key, value in state_dict.items():
@@ -579,14 +555,14 @@ def map_released_keys(state_dict, model: VLAModel):
         layer = _LAYER_RE.match(k)
         if k in ("qwen_model.model.language_model.norm.weight", "qwen_model.lm_head.weight") or (
                 layer is not None and int(layer.group(1)) >= model.kept):
-            ignored.append(key)  # exists in the released file, unused by design after the early exit
+            ignored.append(key)  # in the released file, unused after the early exit
         else:
             unplaced.append(key)
     return mapped, ignored, unplaced
 
 
 def merged_state_dict(model: VLAModel) -> dict:
-    """State dict with every LoRA update folded into its base weight and no lora_* keys (model left unchanged)."""
+    """State dict with every LoRA update folded into its base weight, no lora_* keys."""
     sd = dict(model.state_dict())
     for fqn, m in lora_modules(model).items():
         sd[f"{fqn}.weight"] = (m.weight.detach().float() + m.delta_weight().detach()).to(m.weight.dtype)
@@ -594,12 +570,12 @@ def merged_state_dict(model: VLAModel) -> dict:
     return sd
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Small utilities
+# --------------------------------------------------------------------------------------------------
+# Utilities
 
 
 def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file under the final name."""
+    """write(tmp_path), then rename: a crash never leaves a half-written file under the name."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -611,9 +587,8 @@ def atomic_write(path, write):
 
 
 def load_safetensors(path) -> dict:
-    """{key: tensor} of a safetensors file. Tensors that sit at an odd offset in the file are copied to aligned
-    memory: CPU matmul kernels round differently on unaligned inputs (~1e-6), and a saved model must give exactly
-    the numbers it gave before saving."""
+    """{key: tensor} of a safetensors file. Tensors at an odd offset are copied to aligned memory:
+    CPU matmuls round differently on unaligned inputs, and a saved model must give the same bits."""
     with safe_open(str(path), framework="pt") as f:
         return {k: t if (t := f.get_tensor(k)).data_ptr() % 64 == 0 else t.clone() for k in f.keys()}
 
@@ -639,7 +614,7 @@ def count_parameters(model: VLAModel) -> dict:
             "total": lora + vision + llm + head + other}
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 

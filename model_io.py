@@ -1,8 +1,9 @@
 """
-What the MIMIC model sees and what it predicts, defined once: the prompt, the boxed and resized frames, the token ids
-with their M-RoPE positions (InputEncoder, collate_inputs), and the (sin, cos) encoding of the 22 joint angles.
-Training (data.WindowDataset), evaluation, sampling and the policy server all build their inputs with these, so the
-released model is always fed what it was trained on (docs/conventions.md states the rules).
+What the MIMIC model sees and what it predicts, defined once: the prompt, the boxed and resized
+frames, the token ids with their M-RoPE positions (InputEncoder, collate_inputs), and the (sin, cos)
+encoding of the 22 joint angles. Training (data.WindowDataset), evaluation, sampling and the policy
+server all build their inputs with these, so the released model is always fed what it was trained on
+(docs/conventions.md states the rules).
 """
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import qwen3vl
+import qwen3vl_processor
 
 
 def encode_angles(a):
@@ -34,8 +36,9 @@ def prompt_text(task: str, instruction: str) -> str:
 
 
 def draw_box(image, box, width=3, color=(0, 255, 0)):
-    """Draw the target box in place, `width` px centred on the box edges as OpenCV's thick lines are; coordinates
-    truncated to int and clamped to the frame (as the original). A NaN box draws nothing."""
+    """Draw the target box in place, `width` px centred on the box edges as OpenCV's thick
+    lines are; coordinates truncated to int and clamped to the frame (as the original).
+    A NaN box draws nothing."""
     box = np.asarray(box, dtype=np.float64)
     if not np.all(np.isfinite(box)):
         return image
@@ -51,9 +54,10 @@ def draw_box(image, box, width=3, color=(0, 255, 0)):
 
 
 def frame_image(frame, box, image_size: int, mirror: bool = False) -> Image.Image:
-    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3)) in RGB, the target
-    person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn green 3 px, optionally mirrored (the flip
-    augmentation mirrors frame and box together), then resized to image_size^2 (aspect ratio not kept)."""
+    """One input frame as the model sees it: the full source frame (PIL or uint8 (H, W, 3)) in
+    RGB, the target person's box (x1, y1, x2, y2 in its pixels; NaN = unknown) drawn in green,
+    3 px wide, optionally mirrored (the flip augmentation mirrors frame and box together), then
+    resized to image_size^2 (aspect ratio not kept)."""
     im = frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
     im = draw_box(im.copy() if im is frame else im, box)  # never draw on the caller's image
     if mirror:
@@ -62,20 +66,20 @@ def frame_image(frame, box, image_size: int, mirror: bool = False) -> Image.Imag
 
 
 class InputEncoder:
-    """(images, text) -> one sample's model input: the frames as uint8 (F, S, S, 3), the token ids of the chat
-    prompt (one user turn: the F images, then the text; generation prompt; no system turn), their M-RoPE positions
-    (3, L) and the positions of the image tokens. Pixels are patched on the model's device (uint8 crosses the bus,
-    and DataLoader workers' shared memory holds 16x less than float patches with their temporal copy); positions
-    are computed here, on the CPU, so a training or control step has no host-device sync. Picklable: runs in
-    DataLoader workers."""
+    """(images, text) -> one sample's model input: the frames as uint8 (F, S, S, 3), the token ids
+    of the chat prompt (one user turn: the F images, then the text; generation prompt; no system
+    turn), their M-RoPE positions (3, L) and the positions of the image tokens. Pixels are patched
+    on the model's device (uint8 crosses the bus, and DataLoader workers' shared memory holds 16x
+    less than float patches with their temporal copy); positions are computed here, on the CPU, so
+    a training or control step has no host-device sync. Picklable: runs in DataLoader workers."""
 
     def __init__(self, processor, qwen_config, image_size):
         self.processor, self.qwen_config, self.image_size = processor, qwen_config, image_size
         self.pad_token_id = processor.pad_token_id
         ic = processor.image_config
-        kept = qwen3vl.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size, ic.min_pixels,
-                                    ic.max_pixels)
-        if kept != (image_size, image_size):  # frames are patched as they are (pixel_values_from_frames)
+        kept = qwen3vl_processor.smart_resize(image_size, image_size, ic.patch_size * ic.merge_size,
+                                              ic.min_pixels, ic.max_pixels)
+        if kept != (image_size, image_size):  # frames are patched as they are (no resize)
             raise ValueError(f"the processor would resize {image_size}x{image_size} frames to {kept}: image_size must "
                              f"be a multiple of {ic.patch_size * ic.merge_size} within its min/max_pixels")
         self.grid = (1, image_size // ic.patch_size, image_size // ic.patch_size)
@@ -99,9 +103,10 @@ INPUT_KEYS = ("frames", "input_ids", "position_ids", "image_positions")
 
 
 def collate_inputs(items, pad_token_id=0) -> dict:
-    """InputEncoder outputs -> a batch: frames (B, F, S, S, 3) uint8; input_ids (B, L) right-padded with
-    pad_token_id; attention_mask (B, L), 0 on padding; position_ids (3, B, L), 0 on padding (as rope_index gives
-    for masked slots); visual_rows (N,) the flat indices b * L + s of all image tokens, batch-major."""
+    """InputEncoder outputs -> a batch: frames (B, F, S, S, 3) uint8; input_ids (B, L) right-padded
+    with pad_token_id; attention_mask (B, L), 0 on padding; position_ids (3, B, L), 0 on padding
+    (as rope_index gives for masked slots); visual_rows (N,) the flat indices b * L + s of all
+    image tokens, batch-major."""
     L = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), L), pad_token_id, dtype=torch.int64)
     mask = torch.zeros((len(items), L), dtype=torch.int64)

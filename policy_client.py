@@ -1,12 +1,12 @@
 """
-The robot side of a policy server (serve.py): a client for one call, and the asynchronous 10 Hz action queue that
-asks for the next chunk before the current one runs out. Standard library + numpy + Pillow only, so a robot process
-imports it without torch or the model.
+The robot side of a policy server (serve.py): a client for one call, and the asynchronous
+10 Hz action queue that asks for the next chunk before the current one runs out. Standard
+library + numpy + Pillow only, so a robot process imports it without torch or the model.
 
     from policy_client import ActionQueue, PolicyClient
     client = PolicyClient("http://127.0.0.1:8000")
-    out = client.act(frames, boxes, "jumping jacks", "Do jumping jacks.", state)   # out["angles"]: (16, 22) rad
-    ActionQueue(client, threshold=8).run(observe, command, ticks=600)             # 60 s of control at 10 Hz
+    out = client.act(frames, boxes, "jumping jacks", "Do jumping jacks.", state)  # out["angles"]
+    ActionQueue(client, threshold=8).run(observe, command, ticks=600)             # 60 s at 10 Hz
 """
 
 import base64
@@ -25,7 +25,7 @@ FPS = 10.0  # the model's control rate: one predicted step per 0.1 s
 
 
 class PolicyError(RuntimeError):
-    """The server answered with an error (status = its HTTP status) or could not be reached (status None)."""
+    """The server answered with an error (status: its HTTP status) or was unreachable (None)."""
 
     def __init__(self, status, message):
         super().__init__(f"{status}: {message}" if status else message)
@@ -43,8 +43,8 @@ def jpeg_bytes(frame, quality=95) -> bytes:
 
 
 def encode_request(frames, boxes, task, instruction, state, seed=None, steps=None, quality=95) -> bytes:
-    """The POST /act body. frames: JPEG bytes (sent as they are), PIL images or uint8 arrays (encoded as JPEG);
-    boxes (F, 4) with NaN = unknown; state: the 22 current angles in radians."""
+    """The POST /act body. frames: JPEG bytes (sent as they are), PIL images or uint8 arrays
+    (encoded as JPEG); boxes (F, 4) with NaN = unknown; state: the 22 current angles in radians."""
     rows = [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(boxes, np.float64)]
     req = {"frames": [base64.b64encode(jpeg_bytes(f, quality)).decode("ascii") for f in frames], "boxes": rows,
            "task": task, "instruction": instruction, "state": np.asarray(state, np.float64).tolist()}
@@ -56,7 +56,7 @@ def encode_request(frames, boxes, task, instruction, state, seed=None, steps=Non
 
 
 class PolicyClient:
-    """A policy server's client over one kept-alive HTTP connection (thread-safe: calls take turns on it)."""
+    """A policy server's client over one kept-alive HTTP connection (thread-safe: calls take turns)."""
 
     def __init__(self, url, timeout_s=30.0, quality=95):
         u = urlsplit(url)
@@ -79,7 +79,7 @@ class PolicyClient:
                 except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, unreachable
                     conn.close()
                     if reused and attempt == 0 and isinstance(e, (ConnectionError, http.client.HTTPException)):
-                        continue  # the server had closed our idle kept-alive connection: retry once, fresh
+                        continue  # the server closed our idle connection: retry once, fresh
                     raise PolicyError(None, f"{self.url}{path}: {type(e).__name__}: {e}") from e
                 if resp.will_close:
                     conn.close()
@@ -100,8 +100,8 @@ class PolicyClient:
         return self.request("GET", "/info")
 
     def act(self, frames, boxes, task, instruction, state, seed=None, steps=None) -> dict:
-        """-> the server's reply with "angles" as a float32 (H, 22) array (radians; row 0 = the observation's
-        time) and "round_trip_ms" added."""
+        """-> the server's reply with "angles" as a float32 (H, 22) array (radians; row 0: the
+        observation's time) and "round_trip_ms" added."""
         body = encode_request(frames, boxes, task, instruction, state, seed, steps, self.quality)
         t0 = time.perf_counter()
         out = self.request("POST", "/act", body)
@@ -117,23 +117,25 @@ class PolicyClient:
 
 
 class ActionQueue:
-    """The robot side of asynchronous chunk execution. Call step(observe) once per control tick (10 Hz): it returns
-    the angles to command now and never waits for the server. When <= `threshold` steps of the current chunk remain
-    (counting this tick's), it calls observe() (-> client.act's keyword arguments for this tick's observation) and
-    asks for the next chunk in a background thread. A chunk computed from the observation of tick k0 holds the
-    angles of ticks k0, k0 + 1, ...: on arrival at tick k it replaces the current one from its row k - k0 on (the
-    steps that elapsed while it was computed are dropped), so every tick executes the step planned for that tick.
-    Motion never stalls while the latency in ticks is <= threshold; otherwise the last action is held (`starved`).
-    Before the first chunk step() returns None. `clock` times the requests (latency_ms)."""
+    """The robot side of asynchronous chunk execution. Call step(observe) once per control tick
+    (10 Hz): it returns the angles to command now and never waits for the server. When <=
+    `threshold` steps of the current chunk remain (counting this tick's), it calls observe() (->
+    client.act's keyword arguments for this tick's observation) and asks for the next chunk in a
+    background thread. A chunk computed from the observation of tick k0 holds the angles of ticks
+    k0, k0 + 1, ...: on arrival at tick k it replaces the current one from its row k - k0 on (the
+    steps that elapsed while it was computed are dropped), so every tick executes the step planned
+    for that tick. Motion never stalls while the latency in ticks is <= threshold; otherwise the
+    last action is held (`starved`). Before the first chunk step() returns None. `clock` times the
+    requests (latency_ms)."""
 
     def __init__(self, client, threshold=8, clock=time.perf_counter):
         self.client, self.threshold, self.clock = client, threshold, clock
         self.tick = -1  # the current control tick
-        self.chunk, self.chunk_tick = None, None  # the chunk being executed, the tick of its observation
+        self.chunk, self.chunk_tick = None, None  # the chunk executed, its observation's tick
         self.pending = None  # the observation tick of the request in flight
         self.last_action = None
-        self.latency_ms, self.dropped, self.errors = [], [], []  # per request; dropped: steps elapsed on arrival
-        self.starved = self.stale = 0  # ticks that held the last action; chunks that came after their horizon
+        self.latency_ms, self.dropped, self.errors = [], [], []  # per request (dropped: on arrival)
+        self.starved = self.stale = 0  # ticks holding the last action; chunks after their horizon
         self.idle = threading.Event()
         self.idle.set()
         self._result, self._lock = None, threading.Lock()
@@ -181,7 +183,7 @@ class ActionQueue:
         self.dropped.append(k - k0)
 
     def run(self, observe, command, ticks, fps=FPS, sleep=time.sleep):
-        """The control loop: `ticks` ticks at `fps`, command(angles) each tick once a chunk has arrived."""
+        """The control loop: `ticks` ticks at `fps`, command(angles) each tick once a chunk came."""
         t_next = self.clock()
         for _ in range(ticks):
             action = self.step(observe)

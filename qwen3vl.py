@@ -1,45 +1,34 @@
 """
-Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower + Qwen3 decoder, numerically equal to
-Hugging Face transformers' `Qwen3VLForConditionalGeneration` and loading the official safetensors as-is.
+Qwen3-VL (dense 2B / 4B / 8B / 32B) in plain PyTorch: vision tower with DeepStack + Qwen3 decoder
+with interleaved M-RoPE, numerically equal to transformers' `Qwen3VLForConditionalGeneration`
+and loading the official safetensors as they are. The module tree mirrors the checkpoint keys
+(`model.visual.*`, `model.language_model.*`, `lm_head` when untied); early exit (`num_layers=k`)
+builds and loads only decoder layers 0..k-1, with no final norm and no lm_head. The processor
+(chat template, image / video preprocessing, tokenizer) is qwen3vl_processor.py.
 
-References: the Qwen3-VL technical report (DeepStack, interleaved M-RoPE), https://github.com/QwenLM/Qwen3-VL;
-transformers/models/qwen3_vl/modeling_qwen3_vl.py (+ transformers/vision_utils.py for the pos-embed resampling).
+    model = Qwen3VL.from_pretrained(path, num_layers=None, dtype=torch.bfloat16, device="cpu")
+    out = model(input_ids, attention_mask, pixel_values, image_grid_thw, hidden_layers=(8, 17))
+    new_tokens = model.generate(**batch, max_new_tokens=32)       # (B, T), KV cache
 
-The module tree mirrors the checkpoint keys: `model.visual.*`, `model.language_model.*`, `lm_head` (untied only).
-Early exit (`num_layers=k`) builds and loads only decoder layers 0..k-1 - no final norm, no lm_head.
-
-Public API:
-  Qwen3VLConfig.from_hf(config_json_dict), PRESETS["2B" | "4B" | "8B" | "32B"]
-  Qwen3VL.from_pretrained(path, num_layers=None, dtype=torch.bfloat16, device="cpu")
-  Qwen3VL(...)(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-               output_hidden_states, hidden_layers, cache, logits_to_keep) -> Qwen3VLOutput
-  Qwen3VL.generate(...) -> new tokens (B, T); Qwen3VL.get_rope_index(...); model.visual(pixel_values, grid_thw)
-  load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device="cpu", skip=None)
-  Qwen3VLProcessor.from_pretrained(path): apply_chat_template(messages), __call__(text, images, videos, padding)
-  preprocess_images(images) / preprocess_video(frames, fps) -> patches + grids; smart_resize; byte_level_tokenizer()
-
-Commands:
-  python qwen3vl.py describe --preset 4B --num-layers 18     # parameter breakdown, built on the meta device
-  python -m pytest -q tests/test_qwen3vl.py tests/test_qwen3vl_processor.py   # parity vs transformers (CPU, tiny)
-  python bench/qwen3vl.py --help                             # speed / loading-memory benchmark vs transformers
+    python qwen3vl.py describe --preset 4B --num-layers 18   # parameter breakdown (meta device)
+    python qwen3vl.py chat --model DIR --image a.jpg --prompt "What is this?"
 """
 
 import argparse
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from tokenizers import Tokenizer
 
-# ----------------------------------------------------------------------------------------------------------------
+import qwen3vl_processor
+
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -55,8 +44,10 @@ class VisionConfig:
     spatial_merge_size: int = 2  # 2x2 patches -> 1 LLM token
     out_hidden_size: int = 2560  # = text hidden size
     num_position_embeddings: int = 2304  # learned 48x48 absolute position table
-    deepstack_visual_indexes: tuple = (5, 11, 17)  # ViT blocks whose outputs feed the DeepStack mergers
-    rope_theta: float = 10000.0  # vision 2D RoPE base (not in old config.json files; transformers hard-codes it)
+    # ViT blocks whose outputs feed the DeepStack mergers
+    deepstack_visual_indexes: tuple = (5, 11, 17)
+    # vision 2D RoPE base (not in old config.json files; transformers hard-codes it)
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self):
@@ -86,12 +77,13 @@ class Qwen3VLConfig:
     video_token_id: int = 151656  # <|video_pad|>
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = True  # 2B/4B: lm_head shares embed_tokens.weight; 8B/32B: separate lm_head
+    # 2B/4B: lm_head shares embed_tokens.weight; 8B/32B: separate lm_head
+    tie_word_embeddings: bool = True
 
     @classmethod
     def from_hf(cls, d):
-        """Map a checkpoint's config.json dict field by field. Accepts both the transformers 4.57 form
-        (`rope_theta` + `rope_scaling` in text_config) and the 5.x form (`rope_parameters`)."""
+        """Map a checkpoint's config.json dict field by field. Accepts both the transformers 4.57
+        form (`rope_theta` + `rope_scaling` in text_config) and the 5.x form (`rope_parameters`)."""
         t, v = d["text_config"], d["vision_config"]
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -109,7 +101,7 @@ class Qwen3VLConfig:
             num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
             head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            # transformers' Qwen3VLTextConfig.default_theta is 500000 when neither form carries a theta
+            # transformers' default (Qwen3VLTextConfig.default_theta) when neither form has one
             rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))),
             mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
             max_position_embeddings=t.get("max_position_embeddings", 262144),
@@ -137,7 +129,7 @@ class Qwen3VLConfig:
 
 
     def to_hf(self):
-        """The inverse of from_hf, in the transformers 5.x form (rope_parameters): from_hf(to_hf(c)) == c."""
+        """The inverse of from_hf (transformers 5.x form, rope_parameters): from_hf(to_hf(c)) == c."""
         t, v = self.text, self.vision
         return {
             "model_type": "qwen3_vl", "tie_word_embeddings": self.tie_word_embeddings,
@@ -174,17 +166,19 @@ PRESETS = {
     "2B": _preset(2048, 6144, 28, 16, 24, 1024, 4096, (5, 11, 17), True),
     "4B": _preset(2560, 9728, 36, 32, 24, 1024, 4096, (5, 11, 17), True),
     "8B": _preset(4096, 12288, 36, 32, 27, 1152, 4304, (8, 16, 24), False),
-    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),  # untied (as the 8B; not checked against a 32B file)
+    # untied (as the 8B; not checked against a 32B file)
+    "32B": _preset(5120, 25600, 64, 64, 27, 1152, 4304, (8, 16, 24), False),
 }
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shared pieces
 
 
 def apply_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin with HF's split-halves layout (dim j pairs with j + d/2, so checkpoint q/k
-    weights need no permutation). cos/sin are two equal halves, so this is computed per half without materialising
-    rotate_half(x); every element goes through the same roundings as transformers (a + (-b) == a - b exactly)."""
+    """x * cos + rotate_half(x) * sin with HF's split-halves layout
+    (dim j pairs with j + d/2, so checkpoint q/k weights need no permutation). cos/sin are two equal
+    halves, so this is computed per half without materialising rotate_half(x); every element goes
+    through the same roundings as transformers (a + (-b) == a - b exactly)."""
     x1, x2 = x.chunk(2, dim=-1)
     half = x1.shape[-1]
     c, s = cos[..., :half], sin[..., :half]
@@ -192,10 +186,11 @@ def apply_rope(x, cos, sin):
 
 
 def mrope_slot_rows(mrope_section, half):
-    """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots: interleaved "THWTHW...TTTT".
-    Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if j % 3 == 2 and j < 3*sec[2], else T.
-    Slots past `half` do not exist: when 3*sec[i] > half the interleave stops at the end, as transformers' slice
-    [offset:3*sec[i]:3] does (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
+    """Which position row (0=T, 1=H, 2=W) drives each of the `half` frequency slots:
+    interleaved "THWTHW...TTTT". Slot j takes H if j % 3 == 1 and j < 3*sec[1], W if
+    j % 3 == 2 and j < 3*sec[2], else T. Slots past `half` do not exist: when 3*sec[i] > half
+    the interleave stops at the end, as transformers' slice [offset:3*sec[i]:3] does
+    (e.g. head_dim 16, sections (2, 3, 3): H gets 3 slots, W only 2, T the other 3)."""
     rows = [0] * half
     for row, offset in ((1, 1), (2, 2)):
         for j in range(offset, min(3 * mrope_section[row], half), 3):
@@ -204,15 +199,15 @@ def mrope_slot_rows(mrope_section, half):
 
 
 def merge_order_rc(h, w, m, device=None):
-    """(row, col) of every patch of an h x w grid in the processor's merge-window order: merged row, merged col,
-    then the m x m window row-major. Returns two (h*w,) long tensors."""
+    """(row, col) of every patch of an h x w grid in the processor's merge-window order: merged row,
+    merged col, then the m x m window row-major. Returns two (h*w,) long tensors."""
     r = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
     c = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
     # (h/m, m, w/m, m) -> (h/m, w/m, m, m): the 4 patches of a window become consecutive
     return r.permute(0, 2, 1, 3).reshape(-1), c.permute(0, 2, 1, 3).reshape(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vision tower
 
 
@@ -224,7 +219,7 @@ class VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
 
     def forward(self, x):  # (N, 1536) -> (N, V)
-        # ... but kernel == stride == input size, so the conv is one matmul over the flattened (C, T, P, P) patch
+        # ... but kernel == stride == input size: one matmul over the flattened (C, T, P, P) patch
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
@@ -238,14 +233,16 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, seg_lens):
         N, V = x.shape
         qkv = self.qkv(x).view(N, 3, self.num_heads, -1)  # (N, 3, nh, hd)
-        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision); q and k share cos/sin, so one
-        # apply_rope over both halves the elementwise kernel launches (same values as rotating each alone)
+        # 2D RoPE in fp32, cast back (transformers apply_rotary_pos_emb_vision); q and k
+        # share cos/sin, so one apply_rope over both halves the elementwise kernel launches
+        # (same values as rotating each alone)
         c, s = cos[:, None, None], sin[:, None, None]  # (N, 1, 1, hd)
         q, k = apply_rope(qkv[:, :2].float(), c, s).to(x.dtype).unbind(1)  # each (N, nh, hd)
         v = qkv[:, 2]
         # attention never crosses an image / temporal patch (segment); bidirectional inside one
         if len(set(seg_lens)) == 1:
-            # equal segments (MIMIC: 4 frames of 224x224): one batched SDPA over (num_segments, nh, L, hd)
+            # equal segments (MIMIC: 4 frames of 224x224): one batched SDPA over
+            # (num_segments, nh, L, hd)
             L = seg_lens[0]
             q, k, v = (t.view(N // L, L, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, V)  # (S, L, nh, hd) -> (N, V)
@@ -282,8 +279,9 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """2x2 merge: concat the 4 consecutive patches of a window, then fc1 -> erf-GELU -> fc2. The main merger
-    normalises each patch (width V) before the concat; the DeepStack mergers normalise after it (width 4V)."""
+    """2x2 merge: concat the 4 consecutive patches of a window, then fc1 -> erf-GELU -> fc2.
+    The main merger normalises each patch (width V) before the concat; the DeepStack mergers
+    normalise after it (width 4V)."""
 
     def __init__(self, cfg: VisionConfig, postshuffle_norm: bool):
         super().__init__()
@@ -316,9 +314,10 @@ class VisionModel(nn.Module):
         return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float, device=device) / r))
 
     def pos_embed_interpolate(self, grids, device):
-        """Bilinear, align-corners resampling of the 48x48 table to each h x w grid, in merge-window order.
-        Mirrors transformers' get_vision_interpolation_indices_and_weights: fp32 weights times the table (so the
-        products and the 4-tap sum are fp32 even for a bf16 table), cast to the activation dtype by the caller."""
+        """Bilinear, align-corners resampling of the 48x48 table to each h x w grid, in merge-window
+        order. Mirrors transformers' get_vision_interpolation_indices_and_weights: fp32 weights
+        times the table (so the products and the 4-tap sum are fp32 even for a bf16 table), cast
+        to the activation dtype by the caller."""
         G, m, out, done = self.side, self.cfg.spatial_merge_size, [], {}
         for t, h, w in grids:
             if (h, w) in done:  # e.g. MIMIC's 4 equal frames: resample once per distinct size
@@ -340,7 +339,7 @@ class VisionModel(nn.Module):
         return torch.cat(out)
 
     def rotary(self, grids, device):
-        """cos, sin (N, head_dim) fp32 for the 2D RoPE: angles = concat(row * inv_freq, col * inv_freq), twice."""
+        """cos, sin (N, head_dim) fp32 for the 2D RoPE: concat(row * inv_freq, col * inv_freq) x 2."""
         rc = [torch.stack(merge_order_rc(h, w, self.cfg.spatial_merge_size, device), -1).repeat(t, 1)
               for t, h, w in grids]
         freqs = torch.cat(rc)[..., None].float() * self.inv_freq.float()  # (N, 2, r/2)
@@ -349,8 +348,8 @@ class VisionModel(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches (a tensor, or a list of
-        (t, h, w): torch.compile can trace a list, not a tensor's tolist()).
+        """pixel_values (N, C*T*P*P) in processor order; grid_thw (K, 3) in patches
+        (a tensor, or a list of (t, h, w): torch.compile can trace a list, not a tensor's tolist()).
         Returns (embeds (N/4, O), [deepstack level j (N/4, O) for each tap])."""
         grids = [tuple(g) for g in (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw)]
         m = self.cfg.spatial_merge_size
@@ -373,7 +372,7 @@ class VisionModel(nn.Module):
         return self.merger(x), deepstack
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Qwen3 text decoder
 
 
@@ -390,8 +389,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every kept layer + a position counter. `rope_deltas` (B, 1) is the M-RoPE
-    offset of the NEXT token relative to its cache index: decode position = cache index + rope_deltas."""
+    """Preallocated keys/values for every kept layer + a position counter. `rope_deltas`
+    (B, 1) is the M-RoPE offset of the NEXT token relative to its cache index: decode
+    position = cache index + rope_deltas."""
 
     def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
@@ -433,7 +433,8 @@ class TextAttention(nn.Module):
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=self.nh != self.nkv)
         else:
-            # with a mask, SDPA's GQA path falls back to slow kernels; repeat kv heads instead (as transformers)
+            # with a mask, SDPA's GQA path falls back to slow kernels; repeat kv heads
+            # instead (as transformers)
             rep = self.nh // self.nkv
             k, v = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (k, v))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -465,7 +466,7 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """`model.language_model`: embeddings, the kept decoder layers, and the final norm (full model only)."""
+    """`model.language_model`: embeddings, the kept decoder layers, the final norm (full model)."""
 
     def __init__(self, cfg: TextConfig, num_layers: int, with_norm: bool):
         super().__init__()
@@ -484,25 +485,27 @@ class TextModel(nn.Module):
         return torch.tensor(mrope_slot_rows(self.cfg.mrope_section, self.cfg.head_dim // 2), device=device)
 
     def rope(self, position_ids, dtype):
-        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles in fp32, slots interleaved THW."""
-        pos = position_ids[self.slot_rows].float().permute(1, 2, 0)  # (B, S, hd/2): each slot's own T/H/W position
+        """position_ids (3, B, S) -> cos, sin (B, 1, S, hd) in `dtype`; angles in fp32."""
+        # (B, S, hd/2): each frequency slot takes its own T, H or W position (interleaved THW)
+        pos = position_ids[self.slot_rows].float().permute(1, 2, 0)
         freqs = pos * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Full model
 
 
 def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-    """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as transformers computes them.
-    A plain function, so DataLoader workers can compute the positions on the CPU (no host-device sync in the step):
-    - every run of consecutive image (video) pad tokens is one image (one video temporal patch) and takes the
-      next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
+    """3D M-RoPE positions (3, B, S) and rope_deltas (B, 1) of a Qwen3VLConfig `cfg`, as
+    transformers computes them. A plain function, so DataLoader workers can compute the positions
+    on the CPU (no host-device sync in the step):
+    - every run of consecutive image (video) pad tokens is one image (one video temporal patch)
+      and takes the next row of image_grid_thw (of video_grid_thw split into t rows of (1, h, w));
     - a text run numbers on from a cursor (all three rows equal); a visual run at cursor s gets
-      T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by max(h, w) / merge
-      (= that image's max position + 1), so the text after an image continues right after it;
+      T = s + t_idx, H = s + r, W = s + c over its merged grid, then the cursor advances by
+      max(h, w) / merge (that image's max position + 1), so the text after it continues from there;
     - only tokens with attention_mask = 1 are numbered; padded slots get 0;
     - rope_deltas_b = max position + 1 - (number of real tokens in row b)."""
     m = cfg.vision.spatial_merge_size
@@ -511,7 +514,8 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
     iters = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
              2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
                      if video_grid_thw is not None else [])}
-    # transformers reads these types from the processor's mm_token_type_ids; we derive the same from ids
+    # transformers reads these types from the processor's mm_token_type_ids; we
+    # derive the same from ids
     kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
     position_ids = torch.zeros(3, B, S, dtype=torch.long, device=dev)
     deltas = []
@@ -541,7 +545,7 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
             cur += max(grid[1], grid[2]) // m
         pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long, device=dev)
         position_ids[:, b, keep] = pos
-        # the delta is relative to the REAL token count (as transformers 5.x), not the padded length S
+        # relative to the REAL token count (as transformers 5.x), not the padded length S
         deltas.append((pos.max() + 1 - n) if n else torch.tensor(0, device=dev))
     return position_ids, torch.stack(deltas).view(B, 1)
 
@@ -549,10 +553,14 @@ def rope_index(cfg, input_ids, image_grid_thw=None, video_grid_thw=None, attenti
 @dataclass
 class Qwen3VLOutput:
     logits: torch.Tensor | None  # (B, S or logits_to_keep, vocab); None under early exit
-    last_hidden_state: torch.Tensor  # full model: after the final norm; early exit: residual stream after layer k-1
-    hidden_states: tuple | None  # output_hidden_states=True, exactly as transformers (see Qwen3VL.forward)
-    layer_outputs: dict  # {layer index: that decoder layer's own output (B, S, D)} for the requested hidden_layers
-    rope_deltas: torch.Tensor | None  # (B, 1) as transformers' get_rope_index (None for cached decode steps)
+    # full model: after the final norm; early exit: residual stream after layer k-1
+    last_hidden_state: torch.Tensor
+    # output_hidden_states=True, exactly as transformers (see Qwen3VL.forward)
+    hidden_states: tuple | None
+    # {layer index: that decoder layer's own output (B, S, D)} for the requested hidden_layers
+    layer_outputs: dict
+    # (B, 1) as transformers' get_rope_index (None for cached decode steps)
+    rope_deltas: torch.Tensor | None
 
 
 class Qwen3VL(nn.Module):
@@ -564,7 +572,8 @@ class Qwen3VL(nn.Module):
         self.cfg = cfg
         self.num_layers = L if num_layers is None else num_layers
         self.early_exit = self.num_layers < L  # no final norm / lm_head, logits None
-        # plain container so parameter names are exactly the checkpoint keys (model.visual.*, model.language_model.*)
+        # plain container so parameter names are exactly the checkpoint keys
+        # (model.visual.*, model.language_model.*)
         self.model = nn.Module()
         self.model.visual = VisionModel(cfg.vision)
         self.model.language_model = TextModel(cfg.text, self.num_layers, with_norm=not self.early_exit)
@@ -576,14 +585,14 @@ class Qwen3VL(nn.Module):
         return self.model.visual
 
     def init_buffers(self):
-        """Recompute the non-persistent buffers (rotary inv_freq): after a meta-device build they are garbage."""
+        """Recompute the non-persistent rotary buffers, which a meta-device build leaves empty."""
         for mod in (self.model.visual, self.model.language_model):
             mod.inv_freq = mod.compute_inv_freq(device=next(mod.parameters()).device)
         lm = self.model.language_model
         lm.slot_rows = lm.compute_slot_rows(device=lm.inv_freq.device)
 
     def checkpoint_skip(self, key):
-        """Checkpoint keys this instance deliberately does not load (early exit; tied head stored anyway)."""
+        """Checkpoint keys deliberately not loaded (early exit; a tied head stored anyway)."""
         if key.startswith("model.language_model.layers."):
             return int(key.split(".")[3]) >= self.num_layers
         if key == "model.language_model.norm.weight":
@@ -592,31 +601,34 @@ class Qwen3VL(nn.Module):
             return self.early_exit or self.cfg.tie_word_embeddings
         return False
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
         """rope_index with this model's config: (position_ids (3, B, S), rope_deltas (B, 1))."""
         return rope_index(self.cfg, input_ids, image_grid_thw, video_grid_thw, attention_mask)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, output_hidden_states=False, hidden_layers=(),
                 cache: KVCache | None = None, logits_to_keep: int = 0, position_ids=None, image_embeds=None,
                 visual_rows=None):
-        """input_ids (B, S); attention_mask (B, past + S), 1 = real token; pixel_values (N, 1536) for all images in
-        order of appearance with image_grid_thw (K, 3); likewise pixel_values_videos / video_grid_thw.
+        """input_ids (B, S); attention_mask (B, past + S), 1 = real token; pixel_values
+        (N, 1536) for all images in order of appearance with image_grid_thw (K, 3); likewise
+        pixel_values_videos / video_grid_thw.
 
-        hidden_states (output_hidden_states=True), as transformers returns it: (embeddings after the vision scatter,
-        output of layer 0, ..., output of layer L-2, final-norm(residual after layer L-1)); every layer output is
-        recorded BEFORE the DeepStack add that follows layers 0..2. Under early exit at k: (embeddings, outputs of
-        layers 0..k-1) without any norm, so hidden_states[k] equals transformers' hidden_states[k] for k < L.
-        hidden_layers=(8, 17) -> layer_outputs {8: ..., 17: ...}: each layer's own output (same as
-        hidden_states[i + 1] for i < L - 1), pre-DeepStack, without keeping the other layers.
-        logits_to_keep=n > 0 computes logits for the last n positions only (generation).
+        hidden_states (output_hidden_states=True), as transformers returns it:
+        (embeddings after the vision scatter, output of layer 0, ..., output of layer L-2,
+        final-norm(residual after layer L-1)); every layer output is recorded BEFORE the DeepStack
+        add that follows layers 0..2. Under early exit at k: (embeddings, outputs of layers 0..k-1)
+        without any norm, so hidden_states[k] equals transformers' hidden_states[k] for k < L.
+        hidden_layers=(8, 17) -> layer_outputs {8: ..., 17: ...}: each layer's own output
+        (same as hidden_states[i + 1] for i < L - 1), pre-DeepStack, without keeping the other
+        layers. logits_to_keep=n > 0 computes logits for the last n positions only (generation).
 
-        Precomputed inputs (what a DataLoader worker or a per-frame cache can provide, so the step has no host-device
-        sync): position_ids (3, B, S) from rope_index; image_embeds = (embeds, [DeepStack levels]) as model.visual
-        returns them for every image, instead of pixel_values; visual_rows (N,) long, the flat indices b * S + s of
-        the image tokens. attention_mask may stay on the CPU: it is inspected there and moved here."""
+        Precomputed inputs (what a DataLoader worker or a per-frame cache can provide,
+        so the step has no host-device sync): position_ids (3, B, S) from rope_index;
+        image_embeds = (embeds, [DeepStack levels]) as model.visual returns them for every image,
+        instead of pixel_values; visual_rows (N,) long, the flat indices b * S + s of the image
+        tokens. attention_mask may stay on the CPU: it is inspected there and moved here."""
         lm, cfg = self.model.language_model, self.cfg
         B, S = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -629,7 +641,8 @@ class Qwen3VL(nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.to(h.device, non_blocking=True)
 
-        if visual_rows is not None:  # precomputed image rows: one scatter, no search for the placeholder tokens
+        # precomputed image rows: one scatter, no search for the placeholder tokens
+        if visual_rows is not None:
             if image_embeds is None or pixel_values_videos is not None:
                 raise ValueError("visual_rows needs image_embeds and no video inputs")
             emb, deepstack = image_embeds
@@ -659,7 +672,8 @@ class Qwen3VL(nn.Module):
             deepstack = []
         if masks:
             visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-            # flat (B*S) row of every visual token, row-major like the boolean mask; found once, used per level
+            # flat (B*S) row of every visual token, row-major like the boolean mask;
+            # found once, used per level
             visual_rows = visual_mask.flatten().nonzero().squeeze(1)
             for level in zip(*feats):
                 if len(masks) == 1:
@@ -677,7 +691,8 @@ class Qwen3VL(nn.Module):
                 raise ValueError("position_ids are for cache-free forwards (generation computes its own)")
             position_ids = position_ids.to(h.device, non_blocking=True)
         elif past == 0:
-            # recomputed at every prefill, never reused from an earlier call (stale deltas: transformers #43952)
+            # recomputed at every prefill, never reused from an earlier call
+            # (stale deltas: transformers #43952)
             position_ids, rope_deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw,
                                                             attention_mask)
             if cache is not None:
@@ -694,12 +709,15 @@ class Qwen3VL(nn.Module):
         if padded or (past > 0 and S > 1):
             kv = torch.arange(past + S, device=h.device)
             mask = (kv[None, :] <= kv[past:, None])[None, None]  # (1, 1, S, past+S) causal
-            if attention_mask is not None:  # (B, 1, S, past+S) + key padding, but every query keeps its own key:
-                # a left-padding row would be fully masked, which SDPA answers with NaN before torch 2.5 (and on
-                # some kernels), and the next layer's keys and values would carry it into every real row (0 * NaN)
+            if attention_mask is not None:
+                # (B, 1, S, past+S) + key padding, but every query keeps its own key: a left-padding
+                # row would be fully masked, which SDPA answers with NaN before torch 2.5 (and on
+                # some kernels), and the next layer's keys and values would carry it into every
+                # real row (0 * NaN)
                 own = kv[None, :] == kv[past:, None]  # (S, past+S); for real rows already allowed
                 mask = mask & (attention_mask[:, None, None, :].bool() | own)
-        is_causal = mask is None and past == 0 and S > 1  # SDPA's built-in causal mask (no padding, no cache)
+        # SDPA's built-in causal mask (no padding, no cache)
+        is_causal = mask is None and past == 0 and S > 1
 
         hidden_states = [h] if output_hidden_states else None
         layer_outputs = {}
@@ -712,7 +730,8 @@ class Qwen3VL(nn.Module):
             if i < len(deepstack):  # DeepStack level i goes in right after layer i
                 if i in hidden_layers or hidden_states is not None:
                     h = h.clone()  # out of place: the recorded layer output stays pre-DeepStack
-                # one in-place pass over the visual rows; each row is hit once, so this is exactly h + level
+                # one in-place pass over the visual rows; each row is hit once, so
+                # this is exactly h + level
                 h.view(-1, h.shape[-1]).index_add_(0, visual_rows, deepstack[i])
         if cache is not None:
             cache.pos += S
@@ -721,21 +740,22 @@ class Qwen3VL(nn.Module):
         if not self.early_exit:
             h = lm.norm(h)
             if hidden_states is not None:
-                hidden_states[-1] = h  # transformers replaces the last entry by the final-norm output
+                # transformers replaces the last entry by the final-norm output
+                hidden_states[-1] = h
             hk = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
             head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.lm_head.weight
             logits = F.linear(hk, head)
         return Qwen3VLOutput(logits, h, tuple(hidden_states) if hidden_states is not None else None,
                              layer_outputs, rope_deltas)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_p=1.0, eos_token_id=(), pad_token_id=0, generator=None):
-        """Greedy or temperature/top-p sampling with a KV cache. Batched prompts must be LEFT-padded (pass the
-        attention_mask). Returns only the new tokens (B, T), T <= max_new_tokens (stops once every row has emitted
-        an eos); a finished row emits pad_token_id."""
+        """Greedy or temperature/top-p sampling with a KV cache. Batched prompts must be LEFT-padded
+        (pass the attention_mask). Returns only the new tokens (B, T), T <= max_new_tokens
+        (stops once every row has emitted an eos); a finished row emits pad_token_id."""
         if self.early_exit:
             raise ValueError("generate needs the full model (num_layers=None)")
         if do_sample and temperature <= 0:
@@ -746,8 +766,8 @@ class Qwen3VL(nn.Module):
                            device=input_ids.device, dtype=torch.long)
         B, S = input_ids.shape
         tc, w = self.cfg.text, self.model.language_model.embed_tokens.weight
-        # one buffer for the whole call; left padding puts every row's next token at the same cache index, and
-        # the prefill stores each row's M-RoPE offset in cache.rope_deltas
+        # one buffer for the whole call; left padding puts every row's next token at the same cache
+        # index, and the prefill stores each row's M-RoPE offset in cache.rope_deltas
         cache = KVCache(self.num_layers, B, tc.num_key_value_heads, S + max_new_tokens, tc.head_dim, w.dtype,
                         w.device)
         out = self(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
@@ -758,7 +778,8 @@ class Qwen3VL(nn.Module):
             logits = out.logits[:, -1].float()
             if do_sample:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+                # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+                if top_p < 1.0:
                     p_sorted, order = probs.sort(dim=-1, descending=True)
                     drop = p_sorted.cumsum(-1) - p_sorted >= top_p  # mass strictly before token i
                     probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
@@ -776,10 +797,10 @@ class Qwen3VL(nn.Module):
             out = self(nxt[:, None], attention_mask, cache=cache, logits_to_keep=1)
         return torch.stack(tokens, dim=1)
 
-    # -------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, num_layers=None, dtype=torch.bfloat16, device="cpu"):
-        """Build on the meta device, then stream only the needed tensors from the safetensors file(s) in `path`."""
+        """Build on the meta device, then stream only the needed tensors from `path`'s safetensors."""
         with open(os.path.join(path, "config.json")) as f:
             cfg = Qwen3VLConfig.from_hf(json.load(f))
         with torch.device("meta"):
@@ -789,12 +810,12 @@ class Qwen3VL(nn.Module):
         return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading
 
 
 def safetensors_files(path_or_files):
-    """A directory with model.safetensors or model.safetensors.index.json, a single file, or a list of files."""
+    """The files of a folder (model.safetensors or its sharded index), one file, or a list."""
     if isinstance(path_or_files, (list, tuple)):
         return list(path_or_files)
     if os.path.isfile(path_or_files):
@@ -811,18 +832,21 @@ def safetensors_files(path_or_files):
 
 
 def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device="cpu", skip=None):
-    """Assign checkpoint tensors to `model`'s parameters/persistent buffers (which may live on the meta device).
+    """Assign checkpoint tensors to `model`'s parameters and persistent buffers (which may live on
+    the meta device).
 
-    key_map: optional checkpoint key -> model key mapping, a callable or a dict (keys absent from the dict keep
-    their name); a None result drops the key. skip: optional predicate on the
-    mapped key for tensors deliberately not loaded. Floating tensors are cast to `dtype` (None keeps them).
-    All headers are checked first; any missing, unexpected or mis-shaped key raises one error naming every such
-    key, before any tensor data is read. Tensors are then read one at a time so peak memory ~ the kept bytes."""
+    key_map: checkpoint key -> model key, a callable or a dict (keys absent from the dict keep
+    their name); a None result drops the key. skip: predicate on the mapped key for tensors
+    deliberately not loaded. Floating tensors are cast to `dtype` (None keeps them). All headers
+    are checked first: any missing, unexpected or mis-shaped key raises one error naming every
+    such key, before any tensor data is read. Tensors are then read one at a time, so peak memory
+    is about the kept bytes."""
     if isinstance(key_map, dict):
         key_map = (lambda table: lambda k: table.get(k, k))(key_map)
-    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers are not in the state dict
+    # keep_vars: the meta tensors themselves (shapes only); non-persistent buffers are not in it
     expected = dict(model.state_dict(keep_vars=True))
-    plan, unexpected, misshaped = [], [], []  # pass 1 reads headers only (safe_open parses the JSON header)
+    # pass 1 reads headers only (safe_open parses the JSON header)
+    plan, unexpected, misshaped = [], [], []
     for file in safetensors_files(path_or_files):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
@@ -842,17 +866,18 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
         raise ValueError("checkpoint does not match the model:\n" + "\n".join(
             [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in sorted(unexpected)] +
             [f"  mis-shaped: {k}" for k in misshaped]))
-    # pass 2: one tensor at a time. safetensors maps the file, so a tensor that needs no cast stays file-backed
-    # (paged in on first use, copy-on-write) and a cast one lives only as its cast copy: peak RSS ~ kept bytes.
+    # pass 2: one tensor at a time. safetensors maps the file, so a tensor that needs no cast stays
+    # file-backed (paged in on first use, copy-on-write) and a cast one lives only as its cast
+    # copy: peak RSS ~ kept bytes.
     for file, key, name in plan:
-        # a file is re-opened per tensor: closing it unmaps the source pages a cast has just read, so they do not
-        # pile up in RSS next to the cast copies (re-opening only re-parses the JSON header)
+        # a file is re-opened per tensor: closing it unmaps the source pages a cast has just read,
+        # so they do not pile up in RSS next to the cast copies (re-opening parses the header)
         with safe_open(file, framework="pt", device=str(device)) as f:
             t = f.get_tensor(key)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-        # swap the meta tensor for the real one in place of load_state_dict(assign=True), which would need every
-        # tensor of the model in memory at once
+        # swap the meta tensor for the real one in place of load_state_dict(assign=True), which
+        # would need every tensor of the model in memory at once
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         if attr in mod._parameters:
@@ -862,647 +887,7 @@ def load_safetensors_into(model, path_or_files, key_map=None, dtype=None, device
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Processor: chat template, image / video preprocessing, tokenization (same outputs as transformers'
-# Qwen3VLProcessor 5.25 with its PIL image processor)
-#
-# Qwen3-VL processor in plain Python: chat template, image / video preprocessing, tokenization.
-#
-# What it does (same outputs as transformers' `Qwen3VLProcessor`, no transformers / jinja2 / torchvision at runtime):
-#   text  -> `apply_chat_template` (the Qwen3-VL-Instruct template, re-written as Python; no default system prompt)
-#   image -> RGB -> smart_resize (factor 32) -> PIL bicubic -> rescale+normalize -> repeat to 2 frames -> patchify
-#            into merge-window order -> `pixel_values` float32 [sum patches, 3*2*16*16], `image_grid_thw` int64 [n, 3]
-#   video -> sample frames at `fps` (default 2) -> one smart_resize for the whole clip -> uint8 antialiased bicubic
-#            -> fused normalize -> pad T to even by repeating the last frame -> patchify -> `pixel_values_videos`,
-#            `video_grid_thw` and one timestamp per temporal patch ("<3.5 seconds>" text in the prompt)
-#   then every `<|image_pad|>` / `<|video_pad|>` in the prompt is expanded to the number of merged tokens and the text
-#   is tokenized with the checkpoint's `tokenizer.json` (HF `tokenizers`), padded left or right.
-#
-# Reference classes matched (transformers 5.25, the version pinned in pyproject's `test` extra, without torchvision):
-#   images: `Qwen2VLImageProcessorPil` (models/qwen2_vl/image_processing_pil_qwen2_vl.py): the class AutoImageProcessor
-#           picks for qwen3_vl when torchvision is absent. Exact, bit for bit (same PIL resize, same float64->float32
-#           rescale and float32 normalize, done here through a 256-entry lookup table).
-#   videos: `Qwen3VLVideoProcessor` (models/qwen3_vl/video_processing_qwen3_vl.py). It needs torchvision, whose CPU
-#           bicubic resize of uint8 frames is `F.interpolate(uint8, mode="bicubic", antialias=True)`: called here
-#           directly. Normalisation is torchvision's fused (x - 127.5) / 127.5 in float32.
-#   prompt: `Qwen3VLProcessor` (models/qwen3_vl/processing_qwen3_vl.py + ProcessorMixin.__call__). A video's whole
-#           template triple <|vision_start|><|video_pad|><|vision_end|> becomes the per-frame blocks "<t seconds>
-#           <|vision_start|>pads<|vision_end|>", with no outer start/end pair: the layout of the processor released
-#           with the checkpoints (transformers 4.57), which 5.0-5.24 broke by keeping the outer pair and 5.25 restored.
-#
-# Usage:
-#     proc = Qwen3VLProcessor.from_pretrained("/path/to/Qwen3-VL-4B-Instruct")
-#     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
-#     batch = proc(text=[text], images=[pil_image], padding_side="left")  # input_ids, attention_mask, pixel_values, ...
-# Test: python -m pytest -q tests/test_qwen3vl_processor.py
-
-
-@dataclass
-class Qwen3VLPreprocessConfig:
-    """Settings of one vision preprocessor (one instance for images, one for videos)."""
-
-    patch_size: int = 16  # ViT patch side in pixels
-    temporal_patch_size: int = 2  # frames per Conv3d patch; a still image is repeated to fill it
-    merge_size: int = 2  # 2x2 patches -> 1 LLM token, so sizes are multiples of patch_size * merge_size = 32
-    min_pixels: int = 65536  # size["shortest_edge"]: despite the name, a bound on h*w (or t*h*w for videos)
-    max_pixels: int = 16777216  # size["longest_edge"]
-    image_mean: tuple = (0.5, 0.5, 0.5)
-    image_std: tuple = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = 3  # PIL code; 3 = BICUBIC
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
-    # video only
-    fps: float = 2.0  # frames sampled per second of video
-    min_frames: int = 4
-    max_frames: int = 768
-    do_sample_frames: bool = True
-    cap_pixels_per_frame: bool = False  # qwen-vl-utils style per-frame cap; off by default in transformers
-    max_video_tokens: int = 768  # per-frame token ceiling used by cap_pixels_per_frame
-
-    @classmethod
-    def from_hf(cls, d, kind):
-        """Build from a preprocessor_config.json dict. Missing keys take the defaults of the transformers class that
-        would read the file: `Qwen2VLImageProcessor` (kind="image") or `Qwen3VLVideoProcessor` (kind="video")."""
-        if kind == "image":  # Qwen2-VL class defaults (patch 14, CLIP stats); real Qwen3-VL configs override them
-            base = dict(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                        image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711))
-        elif kind == "video":
-            base = dict(patch_size=16, min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768,
-                        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-        else:
-            raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
-        size = d.get("size") or {}
-        base["min_pixels"] = size.get("shortest_edge", base["min_pixels"])
-        base["max_pixels"] = size.get("longest_edge", base["max_pixels"])
-        if kind == "image":  # the image class lets legacy top-level min_pixels / max_pixels override size
-            base["min_pixels"] = d.get("min_pixels") or base["min_pixels"]
-            base["max_pixels"] = d.get("max_pixels") or base["max_pixels"]
-        for k in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample", "do_resize",
-                  "do_rescale", "do_normalize", "do_convert_rgb", "fps", "min_frames", "max_frames",
-                  "do_sample_frames", "cap_pixels_per_frame", "max_video_tokens"):
-            if d.get(k) is not None:
-                base[k] = d[k]
-        for k in ("image_mean", "image_std"):
-            if d.get(k) is not None:
-                v = d[k]
-                base[k] = tuple(v) if isinstance(v, (list, tuple)) else (float(v),) * 3
-        return cls(**base)
-
-
-# -----------------------------------------------------------------------------
-# target sizes
-
-
-def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216):
-    """Image target (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels], aspect ratio kept.
-    Python's round() rounds half to even: 400/32 = 12.5 -> 12 -> 384 (a C/Rust port rounding up gets 416)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, min_pixels=128 * 32 * 32,
-                       max_pixels=768 * 32 * 32):
-    """Video target (h, w): like smart_resize but the pixel budget counts t_bar*h*w over the whole clip, and sides
-    shorter than `factor` are first scaled up (int-truncated) instead of failing."""
-    if num_frames < temporal_factor:
-        raise ValueError(f"t:{num_frames} must be larger than temporal_factor:{temporal_factor}")
-    if height < factor or width < factor:
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-# -----------------------------------------------------------------------------
-# pixels
-
-
-def to_rgb_pil(image):
-    """PIL image / uint8 array [H, W], [H, W, 1|3|4] -> PIL RGB image, transparency composited onto white.
-    Mirrors transformers' convert_to_rgb: PIL inputs use PIL's own alpha_composite (which also handles palette
-    transparency), arrays a float64 blend rounded half to even (identical results for all 256x256 value/alpha pairs)."""
-    if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    a = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if a.dtype != np.uint8:
-        raise TypeError(f"image arrays must be uint8 (H, W, C), got dtype {a.dtype}")
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image arrays must be channels-last (H, W) or (H, W, 1|3|4), got shape {tuple(a.shape)}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:
-        alpha = a[..., 3:4] / 255
-        a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a))  # (H, W, 3) uint8 -> mode RGB
-
-
-def _pixel_lut(cfg, fused):
-    """(3, 256) float32 table: uint8 value -> normalized value, per channel. A table lookup is exact because the
-    input has only 256 values, and it replays the reference's dtype steps:
-      fused=False (PIL image processor): x = float32(float64(u) * rescale); (x - mean) / std in float32.
-      fused=True (torchvision video processor): (float32(u) - mean/rescale) / (std/rescale) in float32."""
-    u = np.arange(256)
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32)
-    if fused:
-        x = torch.from_numpy(u.astype(np.float32))[None].repeat(3, 1)  # (3, 256)
-        if cfg.do_normalize:
-            if cfg.do_rescale:  # torch: float32 tensor * python float stays float32, as in the reference
-                mean, std = mean * (1.0 / cfg.rescale_factor), std * (1.0 / cfg.rescale_factor)
-            x = (x - mean[:, None]) / std[:, None]
-        elif cfg.do_rescale:
-            x = x * cfg.rescale_factor
-        return x.numpy()
-    x = (u.astype(np.float64) * cfg.rescale_factor if cfg.do_rescale else u).astype(np.float32)
-    x = np.repeat(x[None], 3, axis=0)  # (3, 256)
-    if cfg.do_normalize:
-        x = (x - mean.numpy()[:, None]) / std.numpy()[:, None]
-    return x
-
-
-def _pixel_lut_apply(lut, a):
-    """uint8 (..., 3) -> float32 (..., 3) through the per-channel table; np.take is ~5x faster than fancy indexing."""
-    if (lut == lut[0]).all():  # the usual case (mean = std = 0.5 for every channel): one table
-        return np.take(lut[0], a)
-    return np.stack([np.take(lut[c], a[..., c]) for c in range(3)], axis=-1)
-
-
-def _vision_patchify(frames, cfg):
-    """frames (T, H, W, C) float32, T a multiple of temporal_patch_size -> (T/tp * H/p * W/p, C*tp*p*p).
-    Rows in merge-window order (merged row, merged col, row in window, col in window) so each 2x2 merge group is 4
-    consecutive rows; features channel-major, then frame, then pixel row, pixel col (= the Conv3d weight layout)."""
-    t, h, w, c = frames.shape
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    gt, gh, gw = t // tp, h // p, w // p
-    x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)  # (gt, tp, bh, mh, ph, bw, mw, pw, C)
-    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (gt, bh, bw, mh, mw, C, tp, ph, pw)
-    return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
-
-
-def _preprocess_one_image(image, cfg, lut):
-    if not cfg.do_convert_rgb:  # the reference would then keep 1 or 4 channels and fail later; say so now
-        shape = np.asarray(image).shape if not isinstance(image, Image.Image) else None
-        if (image.mode != "RGB") if shape is None else (len(shape) != 3 or shape[-1] != 3):
-            raise ValueError("do_convert_rgb=False needs 3-channel RGB images")
-    img = to_rgb_pil(image)  # also turns arrays into PIL images, which the resize needs
-    factor = cfg.patch_size * cfg.merge_size
-    if cfg.do_resize:
-        h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
-        img = img.resize((w, h), resample=cfg.resample)
-    elif img.height % factor or img.width % factor:
-        raise ValueError(f"with do_resize=False image sides must be multiples of {factor}, got {img.height}x{img.width}")
-    a = np.asarray(img)  # (H, W, 3) uint8
-    x = _pixel_lut_apply(lut, a)  # (H, W, 3) float32
-    x = np.broadcast_to(x[None], (cfg.temporal_patch_size,) + x.shape)  # still image -> tp identical frames
-    return _vision_patchify(x, cfg)
-
-
-def preprocess_images(images, cfg=None):
-    """images: list of PIL images or uint8 (H, W, C) arrays -> (pixel_values float32 [sum patches, C*tp*p*p],
-    image_grid_thw int64 [n, 3]); grids count patches, not merged tokens."""
-    cfg = cfg or Qwen3VLPreprocessConfig()
-    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
-        images = [images]
-    if len(images) == 0:
-        raise ValueError("preprocess_images got an empty list")
-    lut = _pixel_lut(cfg, fused=False)
-    rows, grids = [], []
-    for image in images:
-        r, g = _preprocess_one_image(image, cfg, lut)
-        rows.append(r)
-        grids.append(g)
-    return torch.from_numpy(np.concatenate(rows, 0)), torch.tensor(grids, dtype=torch.int64)
-
-
-def pixel_lut(cfg) -> torch.Tensor:
-    """(256, 3) float32: uint8 value -> normalised value per channel, the image processor's exact arithmetic."""
-    return torch.from_numpy(np.ascontiguousarray(_pixel_lut(cfg, fused=False).T))
-
-
-def pixel_values_from_frames(frames: torch.Tensor, cfg=None, lut: torch.Tensor = None):
-    """frames (N, H, W, 3) uint8, on any device, each already at a size the processor keeps (sides multiples of
-    patch_size * merge_size, min_pixels <= H*W <= max_pixels) -> (pixel_values (N*gh*gw, C*tp*p*p) float32 on that
-    device, image_grid_thw (N, 3) int64 on the CPU), equal to preprocess_images on the same frames. Lets uint8
-    frames cross to the GPU (8x fewer bytes than the float patches, 16x with the temporal copy) and be patched
-    there. `lut`: pixel_lut(cfg) already on the device (else built and copied per call)."""
-    cfg = cfg or Qwen3VLPreprocessConfig()
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    n, h, w, c = frames.shape
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    if h % (p * m) or w % (p * m) or not cfg.min_pixels <= h * w <= cfg.max_pixels:
-        raise ValueError(f"frames of {h}x{w} would be resized by the processor (sides must be multiples of {p * m}, "
-                         f"area in [{cfg.min_pixels}, {cfg.max_pixels}])")
-    lut = (pixel_lut(cfg) if lut is None else lut).to(frames.device, non_blocking=True)
-    x = lut[frames.long(), torch.arange(3, device=frames.device)]  # (N, H, W, 3) float32, per-channel lookup
-    gh, gw = h // p, w // p
-    x = x.view(n, 1, gh // m, m, p, gw // m, m, p, c).expand(n, tp, gh // m, m, p, gw // m, m, p, c)  # still: tp copies
-    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (N, bh, bw, mh, mw, C, tp, ph, pw): _vision_patchify's order
-    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
-    return x.reshape(n * gh * gw, c * tp * p * p), grid
-
-
-def sample_video_frame_indices(total_num_frames, video_fps, cfg):
-    """Indices of the frames kept: int(duration * cfg.fps) of them, clamped to [min_frames, max_frames] and to the
-    clip length, spread uniformly (np.round: half to even)."""
-    n = int(total_num_frames / video_fps * cfg.fps)
-    n = min(max(n, cfg.min_frames), cfg.max_frames, total_num_frames)
-    return np.linspace(0, total_num_frames - 1, n).round().astype(int)
-
-
-def video_timestamps(frames_indices, video_fps, temporal_patch_size=2):
-    """Seconds per temporal patch: indices padded to a multiple of tp with the last one, /fps, then the mean of the
-    first and last frame of each patch."""
-    idx = [int(i) for i in frames_indices]
-    idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
-    ts = [i / video_fps for i in idx]
-    return [(ts[i] + ts[i + temporal_patch_size - 1]) / 2 for i in range(0, len(ts), temporal_patch_size)]
-
-
-def _video_frames_uint8(frames):
-    """list of PIL frames / uint8 arrays, or a uint8 array/tensor (T, H, W, 3) -> np.uint8 (T, H, W, 3)."""
-    if isinstance(frames, (list, tuple)):
-        if len(frames) == 0:
-            raise ValueError("video has no frames")
-        return np.stack([np.asarray(to_rgb_pil(f)) for f in frames])
-    a = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
-        raise ValueError(f"video arrays must be uint8 (T, H, W, 3), got {a.dtype} {tuple(a.shape)}")
-    return a
-
-
-def preprocess_video(frames, fps=None, frames_indices=None, cfg=None, do_sample_frames=None):
-    """One video -> (pixel_values_videos float32 [gt*gh*gw, C*tp*p*p], grid (gt, gh, gw), timestamps per temporal
-    patch, the source-frame indices used).
-    frames: the decoded clip (uint8 (T, H, W, 3) or list of frames); fps: its frame rate (None -> 24, as transformers);
-    frames_indices: source indices of `frames` when they are already sampled (then no sampling is done)."""
-    cfg = cfg or Qwen3VLPreprocessConfig.from_hf({}, "video")
-    video = _video_frames_uint8(frames)
-    fps = 24 if fps is None else fps
-    sample = cfg.do_sample_frames if do_sample_frames is None else do_sample_frames
-    if frames_indices is not None:
-        if len(frames_indices) != len(video):
-            raise ValueError(f"frames_indices has {len(frames_indices)} entries for {len(video)} frames")
-        indices = np.asarray(frames_indices, dtype=int)
-    elif sample:
-        indices = sample_video_frame_indices(len(video), fps, cfg)
-        video = video[indices]
-    else:
-        indices = np.arange(len(video))
-    x = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
-    factor = cfg.patch_size * cfg.merge_size
-    t, _, h, w = x.shape
-    if cfg.do_resize:
-        max_pixels = cfg.max_pixels
-        if cfg.cap_pixels_per_frame:  # budget per frame, as qwen-vl-utils does
-            per_frame = max(min(cfg.max_video_tokens * factor * factor, cfg.max_pixels // t), int(cfg.min_pixels * 1.05))
-            max_pixels = per_frame * t
-        nh, nw = smart_resize_video(t, h, w, cfg.temporal_patch_size, factor, cfg.min_pixels, max_pixels)
-        if (nh, nw) != (h, w):  # torchvision returns the input untouched when the size does not change
-            if cfg.resample != 3:
-                raise ValueError(f"video resizing supports resample=3 (bicubic) only, got {cfg.resample}")
-            # torchvision on CPU resizes uint8 bicubic natively with exactly this call: uint8 out, clamped and
-            # rounded after each pass (a float32 resize + round differs by up to ~20 levels on noisy frames)
-            x = F.interpolate(x.contiguous(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    elif h % factor or w % factor:
-        raise ValueError(f"with do_resize=False video sides must be multiples of {factor}, got {h}x{w}")
-    a = x.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8
-    v = _pixel_lut_apply(_pixel_lut(cfg, fused=True), a)  # (T, H, W, 3) float32
-    if pad := -len(v) % cfg.temporal_patch_size:  # odd frame count: repeat the last frame
-        v = np.concatenate([v, np.repeat(v[-1:], pad, axis=0)], 0)
-    rows, grid = _vision_patchify(v, cfg)
-    return torch.from_numpy(rows), grid, video_timestamps(indices, fps, cfg.temporal_patch_size), indices
-
-
-# -----------------------------------------------------------------------------
-# chat template (Qwen3-VL-Instruct, without tools)
-
-
-def _chat_render_content(content, counts, add_vision_id, role):
-    """User / tool content: a string, or items {"type": "image"|"video"|"text", ...} rendered back to back."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, (list, tuple)):
-        raise ValueError(f"{role} content must be a string or a list of items, got {type(content).__name__}")
-    out = []
-    for item in content:
-        if not isinstance(item, dict):
-            raise ValueError(f"{role} content items must be dicts, got {type(item).__name__}")
-        # same tests, same order as the template: an item with an "image" key is an image whatever its type
-        if item.get("type") == "image" or "image" in item or "image_url" in item:
-            counts[0] += 1
-            out.append((f"Picture {counts[0]}: " if add_vision_id else "") + "<|vision_start|><|image_pad|><|vision_end|>")
-        elif item.get("type") == "video" or "video" in item:
-            counts[1] += 1
-            out.append((f"Video {counts[1]}: " if add_vision_id else "") + "<|vision_start|><|video_pad|><|vision_end|>")
-        elif "text" in item:
-            out.append(item["text"])
-        else:  # the template silently drops such items; an unknown item is almost surely a caller bug
-            raise ValueError(f"{role} content item has no image/video/text: {sorted(item)}")
-    return "".join(out)
-
-
-def _chat_text_only(content, role):
-    """System / assistant content: the text of the items that have one (images there are ignored, as the template)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, (list, tuple)):
-        raise ValueError(f"{role} content must be a string or a list of items, got {type(content).__name__}")
-    return "".join(item["text"] for item in content if isinstance(item, dict) and "text" in item)
-
-
-def apply_chat_template(messages, add_generation_prompt=True, add_vision_id=False):
-    """messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str | list of items}] -> prompt string.
-    Byte-identical to the Qwen3-VL-Instruct jinja template (trim_blocks + lstrip_blocks) for these roles; no system
-    prompt is injected. Where the template silently drops input (a system turn that is not first, unknown roles,
-    assistant tool_calls that this port does not render) we raise instead."""
-    if not messages:
-        raise ValueError("messages is empty")
-    out = []
-    if messages[0]["role"] == "system":
-        out.append("<|im_start|>system\n" + _chat_text_only(messages[0]["content"], "system") + "<|im_end|>\n")
-    counts = [0, 0]  # images, videos seen so far (for add_vision_id)
-    for i, msg in enumerate(messages):
-        role = msg.get("role")
-        if role == "system":
-            if i != 0:
-                raise ValueError(f"a system message is only rendered as the first message, found one at index {i}")
-        elif role == "user":
-            out.append("<|im_start|>user\n" + _chat_render_content(msg["content"], counts, add_vision_id, role) + "<|im_end|>\n")
-        elif role == "assistant":
-            if msg.get("tool_calls"):
-                raise ValueError("assistant tool_calls are not supported by this chat-template port")
-            out.append("<|im_start|>assistant\n" + _chat_text_only(msg["content"], role) + "<|im_end|>\n")
-        elif role == "tool":  # consecutive tool results share one user turn
-            if i == 0 or messages[i - 1].get("role") != "tool":
-                out.append("<|im_start|>user")
-            out.append("\n<tool_response>\n" + _chat_render_content(msg["content"], counts, add_vision_id, role)
-                       + "\n</tool_response>")
-            if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
-                out.append("<|im_end|>\n")
-        else:
-            raise ValueError(f"unknown role {role!r} at index {i}; expected system, user, assistant or tool")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
-
-
-# -----------------------------------------------------------------------------
-# processor
-
-
-def _proc_read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _proc_token_content(tok):
-    return tok["content"] if isinstance(tok, dict) else tok
-
-
-class Qwen3VLProcessor:
-    """Prompt text + images/videos -> model inputs, as transformers' Qwen3VLProcessor."""
-
-    image_token = "<|image_pad|>"
-    video_token = "<|video_pad|>"
-    vision_start_token = "<|vision_start|>"
-    vision_end_token = "<|vision_end|>"
-
-    def __init__(self, tokenizer, image_config=None, video_config=None, pad_token="<|endoftext|>",
-                 padding_side="right"):
-        self.tokenizer = tokenizer
-        self.image_config = image_config or Qwen3VLPreprocessConfig()
-        self.video_config = video_config or Qwen3VLPreprocessConfig.from_hf({}, "video")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.padding_side = padding_side
-        # ids are looked up by string so any Qwen-family tokenizer works (151655 etc. in the real vocab)
-        ids = {}
-        for name, tok in [("image", self.image_token), ("video", self.video_token), ("pad", pad_token),
-                          ("vision_start", self.vision_start_token), ("vision_end", self.vision_end_token)]:
-            ids[name] = tokenizer.token_to_id(tok)
-            if ids[name] is None:
-                raise ValueError(f"tokenizer has no token {tok!r} (needed as the {name} token)")
-        self.image_token_id, self.video_token_id, self.pad_token_id = ids["image"], ids["video"], ids["pad"]
-        self.vision_start_token_id, self.vision_end_token_id = ids["vision_start"], ids["vision_end"]
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """Read tokenizer.json, tokenizer_config.json (pad token, padding side), preprocessor_config.json and, if
-        present, video_preprocessor_config.json (else the video side reads preprocessor_config.json, as
-        transformers does). A v5 processor_config.json with nested "image_processor"/"video_processor" wins."""
-        tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(tok_file):
-            raise FileNotFoundError(f"missing {tok_file}")
-        tokenizer = Tokenizer.from_file(tok_file)
-        tokenizer.no_padding()  # padding / truncation are done here, never inside tokenizers
-        tokenizer.no_truncation()
-        tcfg_file = os.path.join(path, "tokenizer_config.json")
-        tcfg = _proc_read_json(tcfg_file) if os.path.isfile(tcfg_file) else {}
-        nested = {}
-        if os.path.isfile(os.path.join(path, "processor_config.json")):
-            nested = _proc_read_json(os.path.join(path, "processor_config.json"))
-        img_file = os.path.join(path, "preprocessor_config.json")
-        vid_file = os.path.join(path, "video_preprocessor_config.json")
-        img = nested.get("image_processor") or (_proc_read_json(img_file) if os.path.isfile(img_file) else None)
-        if img is None:
-            raise FileNotFoundError(f"missing {img_file}")
-        vid = nested.get("video_processor") or (_proc_read_json(vid_file) if os.path.isfile(vid_file) else img)
-        pad = tcfg.get("pad_token")
-        kwargs.setdefault("pad_token", _proc_token_content(pad) if pad is not None else "<|endoftext|>")
-        kwargs.setdefault("padding_side", tcfg.get("padding_side", "right"))
-        return cls(tokenizer, Qwen3VLPreprocessConfig.from_hf(img, "image"),
-                   Qwen3VLPreprocessConfig.from_hf(vid, "video"), **kwargs)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, add_vision_id=False):
-        return apply_chat_template(messages, add_generation_prompt, add_vision_id)
-
-    def _video_placeholder(self, grid, timestamps):
-        # per temporal patch: "<t seconds>" as plain text, then that patch's merged tokens between start/end markers
-        n = grid[1] * grid[2] // self.video_config.merge_size ** 2
-        block = self.vision_start_token + self.video_token * n + self.vision_end_token
-        return "".join(f"<{t:.1f} seconds>" + block for t in timestamps[: grid[0]])
-
-    def __call__(self, text, images=None, videos=None, video_metadata=None, padding=True, padding_side=None,
-                 return_tensors="pt"):
-        """text: str or list of str (one per sample) containing the template's placeholders.
-        images: flat list over the whole batch, in order of appearance (nested per-sample lists are flattened).
-        videos: list of clips (uint8 (T, H, W, 3) or lists of frames); video_metadata: optional list of dicts
-        {"fps": ..., "frames_indices": ...} per clip (frames_indices given = frames already sampled).
-        Returns input_ids, attention_mask, mm_token_type_ids (1 image pad, 2 video pad) and the vision tensors."""
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text must be a string or a non-empty list of strings")
-        if padding not in (True, False, "longest", "do_not_pad"):
-            raise ValueError(f"padding must be True/'longest' (pad to the longest) or False, got {padding!r}")
-        padding = padding in (True, "longest")
-        if return_tensors not in ("pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        side = padding_side or self.padding_side
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
-            images = [images]
-        if images is not None:
-            images = [im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])]
-        # one placeholder per image / video over the whole batch, checked before any pixel work (as transformers)
-        for tok, media, name in [(self.image_token, images, "images"), (self.video_token, videos, "videos")]:
-            n_text = sum(t.count(tok) for t in texts)
-            if n_text != (0 if media is None else len(media)):
-                raise ValueError(f"the text has {n_text} {tok} placeholders but "
-                                 f"{0 if media is None else len(media)} {name} were given")
-        out = {}
-        replacements = {self.image_token: [], self.video_token: []}
-        if images is not None:
-            pv, grid = preprocess_images(images, self.image_config)
-            out["pixel_values"], out["image_grid_thw"] = pv, grid
-            m2 = self.image_config.merge_size ** 2
-            replacements[self.image_token] = [self.image_token * int(g.prod() // m2) for g in grid]
-        if videos is not None:
-            if video_metadata is not None and len(video_metadata) != len(videos):
-                raise ValueError(f"got {len(videos)} videos but {len(video_metadata)} video_metadata entries")
-            rows, grids = [], []
-            for i, clip in enumerate(videos):
-                meta = video_metadata[i] if video_metadata is not None else {}
-                pv, grid, ts, _ = preprocess_video(clip, meta.get("fps"), meta.get("frames_indices"), self.video_config)
-                rows.append(pv)
-                grids.append(grid)
-                replacements[self.video_token].append(self._video_placeholder(grid, ts))
-            out["pixel_values_videos"] = torch.cat(rows, 0)
-            out["video_grid_thw"] = torch.tensor(grids, dtype=torch.int64)
-        texts = self._expand(texts, replacements)
-
-        # one encode() per text, not encode_batch: that one starts a Rayon thread pool, which then makes tokenizers
-        # warn and disable itself in forked DataLoader workers
-        seqs = [self.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
-        # every placeholder in the text must become exactly one id (transformers' _check_special_mm_tokens)
-        for tok, tid in [(self.image_token, self.image_token_id), (self.video_token, self.video_token_id)]:
-            n_text, n_ids = sum(t.count(tok) for t in texts), sum(s.count(tid) for s in seqs)
-            if n_text != n_ids:
-                raise ValueError(f"the text has {n_text} {tok} but the tokenized ids have {n_ids}")
-        lengths = [len(s) for s in seqs]
-        if not padding and len(set(lengths)) > 1:
-            raise ValueError(f"sequences have different lengths {lengths}; pass padding=True to batch them")
-        L = max(lengths)
-        ids = np.full((len(seqs), L), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), L), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
-            ids[i, sl] = s
-            mask[i, sl] = 1
-        mm = (ids == self.image_token_id).astype(np.int64) + 2 * (ids == self.video_token_id).astype(np.int64)
-        out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm, **out}
-        if return_tensors == "pt":
-            return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
-        return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-
-    def token_ids(self, text: str, image_grid_thw) -> list:
-        """The input_ids __call__ gives for one `text` whose images have these grids, without touching pixels
-        (the VLA ships its frames as uint8 and patches them on the device: pixel_values_from_frames)."""
-        grids = [tuple(g) for g in torch.as_tensor(image_grid_thw).tolist()]
-        if text.count(self.image_token) != len(grids):
-            raise ValueError(f"the text has {text.count(self.image_token)} {self.image_token} placeholders but "
-                             f"{len(grids)} image grids were given")
-        m2 = self.image_config.merge_size ** 2
-        expanded = self._expand([text], {self.image_token: [self.image_token * (t * h * w // m2) for t, h, w in grids],
-                                         self.video_token: []})[0]
-        return self.tokenizer.encode(expanded, add_special_tokens=True).ids
-
-    def _expand(self, texts, replacements):
-        """Replace the i-th placeholder of each kind (counted across the batch) by its expansion. A video's
-        start/pad/end triple is replaced whole (its expansion brings per-frame start/end markers); a bare
-        <|video_pad|> (as some servers write it) is replaced alone."""
-        iters = {k: iter(v) for k, v in replacements.items()}  # counts were checked in __call__
-        triple = self.vision_start_token + self.video_token + self.vision_end_token
-        pattern = "|".join(map(re.escape, (triple, self.image_token, self.video_token)))
-
-        def sub(m):
-            return next(iters[self.video_token if self.video_token in m.group(0) else self.image_token])
-
-        return [re.sub(pattern, sub, t) for t in texts]
-
-    def decode(self, ids, skip_special_tokens=False):
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def batch_decode(self, sequences, skip_special_tokens=False):
-        if isinstance(sequences, torch.Tensor):
-            sequences = sequences.tolist()
-        return [self.tokenizer.decode(list(s), skip_special_tokens=skip_special_tokens) for s in sequences]
-
-
-# Files of a checkpoint folder that the processor reads (copied along when a model folder is converted)
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                   "video_preprocessor_config.json", "processor_config.json", "chat_template.jinja")
-
-# Qwen's special tokens in the order the tiny byte-level vocabulary gives them ids 256, 257, ... (see byte_level_tokenizer)
-BYTE_TOKENIZER_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|vision_start|>",
-                           "<|vision_end|>", "<|box_start|>", "<|image_pad|>", "<|video_pad|>")
-
-
-def _byte_to_unicode():
-    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE (printable bytes map to themselves,
-    the others to code points from 256 on)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-def byte_level_tokenizer():
-    """A real, dependency-free tokenizer for tiny models and CPU demos: one token per UTF-8 byte (ids 0..255, no
-    merges) plus Qwen's special tokens (ids 256..264). Same pre-tokenizer/decoder family as Qwen's own tokenizer."""
-    from tokenizers import decoders, models, pre_tokenizers
-
-    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(BYTE_TOKENIZER_SPECIALS))
-    return tok
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -1527,9 +912,9 @@ def describe(args):
 
 
 def chat(args):
-    """One user turn (images then text) -> the model's reply, greedy or sampled, with the KV-cache generate."""
+    """One user turn (images then text) -> the model's reply, greedy or sampled."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    proc = Qwen3VLProcessor.from_pretrained(args.model)
+    proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(args.model)
     model = Qwen3VL.from_pretrained(args.model, dtype=dtype, device=args.device)
     images = [Image.open(f) for f in args.image]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]

@@ -1,24 +1,25 @@
 """
-Run MIMIC on a video, a folder of frames or a clip: the next 16 steps (1.6 s at 10 Hz) of 22 joint angles, written
-as JSON + npy with the joint names, and pictures: the input frames next to the predicted skeleton (forward kinematics
-of the angles, kinematics.angles_to_pose3d, drawn from a chosen camera) and, when the source has ground truth (our clip
-format), the ground-truth skeleton in another colour.
+Run MIMIC on a video, a folder of frames or a clip: the next 16 steps (1.6 s at 10 Hz) of 22 joint
+angles, written as JSON + npy with the joint names, and pictures: the input frames next to the
+predicted skeleton (the angles' forward kinematics, drawn from a chosen camera) and, when the
+source has ground truth (our clip format), the ground-truth skeleton in another colour.
 
-The model sees what it saw in training (mimic.md section 5): the 4 frames at 10 Hz before "now" (--start), the target
-person's box drawn in green (--box; a clip's own boxes; else the whole frame), resized to 224x224, the prompt
-"Task: {task}. Instruction: {instruction}", and the current pose as state (a clip's ground truth; --state FILE.npy;
-else a standing pose). --rollout S re-queries every S steps along the whole source as a robot would (state = the
-ground truth when known, else the pose the robot reached: the previous prediction) and reports per-call latency.
---server URL sends every model call to a policy server (serve.py) instead of loading --ckpt: a clip's frames travel
-as their stored JPEG (same pixels, same seeded noise: the same numbers as a local run), other frames as JPEG q95.
+The model sees what it saw in training (docs/conventions.md): the 4 frames at 10 Hz before "now"
+(--start), each with the target person's box drawn in green (--box; a clip's own boxes; else the
+whole frame), resized to 224x224, the prompt "Task: {task}. Instruction: {instruction}", and the
+current pose as state (a clip's ground truth; --state FILE.npy; else a standing pose). --rollout S
+re-queries every S steps along the whole source as a robot would (state: the ground truth when
+known, else the previous prediction) and reports per-call latency. --server URL sends the model
+calls to a policy server (serve.py) instead of loading --ckpt: a clip's frames travel as their
+stored JPEG (the same numbers as a local run), other frames as JPEG q95.
 
-    python sample.py                                     # runs/tiny's latest checkpoint, a validation clip of data/demo
-    python sample.py --ckpt CKPT --video run.mp4 --instruction "Jog in place." --task jogging --start 2.0
+    python sample.py                   # runs/tiny's latest checkpoint, a validation clip of data/demo
+    python sample.py --ckpt CKPT --video run.mp4 --instruction "Jog in place." --task jogging --start 2
     python sample.py --ckpt CKPT --frames DIR --fps 30 --instruction "..." --box 40 10 300 240
     python sample.py --ckpt CKPT --clip data/demo/clips/ab/ID.safetensors --rollout 8 --view 45 15
-    python sample.py --server http://127.0.0.1:8000 --rollout 8      # the model behind `python serve.py`
-Videos need PyAV (pip install av); frame folders and clips do not. Writes OUT/prediction.{json,npy}, OUT/sample.png
-(strip), OUT/sample.gif, and with --rollout OUT/rollout.{json,npy,gif} (default OUT: out/sample).
+    python sample.py --server http://127.0.0.1:8000 --rollout 8     # the model behind serve.py
+Videos need PyAV (pip install av). Writes OUT/prediction.{json,npy}, OUT/sample.png (strip),
+OUT/sample.gif, and with --rollout OUT/rollout.{json,npy,gif} (default OUT: out/sample).
 """
 
 import argparse
@@ -45,24 +46,24 @@ CONTEXT, HORIZON = ev.CONTEXT, ev.HORIZON
 PRED_COLOR, GT_COLOR = (214, 39, 40), (30, 160, 60)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
-# A standing person facing the camera, arms down, in the camera frame of mimic.md section 4 (x right, y DOWN, z away;
-# metres, H36M order): the default state when the source has no ground truth and no --state is given. The spine leans
-# 3 deg towards the camera: an exactly vertical spine is IK's singular -I case (angles (-180, 0, -180)), next to
-# which any small change of the angles turns the FK body upside down.
+# A standing person facing the camera, arms down, in the camera frame (x right, y DOWN, z away;
+# metres, Human3.6M order): the default state when the source has no ground truth and no --state.
+# The spine leans 3 deg towards the camera: an exactly vertical spine is IK's singular -I case
+# (angles (-180, 0, -180)), next to which any small change of the angles turns the FK body over.
 STANDING_POSE3D = np.array([
     [0.0, 0.0, 0.0], [-0.11, 0.0, 0.0], [-0.11, 0.43, 0.02], [-0.11, 0.85, 0.0], [0.11, 0.0, 0.0],
     [0.11, 0.43, 0.02], [0.11, 0.85, 0.0], [0.0, -0.22, -0.012], [0.0, -0.46, -0.024], [0.0, -0.58, -0.04],
     [0.0, -0.69, 0.0], [0.16, -0.46, 0.0], [0.18, -0.18, 0.02], [0.19, 0.07, -0.03], [-0.16, -0.46, 0.0],
     [-0.18, -0.18, 0.02], [-0.19, 0.07, -0.03]])
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sources: frames at 10 Hz (+ boxes, ground-truth angles and prompt when the source has them)
 
 
 class Source:
-    """frames: list of PIL at 10 Hz; boxes (T, 4), angles (T, 22) ground truth, pose3d (T, 17, 3), task and
-    instruction (the prompt's two parts), jpegs (the frames' JPEG bytes): or None when the source does not have
-    them."""
+    """frames: list of PIL at 10 Hz; boxes (T, 4), angles (T, 22) ground truth, pose3d (T, 17, 3),
+    task and instruction (the prompt's two parts), jpegs (the frames' JPEG bytes): or None when
+    the source does not have them."""
 
     def __init__(self, name, frames, boxes=None, angles=None, task=None, instruction=None, pose3d=None, jpegs=None):
         self.name, self.frames, self.boxes, self.angles = name, frames, boxes, angles
@@ -70,8 +71,8 @@ class Source:
 
 
 def resample_indices(times, fps=FPS):
-    """Source frame timestamps (s, increasing) -> for each 10 Hz tick k / fps, the index of the last frame shown at
-    that time (nearest-previous: a camera cannot show a frame before it is captured)."""
+    """Source frame timestamps (s, increasing) -> for each 10 Hz tick k / fps, the index of the last
+    frame shown at that time (a camera cannot show a frame before it is captured)."""
     times = np.asarray(times, np.float64)
     ticks = np.arange(0.0, times[-1] + 1e-6, 1.0 / fps)
     return np.searchsorted(times, ticks + 1e-6, side="right") - 1
@@ -127,13 +128,14 @@ def default_clip(root="data/demo"):
     return root / clips[0]["path"]
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model calls
 
 
 class Predictor:
-    """One control step at a time: frames before t + state -> (16, 22) radians, timing each call. Frames already
-    seen in an earlier call reuse their vision-tower outputs (model.VisionCache), as a robot's loop would."""
+    """One control step at a time: frames before t + state -> (16, 22) radians, timing each call.
+    Frames seen in an earlier call reuse their vision-tower outputs (inference.VisionCache), as a
+    robot's loop would."""
 
     def __init__(self, model, device, diffusion_steps=None, seed=0, cache=True):
         self.model, self.device, self.steps, self.seed = model.eval(), torch.device(device), diffusion_steps, seed
@@ -147,7 +149,7 @@ class Predictor:
         noise = torch.randn((cfg.action_horizon, cfg.action_dim), generator=g)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
-        t0 = time.perf_counter()  # latency = what a robot waits for: preprocessing + model + decoding
+        t0 = time.perf_counter()  # what a robot waits for: preprocessing + model + decoding
         pred = self.model.predict(frames, boxes, task, instruction, state, steps=self.steps, noise=noise,
                                   cache=self.cache).astype(np.float64)
         sync()
@@ -156,8 +158,9 @@ class Predictor:
 
 
 class RemotePredictor:
-    """Predictor's calls sent to a policy server (serve.py). The server draws the noise from the same seed, so a
-    clip (sent as its stored JPEG bytes) gives the numbers a local Predictor gives. latency_ms: the round trip."""
+    """Predictor's calls sent to a policy server (serve.py). The server draws the noise from the
+    same seed, so a clip (sent as its stored JPEG bytes) gives a local Predictor's numbers.
+    latency_ms: the round trip."""
 
     def __init__(self, url, diffusion_steps=None, seed=0):
         self.client, self.steps, self.seed = PolicyClient(url), diffusion_steps, seed
@@ -175,8 +178,8 @@ class RemotePredictor:
 
 
 def window(src, t, box=None):
-    """The model's view at time t: the CONTEXT frames before it (the no-leak rule) and their boxes (--box, else the
-    source's, else the whole frame)."""
+    """The model's view at time t: the CONTEXT frames before it (the no-leak rule) and their boxes
+    (--box, else the source's, else the whole frame)."""
     if t < CONTEXT or t > len(src.frames):
         raise SystemExit(f"--start must leave {CONTEXT} frames before it: frame {t} of {len(src.frames)} at 10 Hz")
     frames = src.frames[t - CONTEXT:t]
@@ -201,8 +204,9 @@ def latency_stats(ms):
 
 
 def rollout(predict, src, task, instruction, S, start, state0, box=None):
-    """Re-query every S steps from `start` to the end of the source. State: the ground truth when the source has
-    it, else the pose reached (the previous call's prediction for that step). -> (times, angles (n, 22), calls)."""
+    """Re-query every S steps from `start` to the end of the source. State: the ground truth when
+    the source has it, else the pose reached (the previous call's prediction for that step). ->
+    (times, angles (n, 22), calls)."""
     T = len(src.frames)
     traj, times, calls, state = [], [], [], state0
     for t in range(start, T, S):
@@ -217,13 +221,13 @@ def rollout(predict, src, task, instruction, S, start, state0, box=None):
     return np.asarray(times), np.concatenate(traj), calls
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures
 
 
 def view_rotation(azimuth_deg, elevation_deg):
-    """Rotation of a virtual camera: turn about the vertical (image y) axis by azimuth, then tilt by elevation.
-    (0, 0) is the source camera itself."""
+    """Rotation of a virtual camera: turn about the vertical (image y) axis by azimuth, then tilt by
+    elevation. (0, 0) is the source camera itself."""
     a, e = math.radians(azimuth_deg), math.radians(elevation_deg)
     ry = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
     rx = np.array([[1, 0, 0], [0, math.cos(e), -math.sin(e)], [0, math.sin(e), math.cos(e)]])
@@ -231,14 +235,15 @@ def view_rotation(azimuth_deg, elevation_deg):
 
 
 def project(poses, view):
-    """(..., 17, 3) camera-frame poses -> (..., 17, 2) orthographic image coordinates (x right, y down) and depth."""
+    """(..., 17, 3) camera-frame poses -> (..., 17, 2) orthographic image coordinates (x right,
+    y down) and depth."""
     p = np.asarray(poses, np.float64) @ view_rotation(*view).T
     return p[..., :2], p[..., 2]
 
 
 class SkeletonPanel:
-    """Draws poses into size x size panels with one scale and centre shared by every pose given at construction,
-    so motion over time is visible (not re-normalised away)."""
+    """Draws poses into size x size panels with one scale and centre shared by every pose given at
+    construction, so motion over time is visible (not re-normalised away)."""
 
     def __init__(self, poses, view, size=200, margin=14):
         xy, _ = project(np.concatenate([p.reshape(-1, 17, 3) for p in poses]), view)
@@ -249,7 +254,7 @@ class SkeletonPanel:
     def draw(self, draw, origin, pose, color, width=3):
         xy, depth = project(pose, self.view)
         pts = (xy - self.centre) * self.scale + self.size / 2 + np.asarray(origin)
-        # far bones first so near ones are drawn over them
+        # far bones first, so near ones are drawn over them
         bones = sorted(((j, p) for j, p in enumerate(kinematics.H36M_PARENTS) if p >= 0),
                        key=lambda jp: -(depth[jp[0]] + depth[jp[1]]))
         for j, p in bones:
@@ -259,9 +264,10 @@ class SkeletonPanel:
 
 
 def fk(angles, template=None):
-    """Forward kinematics of (..., 22) radians -> (..., 17, 3) (kinematics.angles_to_pose3d). The angles do not say where
-    hips and shoulders sit nor how knees and elbows bend: a template pose supplies those (the clip's pose at "now",
-    known when the prediction is made, so both skeletons get the same body), else a canonical body facing the camera."""
+    """Forward kinematics of (..., 22) radians -> (..., 17, 3) (kinematics.angles_to_pose3d).
+    The angles do not say where hips and shoulders sit nor how knees and elbows bend: a template
+    pose supplies those (the clip's pose at "now", known when the prediction is made, so both
+    skeletons get the same body), else a canonical body facing the camera."""
     t = None if template is None else np.asarray(template, np.float64) - np.asarray(template, np.float64)[..., :1, :]
     return np.asarray(kinematics.angles_to_pose3d(np.asarray(angles, np.float64), template=t))
 
@@ -281,8 +287,8 @@ def _label(draw, xy, text):
 
 
 def strip_png(path, inputs, boxes, pred, gt, view, panels=(0, 3, 6, 9, 12, 15), size=200, title="", template=None):
-    """One row: the 4 input frames (box drawn), then the skeleton at the chosen prediction steps (pred red,
-    ground truth green)."""
+    """One row: the 4 input frames (box drawn), then the skeleton at the chosen prediction steps
+    (pred red, ground truth green)."""
     poses = [fk(pred, template)] + ([fk(gt, template)] if gt is not None else [])
     panel = SkeletonPanel(poses, view, size)
     img = Image.new("RGB", (size * (len(inputs) + len(panels)), size + 36), "white")
@@ -305,8 +311,8 @@ def strip_png(path, inputs, boxes, pred, gt, view, panels=(0, 3, 6, 9, 12, 15), 
 
 
 def animation_gif(path, frames, boxes, pred, gt, view, size=240, labels=None, template=None):
-    """GIF at 10 Hz: frame k shows the source frame of that time (box drawn) next to the skeleton (pred / GT).
-    template: None, one pose, or one per frame (see fk)."""
+    """GIF at 10 Hz: frame k shows the source frame of that time (box drawn) next to the skeleton
+    (pred / GT). template: None, one pose, or one per frame (see fk)."""
     poses = [fk(pred, template)] + ([fk(gt, template)] if gt is not None else [])
     panel = SkeletonPanel(poses, view, size)
     out = []
@@ -325,7 +331,7 @@ def animation_gif(path, frames, boxes, pred, gt, view, size=240, labels=None, te
     return Path(path)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -367,8 +373,8 @@ def load_source(args):
 
 
 def prompt_for(args, src):
-    """(task, instruction) of the prompt: the flags, else the clip's own; a video or frame folder needs
-    --instruction (the task defaults to "unknown")."""
+    """(task, instruction) of the prompt: the flags, else the clip's own; a video or frame folder
+    needs --instruction (the task defaults to "unknown")."""
     if args.instruction is None and args.task is None:
         if src.instruction is None:
             raise SystemExit("--instruction is required for a video or a frame folder")
@@ -377,7 +383,7 @@ def prompt_for(args, src):
 
 
 def run(model, args):
-    """Everything after loading the model (tests call this with any model of VLAModel's call signature)."""
+    """Everything after loading the model (tests call it with any model of VLAModel's signature)."""
     src = load_source(args)
     task, instruction = prompt_for(args, src)
     text = prompt_text(task, instruction)
@@ -413,7 +419,7 @@ def run(model, args):
     written = [out / "prediction.json", out / "prediction.npy",
                strip_png(out / "sample.png", src.frames[t - CONTEXT:t], in_boxes, pred, gt, tuple(args.view),
                          title=f"{src.name} @ {t / FPS:.1f} s: {text}"[:110], template=now_pose)]
-    # the GIF shows the source frame of each predicted step when it exists, else the last input frame
+    # the GIF shows the source frame of each predicted step when it exists, else the last input
     show = [t + k if t + k < T else t - 1 for k in range(HORIZON)]
     gif_boxes = [box if box is not None else (src.boxes[i] if src.boxes is not None else None) for i in show]
     written.append(animation_gif(out / "sample.gif", [src.frames[i] for i in show], gif_boxes, pred, gt,
@@ -438,7 +444,7 @@ def run(model, args):
         ev.write_json(roll, out / "rollout.json")
         np.save(out / "rollout.npy", traj.astype(np.float32))
         r_boxes = [box if box is not None else (src.boxes[i] if src.boxes is not None else None) for i in times]
-        # each step drawn on the body of its query time (the last pose known when that prediction was made)
+        # each step drawn on the body of its query time (the last pose known at that prediction)
         query_poses = None if src.pose3d is None else src.pose3d[[max(c for c in calls if c <= i) for i in times]]
         labels = [f"{i / FPS:.1f} s" + (" (query)" if i in calls else "") for i in times]
         written += [out / "rollout.json", out / "rollout.npy",

@@ -1,16 +1,18 @@
 """
-A policy server, standard library only: it loads a checkpoint once and answers each POST /act (the 4 frames before
-now as JPEG, their target boxes, task, instruction, the 22 current angles) with the next 16 steps of 22 joint
-angles. The robot side (a client and the 10 Hz action queue) is policy_client.py, which needs no torch.
+A policy server, standard library only: it loads a checkpoint once and answers each POST /act
+(the 4 frames before now as JPEG, their target boxes, task, instruction, the 22 current angles)
+with the next 16 steps of 22 joint angles. The robot side (a client and the 10 Hz action queue) is
+policy_client.py, which needs no torch.
 
-    python serve.py --ckpt runs/tiny [--host 127.0.0.1 --port 8000] [--device cuda --dtype bf16 --compile]
-    curl -s localhost:8000/info                                  # config, joint names, fps, model id
-    python sample.py --server http://127.0.0.1:8000 --rollout 8  # sample.py's rollout through the server
+    python serve.py --ckpt runs/tiny [--host 127.0.0.1 --port 8000] [--device cuda --dtype bf16]
+    curl -s localhost:8000/info                                  # config, joint names, fps, id
+    python sample.py --server http://127.0.0.1:8000 --rollout 8  # a rollout through the server
 
-Wire format (README: fields, errors, curl and Python examples): JSON with the frames as base64 JPEG. Any language
-speaks it, a camera's JPEG travels as it is, and base64 + JSON of a few tens of kB cost well under a millisecond
-next to the JPEG decode that any framing would need. One model thread runs the requests waiting as one batch; each
-brings its own noise seed, and a sample's output does not depend on its batch, so batching changes no answer.
+Wire format (README: fields, errors, curl and Python examples): JSON with the frames as base64 JPEG.
+Any language speaks it, a camera's JPEG travels as it is, and base64 + JSON of a few tens of kB cost
+well under a millisecond next to the JPEG decode that any framing would need. One model thread runs
+the requests waiting as one batch; each brings its own noise seed, and a sample's output does not
+depend on its batch, so batching changes no answer.
 """
 
 import argparse
@@ -47,12 +49,12 @@ MAX_STEPS = 64  # sampler steps a request may ask for (released: 1)
 MAX_TEXT = 2000  # characters of task / instruction: the prompt's length sets the backbone's cost
 MAX_SEED = 2 ** 63 - 1
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Requests: parsing and validation (every problem is an HTTP status and a message naming the field)
 
 
 class RequestError(Exception):
-    """A request the server will not answer: HTTP status (4xx: the client's fault, 5xx: the server's) + message."""
+    """A request the server will not answer: HTTP status (4xx: the client's, 5xx: ours), message."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -74,7 +76,7 @@ def decode_jpeg(text, name: str, max_pixels: int) -> Image.Image:
         im.load()
     except RequestError:
         raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
         raise RequestError(422, f"{name} is not a decodable JPEG: {type(e).__name__}: {e}") from None
     return im
 
@@ -84,9 +86,10 @@ def _number(v):
 
 
 def parse_request(body: bytes, num_frames=4, num_angles=22, max_pixels=4096 * 4096) -> dict:
-    """A POST /act body -> {images (PIL), boxes (F, 4) float64 with NaN = unknown, task, instruction, state (22,)
-    float64, seed or None, steps or None}. Malformed JSON, missing / unknown fields or a field of the wrong type:
-    RequestError(400); well-formed but unusable values (shapes, not a JPEG, NaN state, ranges): RequestError(422)."""
+    """A POST /act body -> {images (PIL), boxes (F, 4) float64 with NaN = unknown, task,
+    instruction, state (22,) float64, seed or None, steps or None}. Malformed JSON, missing or
+    unknown fields, a field of the wrong type: RequestError(400); well-formed but unusable values
+    (shapes, not a JPEG, NaN state, ranges): RequestError(422)."""
     try:
         req = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -135,11 +138,12 @@ def parse_request(body: bytes, num_frames=4, num_angles=22, max_pixels=4096 * 40
         v = out[name]
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
             raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    out["images"] = [decode_jpeg(f, f"frames[{i}]", max_pixels) for i, f in enumerate(frames)]  # last: the costly
+    # last, as the costly part
+    out["images"] = [decode_jpeg(f, f"frames[{i}]", max_pixels) for i, f in enumerate(frames)]
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The server: HTTP threads parse and prepare; one model thread runs batches
 
 
@@ -158,9 +162,10 @@ class _Job:
 
 
 class PolicyServer:
-    """Serves `model` (a VLAModel) over HTTP. POST /act -> {"angles": (H, 22) radians, "joint_names", "seed",
-    "timing"}; GET /health; GET /info. start() serves in background threads (close() or `with` stops them);
-    serve_forever() blocks. `model_lock` is held while a batch runs: holding it pauses the model thread."""
+    """Serves `model` (a VLAModel) over HTTP. POST /act -> {"angles": (H, 22) radians,
+    "joint_names", "seed", "timing"}; GET /health; GET /info. start() serves in background threads
+    (close() or `with` stops them); serve_forever() blocks. `model_lock` is held while a batch
+    runs: holding it pauses the model thread."""
 
     def __init__(self, model, host="127.0.0.1", port=8000, max_batch=8, max_wait_ms=0.0, cache_frames=64,
                  max_queue=64, max_body_bytes=16 << 20, timeout_s=10.0, answer_timeout_s=120.0,
@@ -171,7 +176,7 @@ class PolicyServer:
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000
         self.max_body_bytes, self.timeout_s, self.answer_timeout_s = max_body_bytes, timeout_s, answer_timeout_s
         self.max_pixels, self.model_id, self.verbose = max_pixels, model_id, verbose
-        self.pad_token_id = model.encoder().pad_token_id  # builds the processor now, not in racing request threads
+        self.pad_token_id = model.encoder().pad_token_id  # builds the processor now, not racing
         self.cache = VisionCache(max(cache_frames, max_batch * self.num_frames)) if cache_frames else None
         self.jobs = queue.Queue(maxsize=max_queue)
         self.model_lock = threading.Lock()
@@ -181,7 +186,7 @@ class PolicyServer:
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._threads = []
 
-    # --- lifecycle ----------------------------------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self):
         self._threads = [threading.Thread(target=self._work, name="mimic-model", daemon=True),
@@ -212,7 +217,7 @@ class PolicyServer:
     def __exit__(self, *exc):
         self.close()
 
-    # --- requests -----------------------------------------------------------------------------------------------
+    # --- requests ---------------------------------------------------------------------------------
 
     def info(self) -> dict:
         p = next(self.model.parameters())
@@ -225,8 +230,9 @@ class PolicyServer:
                 "config": asdict(self.model.config)}
 
     def act(self, body: bytes) -> dict:
-        """One POST /act body -> the reply dict (raises RequestError). Runs in the request's HTTP thread: parsing
-        and the model's input preparation happen here, in parallel across clients; the model runs in one thread."""
+        """One POST /act body -> the reply dict (raises RequestError). Runs in the request's HTTP
+        thread: parsing and the model's input preparation happen here, in parallel across clients;
+        the model runs in one thread."""
         t0 = time.perf_counter()
         req = parse_request(body, self.num_frames, self.action_dim // 2, self.max_pixels)
         t1 = time.perf_counter()
@@ -236,7 +242,8 @@ class PolicyServer:
             raise RequestError(422, str(e)) from None
         seed = req["seed"] if req["seed"] is not None else self._seeds.randrange(MAX_SEED)
         noise = torch.randn((self.horizon, self.action_dim), generator=torch.Generator().manual_seed(seed))
-        state = torch.from_numpy(encode_angles(req["state"])).float()  # sin/cos in float64, then float32: as predict
+        # sin/cos in float64, then float32, as predict
+        state = torch.from_numpy(encode_angles(req["state"])).float()
         job = _Job(item, state, noise, req["steps"], queued_at=time.perf_counter())
         try:
             self.jobs.put_nowait(job)
@@ -252,7 +259,7 @@ class PolicyServer:
         return {"angles": job.angles.tolist(), "joint_names": list(kinematics.JOINT_NAMES), "seed": seed,
                 "steps": req["steps"] or self.model.config.diffusion_steps, "timing": timing}
 
-    # --- the model thread ---------------------------------------------------------------------------------------
+    # --- the model thread -------------------------------------------------------------------------
 
     def _work(self):
         while True:
@@ -262,7 +269,7 @@ class PolicyServer:
             with self.model_lock:
                 jobs, stop = [job], False
                 deadline = time.perf_counter() + self.max_wait_s
-                while len(jobs) < self.max_batch:  # everything already waiting, and what comes within the window
+                while len(jobs) < self.max_batch:  # what waits, and what comes within the window
                     try:
                         wait = deadline - time.perf_counter()
                         nxt = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
@@ -306,12 +313,12 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection, no TCP handshake per call
-    disable_nagle_algorithm = True  # headers and body leave at once (Nagle + delayed ACK would add ~40 ms)
+    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection, no handshake
+    disable_nagle_algorithm = True  # headers and body leave at once (Nagle + delayed ACK: ~40 ms)
     server_version = "mimic-serve/1"
 
     def setup(self):
-        self.timeout = self.server.policy.timeout_s  # socket timeout: an idle or stalled connection is dropped
+        self.timeout = self.server.policy.timeout_s  # an idle or stalled connection is dropped
         super().setup()
 
     def log_message(self, fmt, *args):
@@ -330,10 +337,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def fail(self, e: RequestError, body_unread=False):
-        # after a body we did not read (or read only in part) the connection cannot carry another request
+        # after a body we did not read (or read only in part) the connection carries no more
         self.reply(e.status, {"error": str(e), "status": e.status}, close=body_unread or e.status in (408, 411, 413))
 
-    def handle_expect_100(self):  # an oversized body is refused before the client sends it (curl waits for this)
+    def handle_expect_100(self):  # an oversized body is refused before it is sent (curl waits)
         try:
             self.body_length(check_limit=True)
         except RequestError as e:
@@ -355,8 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
         return int(n)
 
     def read_body(self) -> bytes:
-        """The body, read within --timeout in all (a trickle cannot hold a thread). An oversized body is read and
-        dropped within that time too, so that the client gets the 413 instead of a reset connection."""
+        """The body, read within --timeout in all (a trickle cannot hold a thread). An oversized
+        body is read and dropped within that time too, so the client gets the 413, not a reset."""
         n = self.body_length()
         timeout, limit = self.server.policy.timeout_s, self.server.policy.max_body_bytes
         deadline = time.perf_counter() + timeout
@@ -409,12 +416,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = other
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
 def optimize(model, args):
-    """--dtype / --compile / --no-merge through inference.optimize: LoRA merged once at load unless --no-merge."""
+    """--dtype, --compile, --no-merge through inference.optimize (LoRA merged unless --no-merge)."""
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     return inference.optimize(model, dtype=dtype, merge_lora=not args.no_merge, compile=args.compile)
 
@@ -422,20 +429,23 @@ def optimize(model, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="runs/tiny", help="checkpoint folder, or a run folder (its latest.json)")
-    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves the network (there is no authentication)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="0.0.0.0 serves the network (there is no authentication)")
     ap.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="weights' dtype (auto: bf16 autocast on CUDA, fp32 on the CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (slow first calls)")
-    ap.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged (merged is faster, ~1e-6 apart)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="keep LoRA unmerged (merged is faster, ~1e-6 apart)")
     ap.add_argument("--max-batch", type=int, default=8, help="requests run together at most")
     ap.add_argument("--max-wait-ms", type=float, default=0.0,
                     help="wait this long for more requests before running a batch (0: take what is waiting)")
     ap.add_argument("--cache-frames", type=int, default=64, help="vision outputs kept for reuse (0: no cache)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (then 503)")
     ap.add_argument("--max-body-mb", type=float, default=16.0, help="request size limit (then 413)")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds a client may take to send a request (408)")
+    ap.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds a client may take to send a request (408)")
     ap.add_argument("--model-id", default=None, help="reported by /info (default: the checkpoint path)")
     ap.add_argument("--verbose", action="store_true", help="log every request")
     args = ap.parse_args(argv)

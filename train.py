@@ -1,23 +1,18 @@
 """
-Train MIMIC: flow matching of 16x22 future joint angles from 4 past frames + an instruction (mimic.md section 5).
+Train MIMIC: flow matching of 16 future steps of 22 joint angles from the 4 frames before them and
+an instruction (the windows of docs/conventions.md). One file for one CPU / GPU and for torchrun:
 
-The same file runs on one CPU/GPU and under torchrun:
+    python train.py                             # demo data (built if missing), tiny preset, CPU
+    python train.py --preset mimic-4b --qwen /models/Qwen3-VL-4B-Instruct --data /data/clips
+    torchrun --nproc_per_node=4 train.py --preset mimic-4b ... --total-batch 512 --batch-size 8
+    python train.py --resume                          # continue runs/tiny exactly
 
-    python train.py                                   # main job: demo data (built if missing), tiny preset, CPU
-    python train.py --preset mimic-4b --qwen /models/Qwen3-VL-4B-Instruct --data /data/clips --out runs/4b
-    torchrun --nproc_per_node=4 train.py --preset mimic-4b --qwen ... --data ... --total-batch 512 --batch-size 8
-    python train.py --resume runs/tiny                # continue exactly where the last checkpoint stopped
-
-Released recipe: LoRA r128/a128 on the LLM, frozen vision, on a GPU the frozen weights in bf16 and everything
-that trains in fp32 under bf16 autocast, AdamW (wd 0.01), warmup + cosine, grad clip 1.0, total batch 512 =
-per-device batch x accumulation x world. DataLoader workers do all CPU work (JPEG decode, box drawing, tokens,
-M-RoPE positions) and ship uint8 frames; the loop does not wait for the GPU (metrics are read back every --log-every
-steps) and never applies a non-finite loss or gradient (it stops, or skips with --on-nonfinite skip).
-
-Checkpoints: OUT/ckpt-<step>/{model.safetensors, config.json, state.pt}, written to a temporary folder and renamed;
-state.pt (optimizer, scheduler, step, data position) is read back with weights_only=True. LoRA runs save only what
-trains (the frozen rest is the Qwen3-VL folder the checkpoint names). The last --keep-last are kept. Metrics:
-OUT/metrics.jsonl (+ wandb with --wandb).
+Released recipe: LoRA r128/a128 on the LLM, frozen vision (bf16 on a GPU; what trains stays fp32
+under bf16 autocast), AdamW (wd 0.01), warmup + cosine, grad clip 1.0, total batch 512 = per-device
+batch x accumulation x world. DataLoader workers do the CPU work and ship uint8 frames; the loop
+reads metrics back every --log-every steps and never applies a non-finite step. Checkpoints
+OUT/ckpt-<step>/ (model.safetensors, config.json, state.pt) are written atomically; LoRA runs save
+only what trains. Metrics: OUT/metrics.jsonl (+ wandb with --wandb).
 """
 
 import argparse
@@ -41,14 +36,15 @@ import data
 from model import PRESETS, VLAConfig, VLAModel, atomic_write, backbone_config, load_safetensors, use_tf32
 from model_io import BATCH_KEYS
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Arguments
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--qwen", default=None, help="local Qwen3-VL folder (overrides the preset's qwen_model_name)")
+    ap.add_argument("--qwen", default=None,
+                    help="local Qwen3-VL folder (overrides the preset's qwen_model_name)")
     ap.add_argument("--model-config", default=None, help='JSON of VLAConfig fields overriding the preset, e.g. '
                                                          '\'{"image_size": 64, "num_diffusion_layers": 1}\'')
     ap.add_argument("--data", default="data/demo", help="clip dataset folder (data.py format); the demo is built "
@@ -57,7 +53,8 @@ def get_args(argv=None):
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="micro-batch per device (default: the largest divisor of total-batch / world <= 16)")
-    ap.add_argument("--total-batch", type=int, default=16, help="samples per optimizer step over all devices")
+    ap.add_argument("--total-batch", type=int, default=16,
+                    help="samples per optimizer step over all devices")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (released recipe: 1e-5)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     ap.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
@@ -69,28 +66,32 @@ def get_args(argv=None):
                     help="train on the pipeline clips that passed this verdict only (strict: checks AND judge, "
                     "vlm_good: judge only), e.g. from one `pipeline.py --keep all` run")
     ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=500, help="validation loss every N steps (and at the end)")
+    ap.add_argument("--eval-every", type=int, default=500,
+                    help="validation loss every N steps (and at the end)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--keep-last", type=int, default=2)
     save = ap.add_mutually_exclusive_group()
     save.add_argument("--save-trainable-only", action="store_true",
                       help="checkpoints hold only the tensors that train (default for LoRA runs)")
-    save.add_argument("--save-full", action="store_true", help="checkpoints hold every tensor (default otherwise)")
+    save.add_argument("--save-full", action="store_true",
+                      help="checkpoints hold every tensor (default otherwise)")
     ap.add_argument("--resume", nargs="?", const="auto", default=None,
                     help="resume from the latest checkpoint in --out (or a given ckpt folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10,
                     help="read the loss and gradient norm back from the device every N steps (one wait each)")
     ap.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
-                    help="a step with a non-finite loss or gradient is never applied; then stop (default) or go on")
+                    help="a step with a non-finite loss or gradient is never applied; then stop "
+                         "(default) or go on")
     ap.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels: a rerun or resume repeats the same bits, somewhat slower")
     ap.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                     help="auto: nccl when each local rank has its own GPU, else gloo")
     ap.add_argument("--dist-timeout", type=float, default=60.0,
                     help="minutes a rank waits in a collective (rank 0 may be saving or validating)")
-    ap.add_argument("--final-eval-windows", type=int, default=200, help="windows in the closing rolling eval (0: skip)")
+    ap.add_argument("--final-eval-windows", type=int, default=200,
+                    help="windows in the closing rolling eval (0: skip)")
     ap.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (off by default)")
     ap.add_argument("--stop-after", type=int, default=None, help="exit after this step (testing resume)")
     args = ap.parse_args(argv)
@@ -107,8 +108,8 @@ def get_args(argv=None):
 
 
 def batch_split(total, world, micro=None, max_micro=16):
-    """-> (micro-batch per device, accumulation steps) with total = micro x accum x world. Without a given micro,
-    the largest divisor of total / world up to max_micro. Impossible combinations raise, naming the numbers."""
+    """-> (micro-batch per device, accumulation steps), total = micro x accum x world. Without a
+    given micro: the largest divisor of total / world up to max_micro. Impossible ones raise."""
     if total < 1 or (micro is not None and micro < 1):
         raise ValueError(f"--total-batch {total} and --batch-size {micro} must be positive")
     if total % world:
@@ -122,13 +123,13 @@ def batch_split(total, world, micro=None, max_micro=16):
     return micro, per_rank // micro
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed setup (the nanoGPT idiom: RANK in the environment means torchrun)
 
 
 def setup_distributed(backend="auto", timeout_min=60.0):
-    """-> (ddp, rank, world, device). A rank uses GPU LOCAL_RANK modulo the GPUs it sees, so a scheduler that shows
-    each task only its own GPU works, and several ranks may share one GPU (then over gloo: NCCL refuses that)."""
+    """-> (ddp, rank, world, device). A rank uses GPU LOCAL_RANK modulo the GPUs it sees, so a
+    scheduler showing each task its own GPU works, and ranks may share a GPU (over gloo)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if not ddp:
         return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,14 +159,14 @@ class DummyWandb:
         pass
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Data order: a deterministic permutation per epoch, sharded by rank; the position is saved for exact resume.
+# --------------------------------------------------------------------------------------------------
+# Data order: a deterministic permutation per epoch, sharded by rank; the position is saved
 
 
 class ShardedOrder(torch.utils.data.Sampler):
-    """Yields (epoch, index) for this rank from position `start` on: perm(seed, epoch)[:usable][rank::world].
-    Interleaved sharding makes the global batch of a step the same set of samples for any world size, so N
-    processes train exactly like one process with the same total batch (tested). The uneven tail is dropped."""
+    """Yields (epoch, index) for this rank from position `start` on: perm(seed, epoch)[:usable]
+    [rank::world]. Interleaved, so a step's global batch is the same samples for any world size and
+    N processes train like one with the same total batch. The uneven tail is dropped."""
 
     def __init__(self, n, rank, world, seed, epoch=0, start=0):
         self.n, self.rank, self.world, self.seed = n, rank, world, seed
@@ -185,9 +186,9 @@ class ShardedOrder(torch.utils.data.Sampler):
 
 
 class FlowSamples(torch.utils.data.Dataset):
-    """Wraps a WindowDataset: item (epoch, i) -> the window plus its flow-matching time t and noise, drawn from a
-    generator seeded by (seed, epoch, i). The randomness belongs to the sample, not to a process, so resuming and
-    changing the number of processes reproduce the same training exactly."""
+    """Wraps a WindowDataset: item (epoch, i) -> the window plus its flow-matching t and noise, from
+    a generator seeded by (seed, epoch, i): the randomness belongs to the sample, not to a process,
+    so a resume or another number of processes reproduces the same training."""
 
     def __init__(self, windows, seed, horizon, action_dim):
         self.windows, self.seed, self.shape = windows, seed, (horizon, action_dim)
@@ -218,28 +219,27 @@ def collate(items):
 
 
 def loader(dataset, sampler, batch_size, num_workers, drop_last=True, pin_memory=False):
-    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG. Pinned batches let
-    # the copies to the GPU run asynchronously (non_blocking).
+    # own generator: the worker seed is not drawn from the global RNG; pinned: async copies
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator(),
                                        prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
 
 
 def to_device(batch, device):
-    """The flow-matching targets of a batch on `device` without waiting (model inputs move inside the model)."""
+    """A batch's flow-matching targets on `device`, without waiting (inputs move in the model)."""
     return {k: batch[k].to(device, non_blocking=True) for k in ("actions", "state", "t", "noise")}
 
 
 def step_seed(seed, rank, step):
-    """Seed of the global RNGs (dropout masks) for optimizer step `step` on `rank`. Randomness is a function of
-    (seed, rank, step), so a resumed run draws on every rank what the uninterrupted run drew, with nothing saved."""
+    """Seed of the global RNGs (dropout masks) for `step` on `rank`: a resumed run draws what the
+    uninterrupted one drew, with nothing saved."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (1 << 63)
 
 
 def batches(dataset, args, rank, world, micro, pos, pin_memory=False):
-    """Endless micro-batches. pos = {"epoch", "sample"}: this rank's samples consumed in the epoch; advanced by the
-    caller as batches are USED (workers prefetch ahead, so the sampler can't know)."""
-    if len(dataset) // world < micro:  # otherwise no epoch ever yields a batch and this would loop forever
+    """Endless micro-batches. pos = {"epoch", "sample"}: this rank's samples consumed in the epoch,
+    advanced by the caller as batches are USED (workers prefetch ahead: the sampler cannot know)."""
+    if len(dataset) // world < micro:  # else no epoch yields a batch and this loops forever
         raise SystemExit(f"{len(dataset)} training windows cannot fill a micro-batch of {micro} on each of {world} "
                          f"processes: lower --batch-size or --stride, or add clips")
     while True:
@@ -249,13 +249,13 @@ def batches(dataset, args, rank, world, micro, pos, pin_memory=False):
         pos["epoch"], pos["sample"] = pos["epoch"] + 1, 0
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def save_checkpoint(out: Path, step, raw_model, optimizer, scheduler, pos, args, keep_last, base=None):
-    """Write OUT/ckpt-<step> atomically: a temp folder first, renamed when complete; then prune old ones. No RNG
-    state: dropout masks come from step_seed. A trainable-only checkpoint records `base` (build_model)."""
+    """Write OUT/ckpt-<step> atomically (a temp folder, renamed when complete), then prune old
+    ones. No RNG state: dropout masks come from step_seed."""
     final = out / f"ckpt-{step:07d}"
     tmp = out / f".tmp-ckpt-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -283,15 +283,14 @@ def find_resume(args) -> Path:
     return Path(args.resume) if args.resume != "auto" else latest_checkpoint(args.out)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model and optimizer
 
 
 def build_model(config: VLAConfig, device: torch.device, seed: int):
-    """-> (model on the CPU, base record). Random initialisation under `seed`, the same on every rank. On a GPU the
-    frozen parameters are bf16 (as released) and everything that trains stays fp32 (AdamW updates of ~1e-5 round
-    away in bf16), whatever is frozen: LoRA or not. The base record says where the frozen weights come from (the
-    Qwen3-VL folder, or the seed), so that a trainable-only checkpoint can be loaded anywhere."""
+    """-> (model on the CPU, base record). Random initialisation under `seed`, the same on every
+    rank; on a GPU the frozen parameters are bf16 and what trains fp32. The base record (the
+    Qwen3-VL folder, or the seed) lets a trainable-only checkpoint be loaded anywhere."""
     torch.manual_seed(seed)
     model = VLAModel(config, backbone_dtype=torch.bfloat16 if device.type == "cuda" else None)
     folder = backbone_config(config)[1]
@@ -299,8 +298,8 @@ def build_model(config: VLAConfig, device: torch.device, seed: int):
 
 
 def build_optimizer(model, args):
-    """AdamW over the parameters that train (all fp32): matrices with weight decay, norm weights and biases
-    without (as nanoGPT). Fused: one kernel per step, and it can skip a step on the device (found_inf, in main)."""
+    """AdamW over the parameters that train (all fp32): matrices with weight decay, norms and
+    biases without. Fused: one kernel per step, and it skips a step on the device (found_inf)."""
     params = [p for p in model.parameters() if p.requires_grad]
     bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if bad:
@@ -315,7 +314,7 @@ class NonFinite(SystemExit):
     """Training stopped on a non-finite loss or gradient (nothing was applied or saved after it)."""
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -323,14 +322,13 @@ def main(argv=None):
     args = get_args(argv)
     if args.deterministic:  # before any CUDA work: cuBLAS reads this when it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel warn
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops with no such kernel warn
         torch.backends.cudnn.benchmark = False
     ddp, rank, world, device = setup_distributed(args.dist_backend, args.dist_timeout)
     on_gpu = device.type == "cuda"
     if on_gpu:
         use_tf32(True)
-    else:
-        # DataLoader workers need cores too: oversubscribed OpenMP threads spin and can slow a CPU step 10x
+    else:  # leave the DataLoader workers their cores: oversubscribed OpenMP threads spin
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.num_workers))
     master = rank == 0
     np.random.seed(args.seed + rank)
@@ -352,14 +350,14 @@ def main(argv=None):
     cfg = dict(PRESETS[args.preset])
     if args.qwen:
         cfg["qwen_model_name"] = args.qwen
-    if args.model_config:
-        cfg.update(json.loads(args.model_config))  # an unknown field is an error naming it (VLAConfig)
+    if args.model_config:  # an unknown field is an error naming it (VLAConfig)
+        cfg.update(json.loads(args.model_config))
     config = VLAConfig(**cfg)
     resume = find_resume(args) if args.resume else None
     model, base = build_model(config, device, args.seed)
     if resume is not None:
         if json.loads((resume / "config.json").read_text()).get("trainable_only"):
-            VLAModel.from_pretrained(resume, base=model)  # into `model`, checking its frozen weights' checksum
+            VLAModel.from_pretrained(resume, base=model)  # into `model`, checking the frozen ones
         else:
             model.load_state_dict(load_safetensors(resume / "model.safetensors"), strict=True)
     model.to(device)
@@ -371,8 +369,7 @@ def main(argv=None):
     val_set = FlowSamples(data.WindowDataset(root, split="val", flip=False, **windows), args.seed, H, A)
     if len(train_set) == 0:
         raise SystemExit(f"no training windows in {root}")
-    # Every rank reads the same index, so all take the same decision; validation and the final evaluation run on
-    # rank 0 only, with no collective inside, so skipping them cannot leave another rank waiting.
+    # the same on every rank; validation runs on rank 0 alone, with no collective inside
     has_val = len(val_set) > 0
 
     accum = args.accum
@@ -394,9 +391,8 @@ def main(argv=None):
         start_step, pos = state["step"], {"epoch": state["data_epoch"], "sample": state["data_sample"]}
         print0(f"resumed from {resume} at step {start_step}")
     if ddp:
-        # no buffer broadcast before every forward (the rotary tables are computed, the same everywhere; newer
-        # torch names the option forward_sync_buffers); gradients live in the all-reduce buckets instead of a
-        # second fp32 copy
+        # no buffer broadcast before every forward (the rotary tables are the same everywhere;
+        # newer torch calls it forward_sync_buffers); gradients live in the all-reduce buckets
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
         model = DDP(model, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True, **no_sync)
@@ -408,13 +404,13 @@ def main(argv=None):
     n_trainable = sum(p.numel() for p in params)
     print0(f"{len(train_set)} train / {len(val_set)} val windows; {n_trainable:,} trainable parameters; "
            f"world {world} x batch {args.batch_size} x accum {accum} = {args.total_batch}")
-    if not has_val:  # a NaN validation loss, then a crash in the final evaluation, would say it less clearly
+    if not has_val:  # said up front, rather than as a NaN loss and a failing final evaluation
         print0(f"note: no val windows in {root} (the split is a hash of the clip/video id, ~2% val, so a small "
                f"dataset may have none): skipping the validation loss and the final rolling evaluation")
 
     def val_loss():
-        """Mean flow loss on the first eval-batches of the validation windows, with each window's fixed t / noise
-        (epoch -1), so successive evaluations are comparable."""
+        """Mean flow loss on the first validation windows, each with its fixed t and noise (epoch
+        -1), so successive evaluations are comparable."""
         raw_model.eval()
         losses = []
         order = [(-1, i) for i in range(min(len(val_set), args.eval_batches * args.batch_size))]
@@ -424,7 +420,8 @@ def main(argv=None):
                     t = to_device(b, device)
                     loss = raw_model(inputs=model_inputs(b), actions=t["actions"], robot_state=t["state"],
                                      timesteps=t["t"], noise=t["noise"])["loss"].item()
-                losses.append((loss * len(b["t"]), len(b["t"])))  # per-window mean: the last batch may be short
+                # a mean per window: the last batch may be short
+                losses.append((loss * len(b["t"]), len(b["t"])))
         raw_model.train()
         return sum(l for l, _ in losses) / sum(n for _, n in losses)
 
@@ -432,11 +429,11 @@ def main(argv=None):
     stream = batches(train_set, args, rank, world, args.batch_size, pos, pin_memory=on_gpu)
     metrics = open(out / "metrics.jsonl", "a") if master else None
     bar = tqdm(total=args.steps, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
-    pending = []  # steps whose loss / gradient norm are still on the device: read back together by flush()
+    pending = []  # steps whose loss / gradient norm are still on the device (flush reads them)
     clock = {"t": time.time()}
 
     def flush():
-        """Read the pending steps' numbers back (one wait for the device), log them, and act on a non-finite one."""
+        """Read the pending steps back (one wait for the device), log, act on a non-finite one."""
         if not pending:
             return
         values = torch.stack([torch.stack([p["loss"], p["grad_norm"].float()]) for p in pending]).tolist()
@@ -459,7 +456,7 @@ def main(argv=None):
             loss, _ = values[-1]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending[-1]['lr']:.2e}", sps=f"{sps:.1f}")
         pending.clear()
-        for p, loss, grad_norm in bad:  # the same steps on every rank: loss and gradients are all-reduced
+        for p, loss, grad_norm in bad:  # the same steps on every rank (all-reduced numbers)
             samples = p["samples"]
             if ddp:
                 every = [None] * world
@@ -493,7 +490,7 @@ def main(argv=None):
             if master:
                 path = save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, args, args.keep_last, base)
                 bar.write(f"saved {path}")
-            if ddp:  # the others wait here (under --dist-timeout), not inside an all-reduce that may time out
+            if ddp:  # the others wait here (under --dist-timeout), not in an all-reduce
                 dist.barrier()
             clock["t"] = time.time()
         if stop:
@@ -507,19 +504,19 @@ def main(argv=None):
             samples += [f"{c}@{s}{'~' if f else ''}" for c, s, f in zip(b["clip_id"], b["start"].tolist(),
                                                                          b["flipped"].tolist())]
             t = to_device(b, device)
-            # DDP: all-reduce gradients only on the last micro-step of the accumulation
+            # DDP all-reduces gradients on the last micro-step of the accumulation only
             sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
             with sync, raw_model.autocast():
                 loss = model(inputs=model_inputs(b), actions=t["actions"], robot_state=t["state"],
                              timesteps=t["t"], noise=t["noise"])["loss"]
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
-        if ddp:  # log the global batch's loss, not rank 0's shard (equal to what one process would log)
+        if ddp:  # log the global batch's loss, as one process would
             dist.all_reduce(loss_sum)
             loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        # A non-finite loss or gradient must never reach the weights. Fused AdamW skips its update on the device
-        # when found_inf is 1 (the protocol torch.amp.GradScaler uses), so this needs no wait for the GPU.
+        # a non-finite step must never reach the weights: fused AdamW skips its update on the
+        # device when found_inf is 1 (torch.amp.GradScaler's protocol), with no wait for the GPU
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         lr = scheduler.get_last_lr()[0]  # this update's lr, logged with its loss and grad norm
         optimizer.step()
@@ -542,21 +539,20 @@ def main(argv=None):
 
 
 def plot_losses(metrics_path, png_path, bins=15):
-    """metrics.jsonl -> a PNG of the training loss (mean per bin of steps) and the validation loss, drawn with
-    eval.py's PIL line chart (no val curve when there was no validation). After a resume the file holds repeated
-    steps: the last record of a step wins."""
+    """metrics.jsonl -> a PNG of the training loss (mean per bin of steps) and the validation loss
+    (eval.py's PIL chart). After a resume, the last record of a repeated step wins."""
     import eval as evaluation
 
     train, val = {}, {}
     for line in Path(metrics_path).read_text().splitlines():
         r = json.loads(line)
-        if r.get("loss", r.get("val_loss")) is not None:  # a skipped (non-finite) step is logged as null
+        if r.get("loss", r.get("val_loss")) is not None:  # a skipped step is logged as null
             (train if "loss" in r else val)[r["step"]] = r.get("loss", r.get("val_loss"))
     if not train:
         return None
     steps = sorted(train)
     edges = np.linspace(0, len(steps), min(bins, len(steps)) + 1).astype(int)
-    xs = [steps[hi - 1] for lo, hi in zip(edges[:-1], edges[1:])]  # each bin is labelled by its last step
+    xs = [steps[hi - 1] for lo, hi in zip(edges[:-1], edges[1:])]  # a bin's label: its last step
     series = {"train loss": [float(np.mean([train[s] for s in steps[lo:hi]])) for lo, hi in zip(edges[:-1], edges[1:])]}
     val = {step: v for step, v in val.items() if v is not None and math.isfinite(v)}  # older runs logged NaN
     if val:
@@ -571,14 +567,15 @@ def plot_losses(metrics_path, png_path, bins=15):
 
 
 def final_evaluation(model, root, args, device, out):
-    """A short rolling evaluation (S = 16, future frames t = 1..15): model vs static vs linear. eval.py has the full one."""
+    """A short rolling evaluation (S = 16, t = 1..15): model vs static vs linear (eval.py: all)."""
     import eval as evaluation
 
     res = evaluation.rolling_eval(model, root, num_windows=args.final_eval_windows, steps=(16,), seed=args.seed,
                                   device=device, batch_size=args.batch_size, num_workers=args.num_workers)
     row = res["table"]["16"]
-    print0(f"rolling eval S=16 on {res['num_windows']} val windows, RMSE deg (t=1..15): model {row['model']:.2f} | "
-           f"static {row['static']:.2f} | linear {row['linear']:.2f}  (model - static = {row['model'] - row['static']:+.2f})")
+    print0(f"rolling eval S=16 on {res['num_windows']} val windows, RMSE deg (t=1..15): "
+           f"model {row['model']:.2f} | static {row['static']:.2f} | linear {row['linear']:.2f}  "
+           f"(model - static = {row['model'] - row['static']:+.2f})")
     atomic_write(out / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     ckpts = sorted(out.glob("ckpt-*"))
     print0(f"checkpoint: {ckpts[-1] if ckpts else out}")

@@ -45,8 +45,9 @@ class LocalQwen3VL:
         import torch
 
         import qwen3vl
+        import qwen3vl_processor
         self.torch = torch
-        self.processor = qwen3vl.Qwen3VLProcessor.from_pretrained(path)
+        self.processor = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(path)
         self.model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=dtype or torch.bfloat16,
                                                      device=device)
         self.device = device

@@ -1,29 +1,22 @@
 """
-One command that checks a machine with one GPU for MIMIC within 8 minutes: each stage runs in its own process under
-its own time limit, prints PASS/FAIL with its figures as soon as it ends, and a failure never hides the others.
+Checks a machine with one GPU for MIMIC within 8 minutes: each stage runs in its own process under
+its own time limit (a crashed or hung stage cannot take the others down) and prints PASS/FAIL with
+its figures as it ends. --quick: tiny shapes, few steps, stages in this process (CI, on the CPU).
 
   env         torch, CUDA, the GPU, bf16, which SDPA kernels run, the six dependencies
-  agree       tiny preset, CPU vs GPU in fp32 with TF32 off: features, loss, actions, predict(noise=...) (bf16
-              autocast on the GPU, the one precision rule), adapter dtypes after a bf16 load
-  shapes      the mimic-4b shapes with random weights, fp32 vs bf16 (frozen bf16 + autocast): features and actions
-              agree within the stated tolerances and are finite
-  latency     control step at batch 1 on the 4B shapes (bf16, LoRA merged, vision cache as a robot loop): p50/p90,
-              host-device syncs per call, profiler GPU time vs wall time
-  trainstep   training step at the 4B shapes, batch 8 and 16: samples/s against 14.6 (2x the released run's 7.3
-              per GPU), peak memory, host syncs per step, loss finite and falling; uint8 batch bytes vs fp32 patches
+  agree       tiny preset, CPU vs GPU in fp32 (TF32 off): features, loss, actions, predict, dtypes
+  shapes      mimic-4b shapes, random weights: fp32 vs bf16 (frozen bf16 + autocast), tolerance
+  latency     control step, batch 1, 4B shapes, LoRA merged, vision cache: p50/p90, syncs, GPU busy
+  trainstep   training step, 4B shapes, batch 8 and 16: samples/s vs 14.6 (2x the released run)
   trainrun    train.py (tiny, LoRA + dropout, --deterministic): run, stop, --resume: the same losses
   evalsample  eval.py and sample.py --rollout on that (trainable-only) checkpoint
-  ddp         2 processes vs 1 with the same global batch: NCCL on 2 GPUs, else 2 gloo ranks sharing the GPU
+  ddp         2 processes vs 1, same global batch: NCCL on 2 GPUs, else 2 gloo ranks sharing the GPU
 
---quick runs tiny shapes with few steps, each stage in this process (the scripts it calls still run as their own
-processes); otherwise each stage gets a process of its own, so a crashed or hung stage cannot take the others down.
-
-    PYTHONPATH=. python bench/gpu_check.py                        # the GPU machine; JSON to $OUT or --out
+    PYTHONPATH=. python bench/gpu_check.py                        # JSON to $OUT or --out
     PYTHONPATH=. python bench/gpu_check.py --stages env,agree     # some stages only
-    PYTHONPATH=. python bench/gpu_check.py --quick --device cpu   # tiny shapes on the CPU (CI runs this)
+    PYTHONPATH=. python bench/gpu_check.py --quick --device cpu   # tiny shapes on the CPU
 
-Needs only torch (a CUDA build, for the GPU stages), safetensors, tokenizers, pillow, numpy and tqdm: no network,
-no install step, nothing newer than torch 2.4's API.
+Needs only the six dependencies (torch with CUDA for the GPU stages); torch 2.4's API suffices.
 """
 
 import argparse
@@ -42,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "bench"))  # after the root: "train" must be ../train.py, not bench/train.py
+sys.path.append(str(ROOT / "bench"))  # after the root: "train" must be ../train.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,22 +43,18 @@ import torch  # noqa: E402
 STAGES = ("env", "agree", "shapes", "latency", "trainstep", "trainrun", "evalsample", "ddp")
 LIMIT_S = {"env": 60, "agree": 90, "shapes": 150, "latency": 120, "trainstep": 180, "trainrun": 180,
            "evalsample": 120, "ddp": 150}  # seconds per stage
-TARGET_SPS = 2 * 14.9e6 / (566 * 3600)  # 2x the released run: 14.9M samples in 566 GPU-hours = 7.3/s per GPU
-# fp32 CPU vs GPU with TF32 off: the same maths, summed in another order
-FP32_REL = 1e-4
-# bf16 (frozen weights + autocast) vs fp32 on the same random weights: relative L2 error of the backbone features
-# and of the head's output. bf16 keeps 8 bits of mantissa (~0.4% per rounding); errors of a few % after 18 layers
-# are expected, 10% means something runs in a wrong dtype.
+TARGET_SPS = 2 * 14.9e6 / (566 * 3600)  # 2x the released run: 14.9M samples in 566 GPU-hours
+FP32_REL = 1e-4  # fp32 CPU vs GPU with TF32 off: the same maths, summed in another order
+# bf16 (frozen weights + autocast) vs fp32, same weights: relative L2 error of the features and
+# actions. bf16 keeps 8 mantissa bits: a few % after 18 layers is expected, 10% is a wrong dtype.
 BF16_REL = 0.10
-# predict() in bf16 vs fp32, per predicted angle: the median difference, in degrees (the tiny preset: ~0.15 with
-# the CPU's bf16 autocast)
-BF16_PREDICT_DEG = 2.0
+BF16_PREDICT_DEG = 2.0  # predict() in bf16 vs fp32: median difference per angle, degrees
 SMALL = {"image_size": 64, "num_diffusion_layers": 1}
 LORA = {**SMALL, "use_lora": True, "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.05,
         "freeze_vision_encoder": True, "freeze_qwen_layers": True, "diffusion_dropout": 0.1}
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -85,7 +74,7 @@ def finite(*ts):
 
 
 def count_syncs(device, fn):
-    """(result, host-device synchronisations fn made) via torch.cuda.set_sync_debug_mode; None on the CPU."""
+    """(result, host-device syncs fn made, by torch.cuda.set_sync_debug_mode; None on the CPU)."""
     if device.type != "cuda":
         return fn(), None
     with warnings.catch_warnings(record=True) as caught:
@@ -107,7 +96,7 @@ def frames_for(size, n, seed):
 
 
 def make_batch(model, batch, seed=0):
-    """An encoded training batch (what the DataLoader workers deliver) + targets, t and noise, on the CPU."""
+    """An encoded training batch (as the DataLoader workers deliver it) + targets, t, noise."""
     from model_io import collate_inputs, encode_angles
 
     rng = np.random.default_rng(seed)
@@ -130,8 +119,8 @@ def loss_of(model, b, device, amp=None):
 
 
 def random_model(ctx, dtype, seed=0):
-    """The mimic-4b shapes with random weights (bench/vla.py: built on the meta device, materialised on the device;
-    frozen weights in bf16 when dtype is bf16), or with --quick the tiny preset at 64 px with one DiT block."""
+    """The mimic-4b shapes with random weights (bench/vla.py's build_model; frozen weights bf16 when
+    dtype is), or with --quick the tiny preset at 64 px with one DiT block."""
     from vla import build_model
 
     from model import PRESETS, VLAConfig, VLAModel
@@ -154,7 +143,7 @@ def run_script(args, timeout, env=None, cwd=ROOT):
 
 
 def make_dataset(root, n_train=4, T=40, size=64, seed=0):
-    """Small clips of smooth random joint motion with noise frames; the last one is the validation clip."""
+    """Small clips of smooth random joint motion with noise frames; the last is the val clip."""
     import io
 
     from PIL import Image
@@ -205,11 +194,11 @@ def train_losses(out):
 
 
 def device_env(ctx):
-    """Environment for child scripts: --device cpu hides the GPUs so train.py runs where the check was asked to."""
+    """Environment of child scripts: --device cpu hides the GPUs from them."""
     return {"CUDA_VISIBLE_DEVICES": ""} if ctx.device.type == "cpu" else {}
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # stages: each returns (ok, figures) or raises
 
 
@@ -275,7 +264,7 @@ def stage_agree(ctx):
         kw = dict(inputs=b["inputs"], robot_state=b["state"], compute_loss=False, noise=b["noise"])
         aa, ab = ref(**kw)["actions"], gpu(**kw)["actions"]  # CPU tensors in, the model moves them
         f["actions_rel"] = rel(aa, ab)
-    # predict: CPU noise into a GPU model (this crashed once), under predict's own precision (bf16 on CUDA)
+    # predict: CPU noise into a GPU model, under predict's own precision (bf16 on CUDA)
     S = ref.config.image_size
     frames, boxes = frames_for(S, 4, 7), np.tile([4.0, 4, S - 4, S - 4], (4, 1))
     state = np.random.default_rng(1).uniform(-1, 1, 22)
@@ -312,7 +301,8 @@ def stage_shapes(ctx):
     with torch.no_grad():
         vl32, deep32, _ = model.features(b["inputs"])
         act32 = model(**kw)["actions"]
-        cast_frozen_(model.qwen_model, torch.bfloat16)  # as training and serving run it: frozen bf16, autocast
+        # as training and serving run it: frozen bf16, autocast
+        cast_frozen_(model.qwen_model, torch.bfloat16)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             vl16, deep16, _ = model.features(b["inputs"])
             act16 = model(**kw)["actions"]
@@ -338,7 +328,8 @@ def stage_latency(ctx):
     noise = np.random.default_rng(0).standard_normal((16, 44)).astype(np.float32)
     cache = VisionCache()
 
-    def call(t):  # the robot loop at 10 Hz: the window slides by one frame, 3 of 4 frames are cached
+    # the robot loop at 10 Hz: the window slides by one frame, 3 of 4 frames are cached
+    def call(t):
         return model.predict(video[t - 4:t], boxes, "jumping jacks", "Do jumping jacks.", state, noise=noise,
                              cache=cache)
 
@@ -374,7 +365,7 @@ def stage_latency(ctx):
 
 
 def stage_trainstep(ctx):
-    import qwen3vl
+    import qwen3vl_processor
     import train
 
     dev = ctx.device
@@ -385,10 +376,10 @@ def stage_trainstep(ctx):
     ok = True
     model = random_model(ctx, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model.train()
-    # frames cross to the device as uint8; the fp32 patches (with Qwen3-VL's temporal copy) they replace:
+    # frames cross to the device as uint8, not as fp32 patches (with the temporal copy)
     S = model.config.image_size
     fr = torch.zeros(1, S, S, 3, dtype=torch.uint8)
-    pv, _ = qwen3vl.pixel_values_from_frames(fr, model.processor.image_config)
+    pv, _ = qwen3vl_processor.pixel_values_from_frames(fr, model.processor.image_config)
     f["frame_bytes_uint8"], f["frame_bytes_fp32_patches"] = fr.nbytes, pv.nbytes
     args = argparse.Namespace(lr=1e-4, weight_decay=0.01)
     for B in batches:
@@ -423,7 +414,7 @@ def stage_trainstep(ctx):
             ok = False
             continue
         finally:
-            del opt
+            opt = None  # frees AdamW's state before the next batch size (`step` shares the name)
             model.zero_grad(set_to_none=True)
         vals = [float(v) for v in losses]
         sps = B / statistics.median(times)
@@ -469,7 +460,7 @@ def stage_evalsample(ctx):
     root = make_dataset(ctx.work / "data")
     run = ctx.work / "run"
     env = device_env(ctx)
-    if not (run / "latest.json").is_file():  # trainrun failed or was not run: train a checkpoint here
+    if not (run / "latest.json").is_file():  # trainrun failed or did not run: train one here
         run_script(train_argv(ctx, root, run, LORA, steps=2, save_every=2), ctx.limit, env)
     dev = ["--device", ctx.device.type]
     run_script([ROOT / "eval.py", "--ckpt", run, "--data", root, "--num-windows", "4", "--steps", "16",
@@ -503,12 +494,11 @@ def stage_ddp(ctx):
     how = ("nccl, 2 GPUs" if gpus >= 2 else "gloo, 2 ranks sharing one GPU" if gpus == 1 else "gloo on the CPU")
     f = {"ranks": how, "losses_2_ranks": [round(v, 6) for _, v in a], "max_rel_diff_vs_1_process": diff,
          "world_line": next((line.strip() for line in log.splitlines() if "world 2 x" in line), None)}
-    # the CPU repeats the maths exactly; a GPU's bf16 kernels round a batch of 4 and one of 8 differently
-    f["tolerance"] = 1e-5 if gpus == 0 else 1e-3
+    f["tolerance"] = 1e-5 if gpus == 0 else 1e-3  # a GPU's bf16 kernels round batches 4 and 8 apart
     return diff < f["tolerance"], f
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # runner
 
 
@@ -587,7 +577,7 @@ def main(argv=None):
         if limit < 20:
             r = {"stage": name, "status": "FAIL", "error": f"skipped: {left:.0f} s of the budget left",
                  "seconds": 0.0}
-        elif args.quick:  # tiny shapes on a CI machine: in this process (saves a torch start-up per stage)
+        elif args.quick:  # tiny shapes: in this process (saves a torch start-up per stage)
             r = run_stage(name, argparse.Namespace(device=torch.device(args.device), quick=True, work=work,
                                                    limit=limit))
         else:
@@ -605,7 +595,7 @@ def main(argv=None):
             r["seconds"] = round(time.perf_counter() - t0, 1)
         report(r)
         summary["stages"].append(r)
-        path = out / "gpu_check.json"  # rewritten after every stage: a killed run still leaves its results
+        path = out / "gpu_check.json"  # rewritten after every stage: a killed run leaves results
         path.write_text(json.dumps(summary, indent=1, default=str))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,21 +1,20 @@
 """
-Benchmark of the policy server (serve.py): what serving adds to a control step, and what batching gives.
+Benchmark of the policy server (serve.py): what serving adds to a control step, and what batching
+gives. Target: <= 3 ms of overhead.
 
-  overhead: batch 1, the in-process VLAModel.predict() (frames already decoded) against a round trip through
-            PolicyServer on 127.0.0.1 with PolicyClient (JPEG bytes in: JSON + base64 + HTTP, JPEG decode, the
-            model thread's hand-off, the JSON reply). overhead = median over pairs of (round trip - in-process); the
-            two alternate in one loop so that machine load hits both alike. "direct" = median of (round trip - the
-            server's own prepare + model time): the same quantity without the model's run-to-run noise. The vision
-            cache is off on both sides, and predict() runs in a thread of its own, as the server's model does
-            (torch's OpenMP threads behave differently in the main thread: on a loaded 2-core machine the same call
-            measured 10x slower there). Target: <= 3 ms. Frames at the model's size and at 640x480.
-  serving path alone: the same round trip with the model's forward replaced by a no-op, minus the server's
-            prepare time (which predict() has too): what serving adds, free of the model's noise on a busy machine.
-  clients:  --clients concurrent clients, each sending requests in a loop: requests/s against one client's, and
-            the mean batch the model thread ran.
+  overhead      batch 1: the in-process VLAModel.predict() (frames decoded) against a round trip
+                through PolicyServer on 127.0.0.1 with PolicyClient (JPEG bytes in), the two
+                alternating in one loop; the median over pairs of their difference. "direct": the
+                round trip minus the server's own prepare + model time. Vision cache off on both
+                sides; predict() runs in a thread of its own, as the server's model does (torch's
+                OpenMP threads behave differently in the main thread). Frames at the model's size
+                and at 640x480.
+  serving path  the same round trip with the model's forward a no-op, minus the server's prepare
+                time (which predict() has too): what serving adds, free of the model's noise.
+  clients       --clients concurrent clients, each sending requests in a loop: requests/s against
+                one client's, and the mean batch the model thread ran.
 
-The server runs in this process (its own threads), so a model of any size is built once, with bench/vla.py's
-configs and random weights.
+The server runs in this process (its own threads), with bench/vla.py's configs and random weights.
 
   python bench/serve.py                                     # tiny + mid, CPU
   python bench/serve.py --configs mimic-4b --device cuda    # the released shapes on a GPU
@@ -44,7 +43,8 @@ import serve  # noqa: E402
 
 
 def camera_jpeg(rng, width, height, quality=90):
-    """A smooth random picture (upsampled noise), so the JPEG is about a camera frame's size, not noise's."""
+    """A smooth random picture (upsampled noise), so the JPEG is about a camera
+    frame's size, not noise's."""
     small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
     buf = io.BytesIO()
     small.resize((width, height), Image.BICUBIC).save(buf, format="JPEG", quality=quality)
@@ -158,14 +158,16 @@ def bench_config(name, args, device, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=None, help="comma list of tiny, mid, mimic-4b (default: tiny,mid on CPU; "
-                                                    "mimic-4b on CUDA)")
+    ap.add_argument("--configs", default=None,
+                    help="comma list of tiny, mid, mimic-4b (default: tiny,mid on CPU; mimic-4b on CUDA)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                    help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=20, help="timed calls (median)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     ap.add_argument("--flow-steps", type=int, default=1, help="sampler steps (released: 1)")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients of the throughput test (1: skip)")
+    ap.add_argument("--clients", type=int, default=4,
+                    help="concurrent clients of the throughput test (1: skip)")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's batch limit")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)

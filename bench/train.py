@@ -1,15 +1,16 @@
 """
 Training throughput of train.py's pieces, in samples/s:
 
-  1. the data path alone: data.WindowDataset (read the clip's 4 JPEG frames, draw the box, resize, IK for flipped
-     windows, sin/cos) + data.QwenEncoder (chat template, tokenisation, Qwen3-VL patching) + train.collate, through
-     train.loader with 0, 1 and 2 DataLoader workers (what one training process can be fed);
-  2. full training steps (forward, flow loss, backward, clip, AdamW) with batches from that loader: end to end, and
-     the model alone on one prefetched batch. tiny on CPU; the mimic-4b shapes in bf16 autocast on CUDA (random
-     weights, built on meta and materialised on the GPU, bench/vla.py's build_model).
+  1. the data path alone: data.WindowDataset (read a window's 4 JPEG frames, draw the box, resize,
+     IK for flipped windows, sin/cos) + model_io.InputEncoder (chat template, tokens, M-RoPE
+     positions) + train.collate, through train.loader with 0, 1 and 2 DataLoader workers (what
+     one training process can be fed);
+  2. full training steps (forward, flow loss, backward, clip, AdamW) with batches from that
+     loader: end to end, and the model alone on one prefetched batch. tiny on the CPU; the
+     mimic-4b shapes in bf16 autocast on CUDA (random weights, bench/vla.py's build_model).
 
-The released run trained ~14.9M samples in 566 GPU-hours: 14.9e6 / (566 * 3600) = 7.3 samples/s per GPU. Only the
-mimic-4b row on a GPU is comparable to it (the issue's target: at least 2x on an H100).
+The released run trained ~14.9M samples in 566 GPU-hours: 7.3 samples/s per GPU. Only the
+mimic-4b row on a GPU compares with it (the target: at least 2x on an H100).
 
   python bench/train.py                                   # data path + tiny training steps on CPU
   python bench/train.py --configs mimic-4b --batch 8      # on a GPU machine
@@ -112,26 +113,31 @@ def bench_training(name, root, args, device):
           f"model alone {model_sps:.1f} samples/s (median step {statistics.median(times) * 1e3:.0f} ms), "
           f"end to end {e2e_sps:.1f} samples/s; peak {mem:,.0f} MiB")
     ratio = e2e_sps / RELEASED_SAMPLES_PER_GPU_S
-    note = "" if name == "mimic-4b" and device.type == "cuda" else "  (not comparable: a different model/device)"
+    comparable = name == "mimic-4b" and device.type == "cuda"
+    note = "" if comparable else "  (not comparable: a different model/device)"
     print(f"  vs the released run's {RELEASED_SAMPLES_PER_GPU_S:.2f} samples/s per GPU: {ratio:.2f}x{note}")
-    del opt, model
+    opt = model = None  # frees the weights and AdamW's state (the closures share these names)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT / "data" / "demo"), help="clip dataset (default: the demo; a small "
-                                                                        "demo is built in a temp folder if missing)")
-    ap.add_argument("--demo-clips", type=int, default=24, help="clips of the temporary demo when --data is missing")
-    ap.add_argument("--configs", default=None, help="comma list of tiny, mid, mimic-4b for the training steps "
-                                                    "(default: tiny on CPU, mimic-4b on CUDA; 'none' skips)")
+    ap.add_argument("--data", default=str(ROOT / "data" / "demo"),
+                    help="clip dataset (default: the demo; a small demo is built in a temp folder if missing)")
+    ap.add_argument("--demo-clips", type=int, default=24,
+                    help="clips of the temporary demo when --data is missing")
+    ap.add_argument("--configs", default=None,
+                    help="comma list of tiny, mid, mimic-4b for the training steps "
+                         "(default: tiny on CPU, mimic-4b on CUDA; 'none' skips)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the training-step benchmark")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="DataLoader workers of the training-step benchmark")
     ap.add_argument("--data-workers", default="0,1,2", help="worker counts of the data-path benchmark")
     ap.add_argument("--data-batches", type=int, default=12, help="batches timed per data-path measurement")
-    ap.add_argument("--image-size", type=int, default=224, help="frame size of the data-path benchmark (released)")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="frame size of the data-path benchmark (released)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
@@ -153,8 +159,9 @@ def main(argv=None):
         n_windows = len(data.WindowDataset(root, split="train", stride=16, flip=True))
         print(f"data: {root} ({n_windows} train windows with flips)")
 
-        # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny processor
-        #    (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so text is a few more tokens)
+        # 1. the data path alone, with the released frame size and the Qwen3-VL patching of the tiny
+        #    processor (the same image pipeline as Qwen3-VL-4B's; its tokenizer is byte-level, so
+        #    text is a few more tokens)
         from model import PRESETS, VLAConfig, backbone_config, build_processor
         from model_io import InputEncoder
         cfg = replace(VLAConfig(**PRESETS["tiny"]), image_size=args.image_size)

@@ -1,41 +1,33 @@
 """
-Benchmark of MIMIC inference (model.py): the rolling control loop against the original implementation's path on the
-same weights, measured in the same run, plus compile time and the policy server's round trip.
+Benchmark of MIMIC inference (model.py): the rolling control loop against the original
+implementation's path on the same weights, measured in the same run, plus compile time and
+the policy server's round trip.
 
-The loop: 20 calls at batch 1, the 4-frame window sliding by one frame per call (a robot at 10 Hz), one Euler flow
-step (the released setting). Each call is complete: camera frames (640x480) with the target box drawn and resized,
-preprocessing, vision tower, decoder layers 0..tap, head; CUDA is synchronised around it. Rows:
+The loop: 20 calls at batch 1, the 4-frame window sliding by one frame per call (a robot at 10 Hz),
+one Euler flow step. Each call is complete: 640x480 camera frames with the target box drawn and
+resized, preprocessing, vision tower, decoder layers 0..tap, head; CUDA is synchronised around it.
 
-  reference  what the original code runs: transformers' Qwen3VLForConditionalGeneration built from the same config
-             and weights, peft LoRA with the same adapters, then truncated to the kept layers; forward hooks on
-             layers tap//2 and tap, output_hidden_states=True and the LM head on every token; transformers'
-             processor (PIL image processor + tokenizer) on every call; then our DiT head (the original's has the
-             same architecture; on CUDA bf16 autocast here, where the original used fp16)
+  reference  what the original code runs: transformers' Qwen3-VL + peft LoRA on the same weights,
+             truncated to the kept layers; hooks, output_hidden_states and the LM head on every
+             token; transformers' processor on every call; then our DiT head
   eager      VLAModel.predict()
   cache      + a VisionCache: one new frame through the vision tower per call instead of four
   merged     + inference.optimize(): LoRA folded into the base weights once
-  compiled   + inference.optimize(compile=True): torch.compile of the vision tower (one frame) and of the step
-             from token ids to actions, static shapes, text padded to 32-token buckets ("reduce-overhead": CUDA
-             graphs, on CUDA); its first call (the compilation) is timed, and recompiles counted
-  bf16       + inference.optimize(dtype=torch.bfloat16), on CUDA (there every row already runs under bf16
-             autocast) or on a CPU with bf16 instructions (AVX512-BF16 / AMX)
+  compiled   + inference.optimize(compile=True) (CUDA graphs on CUDA); compile time and
+             recompiles are reported
+  bf16       + inference.optimize(dtype=torch.bfloat16), on CUDA or a CPU with bf16 instructions
 
-The reference's LM head: at 4B it is 151,936 x 2,560 = 0.39B weights against 1.82B in the 18 kept layers (21%).
-The mid config is 512 wide with 4 kept layers: the real vocabulary would make the head 6x the layers and flatter us,
-so mid's vocabulary is scaled to the 4B's ratio (5,040 tokens; mimic-4b uses the real one).
-Before timing, every row's first-call actions are compared with the reference's (max |difference| printed; beyond
-tolerance the run stops). Rounds alternate the rows so machine load hits them alike; per-call times are medians over
---repeats loops, 'loop' is their mean over the 20 calls (the cold first call included), 'steady' the median of calls
-2..20. The server row (serve.py, when present) runs the cache + merged model behind PolicyServer on 127.0.0.1 with
-PolicyClient and reports the round trip minus the in-process call, pair by pair, and the JPEG decode in it.
+Every row's first-call actions are checked against the reference's (beyond tolerance the run
+stops); rounds alternate the rows so machine load hits them alike. 'call 1' and 'steady' are
+medians over --repeats loops (steady: calls 2..20), 'loop' the mean over the 20 calls. The server
+row runs the cache + merged model behind serve.PolicyServer and reports the round trip minus the
+in-process call. Configs (random weights, byte-level tokenizer): mid, CPU-sized with the released
+structure and its vocabulary scaled so that the reference's LM head weighs what it does at 4B
+(21% of the kept layers); mimic-4b, the released shapes (built on the meta device); tiny.
 
-Configs (random weights; the byte-level test tokenizer stands in for Qwen's): mid, a CPU-sized model with the
-released structure (frozen vision, LoRA r16 on the LLM, a 4-block DiT); mimic-4b, the released shapes (18 of 36
-Qwen3-VL-4B layers, LoRA r128, 24-block DiT; built on the meta device, materialised on the target device); tiny.
-
-  python bench/vla.py                                        # mid, CPU, fp32 (+ bf16 rows where supported)
-  python bench/vla.py --configs mimic-4b --device cuda       # the released shapes, bf16 (target: <= 15 ms on an H100)
-  python bench/vla.py --plot docs/rolling_latency.png        # also draw the per-call timeline
+  python bench/vla.py                                   # mid, CPU, fp32 (+ bf16 where supported)
+  python bench/vla.py --configs mimic-4b --device cuda  # bf16; target: <= 15 ms on an H100
+  python bench/vla.py --plot docs/rolling_latency.png   # also draw the per-call timeline
 """
 
 import argparse
@@ -55,11 +47,12 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen3vl  # noqa: E402
+import qwen3vl_processor  # noqa: E402
 from inference import VisionCache, optimize  # noqa: E402
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel  # noqa: E402
 from model_io import collate_inputs, encode_angles, frame_image, prompt_text  # noqa: E402
 
-# The byte-level tokenizer's special ids (TINY_QWEN): every benchmark config uses them, so its processor works.
+# The byte-level tokenizer's special ids (TINY_QWEN): every config uses them, so its processor works
 _IDS = {k: TINY_QWEN[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
 
 
@@ -70,7 +63,7 @@ def layer_weights(t) -> int:
 
 
 def scaled_vocab(text, kept) -> int:
-    """The vocabulary that gives an LM head the same share of the kept layers' weights as in the 4B (21%)."""
+    """The vocabulary giving an LM head the same share of the kept layers' weights as at 4B (21%)."""
     t4 = qwen3vl.PRESETS["4B"].to_hf()["text_config"]
     share = t4["vocab_size"] * t4["hidden_size"] / (18 * layer_weights(t4))
     return int(round(share * kept * layer_weights(text) / text["hidden_size"] / 8)) * 8
@@ -80,10 +73,11 @@ def _mid_qwen():
     q = copy.deepcopy(TINY_QWEN)
     q["text_config"].update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=2, head_dim=64)
-    q["text_config"]["vocab_size"] = scaled_vocab(q["text_config"], kept=4)  # 5040; the ids used stay below 266
-    q["text_config"]["rope_scaling"]["mrope_section"] = [12, 10, 10]  # 3/8, 5/16, 5/16 of head_dim / 2
+    q["text_config"]["vocab_size"] = scaled_vocab(q["text_config"], kept=4)  # 5040; ids used < 266
+    q["text_config"]["rope_scaling"]["mrope_section"] = [12, 10, 10]  # 3/8, 5/16, 5/16 of hd / 2
+    # 8 layers -> 4 kept, tap 3: both DeepStack levels are used
     q["vision_config"].update(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
-                              deepstack_visual_indexes=[1, 3])  # 8 layers -> 4 kept, tap 3: both levels used
+                              deepstack_visual_indexes=[1, 3])
     return q
 
 
@@ -104,16 +98,18 @@ CONFIGS = {
 
 
 def build_model(name, device, dtype, meta=None):
-    """VLAModel of a benchmark config on `device`. dtype bf16: the backbone in bf16, trainable tensors fp32 (as
-    train.py on a GPU). meta (default: for mimic-4b): build on the meta device, then materialise random weights.
-    LoRA B is random too (a fresh adapter's zero B would hide any LoRA mistake in the comparisons)."""
+    """VLAModel of a benchmark config on `device`. dtype bf16: the backbone in bf16,
+    trainable tensors fp32 (as train.py on a GPU). meta (default: for mimic-4b):
+    build on the meta device, then materialise random weights. LoRA B is random too
+    (a fresh adapter's zero B would hide any LoRA mistake in the comparisons)."""
     config = VLAConfig(**CONFIGS[name]())
     bdt = torch.bfloat16 if dtype == torch.bfloat16 else None
     if meta if meta is not None else name == "mimic-4b":
         with torch.device("meta"):
             model = VLAModel(config, load_backbone=False, backbone_dtype=bdt)
         model.to_empty(device=device)
-        with torch.no_grad():  # random weights: small normal matrices, unit norm scales, zero biases
+        # random weights: small normal matrices, unit norm scales, zero biases
+        with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.dim() >= 2:
                     p.normal_(0.0, 0.02)
@@ -168,12 +164,12 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The original code's path
 
 
 class Reference:
-    """transformers + peft as the original code runs them, on `model`'s weights; our head on its features."""
+    """transformers + peft as the original code runs them, on `model`'s weights; our head after."""
 
     def __init__(self, model: VLAModel, device, dtype):
         import peft
@@ -192,7 +188,8 @@ class Reference:
         sd = {k[len("qwen_model."):]: v for k, v in model.state_dict().items()
               if k.startswith("qwen_model.") and ".lora_" not in k}
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        # allowed to be missing: the layers after the tap (truncated below), the final norm (ones) and the tied head
+        # allowed to be missing: the layers after the tap (truncated below), the final norm
+        # (ones) and the tied head
         extra = [k for k in missing if not (k.startswith("model.language_model.layers.") and
                                             int(k.split(".")[3]) >= model.kept)
                  and k not in ("model.language_model.norm.weight", "lm_head.weight")]
@@ -206,7 +203,8 @@ class Reference:
             ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
             theirs = {n: p for n, p in hf.named_parameters() if ".lora_" in n}
             with torch.no_grad():
-                for k, v in ours.items():  # qwen_model.X.lora_A -> base_model.model.X.lora_A.default.weight
+                # qwen_model.X.lora_A -> base_model.model.X.lora_A.default.weight
+                for k, v in ours.items():
                     theirs.pop("base_model.model." + k[len("qwen_model."):] + ".default.weight").copy_(v)
             left = [n for n in theirs if ".layers." not in n or int(n.split(".layers.")[1].split(".")[0]) < model.kept]
             if left:
@@ -217,7 +215,8 @@ class Reference:
         self.feats = {}
         for i in (model.deep_tap, model.tap):  # the original's hooks: each layer's own output
             lm.layers[i].register_forward_hook(lambda mod, args, out, i=i: self.feats.__setitem__(i, out))
-        tok = PreTrainedTokenizerFast(tokenizer_object=qwen3vl.byte_level_tokenizer(), pad_token="<|endoftext|>")
+        tok = PreTrainedTokenizerFast(tokenizer_object=qwen3vl_processor.byte_level_tokenizer(),
+                                      pad_token="<|endoftext|>")
         ic = model.processor.image_config
         ip = Qwen2VLImageProcessorPil(patch_size=ic.patch_size, temporal_patch_size=ic.temporal_patch_size,
                                       merge_size=ic.merge_size, image_mean=list(ic.image_mean),
@@ -238,10 +237,11 @@ class Reference:
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
     def preprocess(self, frames, boxes, task, instruction):
-        """Boxed, resized frames + prompt -> transformers' processor outputs (the original's per-call CPU work)."""
+        """Boxed, resized frames + prompt -> transformers' processor outputs (the original's
+        per-call CPU work)."""
         images = [frame_image(f, b, self.vla.config.image_size) for f, b in zip(frames, boxes)]
-        text = qwen3vl.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(images) + [
-            {"type": "text", "text": prompt_text(task, instruction)}]}])
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt_text(task, instruction)}]
+        text = qwen3vl_processor.apply_chat_template([{"role": "user", "content": content}])
         return self.processor(text=[text], images=images, return_tensors="pt")
 
     @torch.inference_mode()
@@ -261,13 +261,14 @@ class Reference:
                                         method=m.config.sampler)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The rolling loop
 
 
 def camera(calls, num_frames, rng, size=(640, 480)):
-    """calls + num_frames - 1 camera frames (smooth random colour fields, so JPEG and PIL see image-like content)
-    with a target box drifting right, the instruction and per-call states and noise."""
+    """calls + num_frames - 1 camera frames (smooth random colour fields, so JPEG and PIL see
+    image-like content) with a target box drifting right, the instruction, per-call states and
+    noise."""
     n = calls + num_frames - 1
     small = rng.integers(0, 256, (n, size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
     frames = [Image.fromarray(s).resize(size, Image.BILINEAR) for s in small]
@@ -305,21 +306,22 @@ def run_loop(call, calls, device):
 
 
 def server_rows(model, cam, F, calls, device):
-    """The cache + merged model behind PolicyServer on localhost: per-call (round trip, in-process) pairs."""
+    """The cache + merged model behind PolicyServer on localhost: (round trip, in-process) pairs."""
     try:
+        import policy_client
         import serve
     except ImportError:
         print("server: serve.py is not in this checkout; no server row")
         return None
     frames, boxes, states, _ = cam
-    jpegs = [serve.jpeg_bytes(f, quality=90) for f in frames]  # what a camera sends
+    jpegs = [policy_client.jpeg_bytes(f, quality=90) for f in frames]  # what a camera sends
     decoded = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
     cache = VisionCache()
 
     def in_process(k):  # timed in a thread of its own, as the server's model runs
         window = slice(k, k + F)
         t0 = time.perf_counter()
-        [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs[window]]  # what the server adds: the decode
+        [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs[window]]  # what the server adds
         decode.append(time.perf_counter() - t0)
         sync(device)
         t0 = time.perf_counter()
@@ -330,18 +332,19 @@ def server_rows(model, cam, F, calls, device):
 
     pairs, worst, decode = [], 0.0, []
     with serve.PolicyServer(model, port=0) as server, ThreadPoolExecutor(1) as worker:
-        client = serve.PolicyClient(server.url)
+        client = policy_client.PolicyClient(server.url)
         for k in range(calls):
             mine, t_in = worker.submit(in_process, k).result()
+            # the server draws its noise from the seed, as in_process does
             theirs = client.act(jpegs[k:k + F], boxes[k:k + F], "jumping jacks", "Do jumping jacks.", states[k],
-                                seed=k)  # the server draws its noise from the seed as in_process does
+                                seed=k)
             pairs.append((theirs["round_trip_ms"] / 1e3, t_in))
             worst = max(worst, float(np.abs(np.angle(np.exp(1j * (theirs["angles"] - mine)))).max()))
         client.close()
     return pairs, worst, statistics.median(decode)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -350,7 +353,7 @@ COLORS = [(90, 90, 90), (214, 39, 40), (255, 127, 14), (31, 119, 180), (44, 160,
 
 
 def plot_timeline(per_call, title, path):
-    """Per-call latency (ms) of every row along the loop: the first call encodes four frames, later ones one."""
+    """Per-call latency (ms) of every row along the loop (the first call encodes four frames)."""
     from eval import load_font, nice_ticks, save_png
 
     W, H, px0, py0, px1, py1 = 800, 420, 60, 40, 520, 380
@@ -384,7 +387,8 @@ def plot_timeline(per_call, title, path):
 def bench_config(name, args, device):
     rng = np.random.default_rng(0)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32  # the precision rule: bf16 autocast on CUDA, fp32 on CPU
+    # the precision rule: bf16 autocast on CUDA, fp32 on CPU
+    dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
     base = build_model(name, device, dtype).eval()
     print(f"\n== {name}: {sum(p.numel() for p in base.parameters()) / 1e6:,.1f}M parameters, {device.type}, "
@@ -428,7 +432,8 @@ def bench_config(name, args, device):
         print(f"  {labels[key]:45s} max |actions - reference| = {diff:.2e} (tolerance {lim:g})")
         if not diff <= lim and not half:
             raise SystemExit(f"{labels[key]} disagrees with the reference: {diff:.3g} > {lim:g}")
-        if not diff <= lim:  # bf16 rounding differs between implementations: say it, but still time the rows
+        # bf16 rounding differs between implementations: say it, but still time the rows
+        if not diff <= lim:
             print(f"  WARNING: {labels[key]} is {diff:.3g} from the reference in bf16 (> {lim:g}); check it")
 
     def call_fn(key):

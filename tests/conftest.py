@@ -7,17 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-# Make the flat top-level modules (qwen3vl.py, lora.py, ...) importable from tests without installing the package.
+# Make the flat top-level modules (qwen3vl.py, lora.py, ...) importable from tests
+# without installing the package.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Tests use tiny tensors: one intra-op thread avoids OpenMP spin-waiting against DataLoader workers, torchrun
-# children and other processes on small CI machines (measured: tiny ops 30x slower with 2 contended threads).
+# Tests use tiny tensors: one intra-op thread avoids OpenMP spin-waiting against
+# DataLoader workers, torchrun children and other processes on small CI machines
+# (measured: tiny ops 30x slower with 2 contended threads).
 torch.set_num_threads(1)
 
-# Parity tests compare against transformers and peft at the exact versions pinned in pyproject.toml's `test` extra
-# (the one place they are written). Against any other version they fail up front, naming both versions: parity
-# verified against one release says nothing about the next (transformers 5.25 changed the video prompt layout).
+# Parity tests compare against transformers and peft at the exact versions pinned
+# in pyproject.toml's `test` extra (the one place they are written). Against any other version
+# they fail up front, naming both versions: parity verified against one release says nothing about
+# the next (transformers 5.25 changed the video prompt layout).
 REFERENCES = ("transformers", "peft")
 _pyproject = (ROOT / "pyproject.toml").read_text()
 PINNED = {name: m.group(1) for name in REFERENCES if (m := re.search(rf'"{name}==([^"]+)"', _pyproject))}
@@ -39,15 +42,16 @@ def _references_used(node):
 
 
 def _uses(path):
-    """{top-level function name: references it imports, itself or through the file's functions it calls}, and ""
-    for the module's own top-level statements."""
+    """{top-level function name: references it imports, itself or through the file's functions it
+    calls}, and "" for the module's own top-level statements."""
     if path not in _uses_by_file:
         tree = ast.parse(path.read_text(), str(path))
         defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         uses = {name: _references_used(n) for name, n in defs.items()}
         calls = {name: {m.id for m in ast.walk(n) if isinstance(m, ast.Name)} & defs.keys()
                  for name, n in defs.items()}
-        for _ in defs:  # propagate along calls until nothing changes (at most one round per function)
+        # propagate along calls until nothing changes (at most one round per function)
+        for _ in defs:
             new = {name: uses[name].union(*(uses[c] for c in calls[name])) for name in defs}
             if new == uses:
                 break
@@ -58,7 +62,8 @@ def _uses(path):
 
 
 def pytest_runtest_setup(item):
-    """A test whose module, function or fixtures import a reference runs only against its pinned version."""
+    """A test whose module, function or fixtures import a reference runs only
+    against its pinned version."""
     uses = _uses(Path(str(item.fspath)))
     names = ["", getattr(item, "originalname", item.name), *getattr(item, "fixturenames", ())]
     for name in sorted(set().union(*(uses.get(n, set()) for n in names))):

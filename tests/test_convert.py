@@ -1,5 +1,5 @@
-"""The released checkpoint's conversion (convert.py): the config.yaml reader, pickle opt-in, and the round trip
-checkpoint.pth + config.yaml -> safetensors folder -> the same outputs."""
+"""The released checkpoint's conversion (convert.py): the config.yaml reader, pickle opt-in, and
+the round trip checkpoint.pth + config.yaml -> safetensors folder -> the same outputs."""
 
 import json
 from dataclasses import asdict
@@ -56,7 +56,8 @@ def test_convert_round_trip(tmp_path, merge):
     torch.manual_seed(0)
     src = VLAModel(tiny_lora_config()).eval()
     perturb_lora(src)
-    write_released_files(tmp_path, src)  # qwen_model_name "tiny": the toy backbone config needs no folder
+    # qwen_model_name "tiny": the toy backbone config needs no folder
+    write_released_files(tmp_path, src)
     out = tmp_path / "out"
     argv = [str(tmp_path / "checkpoint.pth"), str(tmp_path / "config.yaml"), str(out)]
     convert.main(argv + (["--merge-lora"] if merge else []))

@@ -54,7 +54,7 @@ def test_split_rule():
     assert 0.01 < frac < 0.03
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Clip format
 
 
@@ -71,9 +71,10 @@ def make_clip(T=30, size=(224, 224), cid="clip_a", action="waving", desc="Wave y
         frames.append(buf.getvalue())
     pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     boxes = np.tile(np.array([[50, 40, 150, 200]], np.float32), (T, 1))
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
-                     src_frame_index=np.arange(T) * 3, src_time=np.arange(T) / 10.0, src_fps=30.0, width=size[0],
-                     height=size[1], action_class=action, description=desc, video_id="vid", extra={"k": "v"})
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose,
+                     angles=kinematics.pose3d_to_angles(pose), src_frame_index=np.arange(T) * 3,
+                     src_time=np.arange(T) / 10.0, src_fps=30.0, width=size[0], height=size[1],
+                     action_class=action, description=desc, video_id="vid", extra={"k": "v"})
 
 
 def test_clip_round_trip_and_partial_reads(tmp_path):
@@ -135,7 +136,8 @@ def test_write_clip_is_atomic_and_validates(tmp_path, monkeypatch):
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    # a plain open() gives 0666 minus the umask; mkstemp's private 0600 would hide a shared dataset from other users
+    # a plain open() gives 0666 minus the umask; mkstemp's private 0600 would hide a shared
+    # dataset from other users
     old = os.umask(0o022)
     try:
         p = tmp_path / "a" / "f.bin"
@@ -165,7 +167,7 @@ def test_index(tmp_path):
         assert [(ds.paths[c], s) for c, s in zip(ds.win_clip, ds.win_start)] == want
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Windows
 
 
@@ -200,9 +202,11 @@ def test_window_dataset_timing_box_and_flip(tmp_path):
             assert (x[100, 52] != [0, 255, 0]).any() and (x[39:42, 100] == [0, 255, 0]).all()
     f = ds[2 + 1]  # the mirror of window 1
     assert f["flipped"] and f["start"] == 20 and f["text"] == "Task: waving. Instruction: Wave your right hand."
-    want = model_io.encode_angles(kinematics.pose3d_to_angles(kinematics.flip_pose3d(clip.pose3d[20:36].astype(np.float64))))
+    flipped = kinematics.flip_pose3d(clip.pose3d[20:36].astype(np.float64))
+    want = model_io.encode_angles(kinematics.pose3d_to_angles(flipped))
     assert torch.allclose(f["actions"], torch.from_numpy(want).float(), atol=1e-6)
-    assert angle_err(model_io.decode_angles(f["actions"].numpy()), kinematics.flip_angles(clip.angles[20:36])).max() < 1e-4
+    got = model_io.decode_angles(f["actions"].numpy())
+    assert angle_err(got, kinematics.flip_angles(clip.angles[20:36])).max() < 1e-4
     x = np.asarray(f["images"][0]).astype(int)
     assert (x[100, 223 - 51:223 - 48] == [0, 255, 0]).all()  # the box mirrored with the frame
     assert np.array_equal(np.asarray(f["images"][2]), np.asarray(ds[1]["images"][2])[:, ::-1])
@@ -217,7 +221,8 @@ def test_collate_plain_and_encoded(tmp_path):
     assert b["state"].shape == (len(ds), 44) and b["actions"].shape == (len(ds), 16, 44)
     assert len(b["images"]) == len(ds) and len(b["images"][0]) == 4 and b["start"].dtype == torch.int64
 
-    def encode(images, text):  # stands in for model.InputEncoder: per-sample token ids of varying length
+    # stands in for model.InputEncoder: per-sample token ids of varying length
+    def encode(images, text):
         n = len(text)
         return {"frames": torch.full((4, 8, 8, 3), n, dtype=torch.uint8), "input_ids": torch.arange(1, n + 1),
                 "position_ids": torch.arange(n).expand(3, n) + 1, "image_positions": torch.tensor([0, 2])}
@@ -254,7 +259,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    from qwen3vl import Qwen3VLConfig, Qwen3VLProcessor, pixel_values_from_frames, rope_index
+    from qwen3vl import Qwen3VLConfig, rope_index
+    from qwen3vl_processor import Qwen3VLProcessor, pixel_values_from_frames
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -275,7 +281,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     ds = data.WindowDataset(tmp_path, split=split, encode=enc)
     items = [ds[i] for i in range(len(ds))]
     one = items[0]
-    # the processor's own output for the same images and prompt: same ids, same pixels (patched from uint8)
+    # the processor's own output for the same images and prompt: same ids, same
+    # pixels (patched from uint8)
     plain = data.WindowDataset(tmp_path, split=split)[0]
     content = [{"type": "image"}] * 4 + [{"type": "text", "text": plain["text"]}]
     ref = proc(text=proc.apply_chat_template([{"role": "user", "content": content}]), images=plain["images"])
@@ -285,7 +292,8 @@ def test_input_encoder_matches_the_processor(tmp_path):
     pos, _ = rope_index(qcfg, ref["input_ids"], ref["image_grid_thw"])
     assert torch.equal(one["position_ids"], pos[:, 0])
     assert (one["input_ids"][one["image_positions"]] == proc.image_token_id).all()
-    assert len(one["image_positions"]) == 4 * 49  # 224x224 -> 14x14 patches -> 7x7 merged tokens per frame
+    # 224x224 -> 14x14 patches -> 7x7 merged tokens per frame
+    assert len(one["image_positions"]) == 4 * 49
     text = proc.tokenizer.decode(one["input_ids"].tolist(), skip_special_tokens=False)
     assert text.startswith("<|im_start|>") and text.count("<|vision_start|>") == 4
     b = data.collate(items, pad_token_id=enc.pad_token_id)

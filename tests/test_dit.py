@@ -1,4 +1,4 @@
-"""Tests for dit.py (tiny fp32 configs on CPU): python -m pytest -q tests/test_dit.py"""
+"""Tests for dit.py: the head against explicit maths, samplers, masking (tiny fp32 configs, CPU)."""
 
 import math
 
@@ -36,7 +36,7 @@ def inputs(B=3, S=7, seed=1, cfg=DiTConfig(**TINY)):
     return vl, deep, mask, state, x_t, t
 
 
-# --- explicit-ops reference of the whole head ----------------------------------------------------------------------
+# --- explicit-ops reference of the whole head -----------------------------------------------------
 
 def ref_time(t, D):
     half = D // 2
@@ -106,7 +106,7 @@ def ref_head(head, vl, deep, mask, state, x_t, t):
     return lin(silu(lin(x, "action_decoder.0")), "action_decoder.2")
 
 
-# --- tests -----------------------------------------------------------------------------------------------------------
+# --- tests ----------------------------------------------------------------------------------------
 
 def test_time_embedding_formula():
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
@@ -159,7 +159,8 @@ def test_adaln_zero_init_is_plain_layernorm():
         assert torch.count_nonzero(n.cond_proj[1].weight) == 0 and torch.count_nonzero(n.cond_proj[1].bias) == 0
         # modulation is the identity whatever the time embedding: x * (1 + 0) + 0
         torch.testing.assert_close(n(x, c), F.layer_norm(x, (32,)), rtol=0, atol=0)
-    # so at init each block is the plain pre-LN residual block: check block 0 with its norms swapped for LayerNorm
+    # so at init each block is the plain pre-LN residual block: check block 0 with its
+    # norms swapped for LayerNorm
     blk = head.dit_blocks[0]
     kv = blk.cross_attn.project_kv(torch.randn(2, 3, 32))
     ln = lambda z: F.layer_norm(z, (32,))  # noqa: E731
@@ -178,7 +179,8 @@ def test_batch_invariance(garbage):
     head = tiny_head()
     vl, deep, mask, state, x_t, t = inputs(B=1, S=4, seed=3)
     alone = head(vl, deep, torch.ones(1, 4, dtype=torch.bool), state, x_t, t)
-    # inside a batch of 3 with S = 9, its 4 real tokens LEFT-padded by garbage, next to unrelated samples
+    # inside a batch of 3 with S = 9, its 4 real tokens LEFT-padded by garbage,
+    # next to unrelated samples
     vb, db, mb, sb, xb, tb = inputs(B=3, S=9, seed=4)
     fill = float("nan") if garbage == "nan" else 100.0
     vb[1], db[1] = fill * torch.randn(9, 12), fill * torch.randn(9, 24)
@@ -248,14 +250,15 @@ def test_euler_one_step_and_generator():
 
 
 def test_rk4_analytic():
-    # dx/dt = -x + t, x(0) = x0 has the solution x(t) = t - 1 + (x0 + 1) e^-t, so x(1) = (x0 + 1) / e
+    # dx/dt = -x + t, x(0) = x0 is solved by x(t) = t - 1 + (x0 + 1) e^-t: x(1) = (x0 + 1) / e
     x0 = torch.tensor([0.3, -2.0, 5.0], dtype=torch.float64)
     exact = (x0 + 1) * math.exp(-1.0)
     errs = []
     for n in (2, 4, 8):
         errs.append((integrate(lambda x, t: -x + t, x0, n, "rk4") - exact).abs().max().item())
     assert errs[-1] < 1e-5
-    assert errs[0] / errs[1] > 12 and errs[1] / errs[2] > 12  # 4th order: halving dt divides the error by ~16
+    # 4th order: halving dt divides the error by ~16
+    assert errs[0] / errs[1] > 12 and errs[1] / errs[2] > 12
     # the same system with Euler is only first order
     e_euler = [(integrate(lambda x, t: -x + t, x0, n, "euler") - exact).abs().max().item() for n in (64, 128)]
     assert 1.8 < e_euler[0] / e_euler[1] < 2.2

@@ -1,6 +1,7 @@
-"""eval.py: metrics on hand-made trajectories with known answers, baselines against an independent computation,
-the no-leak rule (an instrumented frame reader + frames that carry their own index), caching and determinism of
-model calls, and the CLI end to end (baselines only, and a tiny model) writing its files."""
+"""eval.py: metrics on hand-made trajectories with known answers, baselines against an independent
+computation, the no-leak rule (an instrumented frame reader + frames that carry their own index),
+caching and determinism of model calls, and the CLI end to end (baselines only, and a tiny model)
+writing its files."""
 
 import contextlib
 import io
@@ -22,8 +23,9 @@ STEPS = (1, 2, 3, 5, 8, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny datasets written with data.write_clip. Frame t of every clip is a flat colour whose red channel is 7 * t, so
-# whatever reaches a model tells which frame it was; angle 0 of frame t is 0.01 * t rad, so the state tells t too.
+# Tiny datasets written with data.write_clip. Frame t of every clip is a flat colour whose red
+# channel is 7 * t, so whatever reaches a model tells which frame it was; angle 0 of frame t is
+# 0.01 * t rad, so the state tells t too.
 
 
 def frame_jpeg(t, size=(48, 40)):
@@ -51,7 +53,8 @@ def random_walk(rng, T, scale=0.3):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """Three val clips (two classes) and one train clip; lengths 20 and 21 have windows ending at the last frame."""
+    """Three val clips (two classes) and one train clip; lengths 20 and 21 have windows
+    ending at the last frame."""
     root = tmp_path_factory.mktemp("clips")
     rng = np.random.default_rng(0)
     for i, (T, cls) in enumerate([(20, "waving"), (21, "waving"), (27, "squats")]):
@@ -63,7 +66,7 @@ def dataset(tmp_path_factory):
     return root
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hand-made trajectories with known answers
 
 
@@ -74,8 +77,9 @@ def test_wrapped_errors_cross_180():
 
 
 def test_constant_velocity_through_180_known_answers():
-    """One joint turns 3 deg per frame from 170 deg, crossing +180 -> -180 at t = 4. Linear is exact; static's error
-    at t is 3 * (t mod S); unwrapped differences would instead see jumps of 360 deg."""
+    """One joint turns 3 deg per frame from 170 deg, crossing +180 -> -180 at t = 4.
+    Linear is exact; static's error at t is 3 * (t mod S); unwrapped differences would
+    instead see jumps of 360 deg."""
     deg = (170.0 + 3.0 * np.arange(-1, 16) + 180.0) % 360.0 - 180.0  # frames s-1 .. s+15
     ext = np.zeros((1, 17, 22))
     ext[0, :, 5] = np.radians(deg)
@@ -141,13 +145,13 @@ def test_high_motion_quartile_per_window_and_classes():
     assert table["16"]["linear"] == pytest.approx(0.0, abs=1e-9)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Baselines on a written dataset, against an independent per-frame loop
 
 
 def independent_baselines(root, S):
-    """Every window of every val clip, loops and scalar math only: (static, linear) sums of squared wrapped errors
-    and the count of scored numbers."""
+    """Every window of every val clip, loops and scalar math only: (static, linear) sums of squared
+    wrapped errors and the count of scored numbers."""
     sums, count = {"static": 0.0, "linear": 0.0}, 0
     for e in data.list_clips(root, "val"):
         a = np.degrees(data.read_clip(root / e["path"]).angles.astype(np.float64))
@@ -169,7 +173,7 @@ def independent_baselines(root, S):
 def test_baselines_match_independent_computation_and_windows_reach_clip_end(dataset):
     res = ev.rolling_eval(None, dataset, num_windows=1000, steps=STEPS, progress=False)
     starts = sorted((w["clip_id"], w["start"]) for w in res["windows"])
-    # clip0 (T=20): s = 4 only; clip1 (T=21): s = 4, 5 (ends on the last frame); clip2 (T=27): s = 4..11
+    # clip0 (T=20): s = 4; clip1 (T=21): s = 4, 5 (ends on the last frame); clip2 (T=27): s = 4..11
     assert starts == [("clip0", 4), ("clip1", 4), ("clip1", 5)] + [("clip2", s) for s in range(4, 12)]
     assert res["num_windows"] == 11 and res["model_calls"] == 0
     for S in STEPS:
@@ -184,13 +188,14 @@ def test_baselines_match_independent_computation_and_windows_reach_clip_end(data
     assert a == b and len(a) == 5
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model path: no leak, one call per (window, restart), fixed noise
 
 
 class FrameEncoder:
-    """Stand-in for model.encoder() with the real input contract (uint8 frames, a few token ids): the spy reads
-    which clip frame each image was from its pixels (red channel = 7 * frame) and whether the green box was drawn."""
+    """Stand-in for model.encoder() with the real input contract (uint8 frames, a few token ids):
+    the spy reads which clip frame each image was from its pixels (red channel = 7 * frame) and
+    whether the green box was drawn."""
 
     pad_token_id = 0
 
@@ -202,7 +207,8 @@ class FrameEncoder:
 
 
 class SpyModel(torch.nn.Module):
-    """Same call signature as VLAModel. Predicts state + 0.05 * noise and records what every call saw."""
+    """Same call signature as VLAModel. Predicts state + 0.05 * noise and
+    records what every call saw."""
 
     def __init__(self):
         super().__init__()
@@ -264,7 +270,8 @@ def test_model_calls_are_deterministic_and_batch_independent(dataset):
 
 
 def test_restart_images_match_training_windows(dataset):
-    """For r = 0 the model's images are exactly WindowDataset's (box drawn, resized) for the same window."""
+    """For r = 0 the model's images are exactly WindowDataset's
+    (box drawn, resized) for the same window."""
     ds = data.WindowDataset(dataset, split="val", stride=1, flip=False)
     item = ds[0]
     path = dataset / ds.paths[ds.win_clip[0]]
@@ -273,7 +280,7 @@ def test_restart_images_match_training_windows(dataset):
     assert ev.clip_prompt(data.ClipFile(path).meta) == item["text"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI end to end
 
 

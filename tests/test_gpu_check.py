@@ -1,5 +1,5 @@
-# bench/gpu_check.py in its CPU mode, as CI runs it: every stage of the GPU machine's check, with tiny shapes, so
-# the script cannot rot between GPU runs. ~50 s of CPU time.
+# bench/gpu_check.py in its CPU mode, as CI runs it: every stage of the GPU machine's check, with
+# tiny shapes, so the script cannot rot between GPU runs.
 import importlib.util
 import json
 import os
@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_quick_cpu(tmp_path):
-    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--quick", "--device", "cpu",
+                        "--out", str(tmp_path)],
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -28,7 +29,7 @@ def test_gpu_check_quick_cpu(tmp_path):
 
 
 def test_a_failing_stage_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
-    """A stage that raises is reported FAIL with its error; the next stage still runs and the exit code is 1."""
+    """A raising stage is reported FAIL with its error; the next one still runs; exit code 1."""
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

@@ -1,7 +1,8 @@
-"""The model's one input path: a training window (data.WindowDataset + collate) and the public inference API
-(VLAModel.predict / prepare) build bit-identical inputs and actions; the per-frame vision cache changes no number,
-alone or in a batch; bad calls say what is missing. inference.optimize: merged LoRA, the bf16 rule, bucket
-padding and torch.compile (inductor on the CPU) give the eager numbers within tolerance, without recompiling."""
+"""The model's one input path: a training window (data.WindowDataset + collate) and the public
+inference API (VLAModel.predict / prepare) build bit-identical inputs and actions; the per-frame
+vision cache changes no number, alone or in a batch; bad calls say what is missing.
+inference.optimize: merged LoRA, the bf16 rule, bucket padding and torch.compile (inductor on the
+CPU) give the eager numbers within tolerance, without recompiling."""
 
 import copy
 import io
@@ -22,7 +23,8 @@ from model_io import collate_inputs, decode_angles, encode_angles
 
 
 def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
-    """Random-texture frames (so every frame gives the vision tower different tokens), a moving box, real angles."""
+    """Random-texture frames (every frame gives the vision tower other tokens), a moving box,
+    real angles."""
     rng = np.random.default_rng(seed)
     frames = []
     for _ in range(T):
@@ -32,9 +34,10 @@ def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
     pose = kinematics.angles_to_pose3d(rng.uniform(-1, 1, size=(T, 22))).astype(np.float32)
     x = np.linspace(10, 60, T, dtype=np.float32)
     boxes = np.stack([x, x * 0 + 15, x + 80, x * 0 + 110], 1)
-    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose, angles=kinematics.pose3d_to_angles(pose),
-                     src_frame_index=np.arange(T), src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0],
-                     height=size[1], action_class="waving", description="Wave your left hand.", video_id="v")
+    return data.Clip(clip_id=cid, frames_jpeg=frames, boxes=boxes, pose3d=pose,
+                     angles=kinematics.pose3d_to_angles(pose), src_frame_index=np.arange(T),
+                     src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0], height=size[1],
+                     action_class="waving", description="Wave your left hand.", video_id="v")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,8 @@ def test_training_window_and_inference_api_are_bit_identical(model, tmp_path):
     s = item["start"]
     batch = data.collate([item], pad_token_id=model.encoder().pad_token_id)
     cf = data.ClipFile(data.clip_path(tmp_path, clip.clip_id))
-    frames = cf.frames(range(s - 4, s))  # what a robot has: the raw frames, their boxes, task and instruction
+    # what a robot has: the raw frames, their boxes, task and instruction
+    frames = cf.frames(range(s - 4, s))
     mine = collate_inputs([model.prepare(frames, cf.read("boxes", s - 4, s), "waving", "Wave your left hand.")],
                           model.encoder().pad_token_id)
     for k, v in mine.items():
@@ -71,7 +75,7 @@ def test_training_window_and_inference_api_are_bit_identical(model, tmp_path):
 
 
 def rolling_inputs(model, clip, starts, batch=1):
-    """The batched inputs of a rolling loop over `starts`, `batch` copies of each call with different boxes."""
+    """The batched inputs of a rolling loop over `starts`: `batch` copies of each call, other boxes."""
     out = []
     for s in starts:
         frames = [Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[s - 4:s]]
@@ -92,7 +96,8 @@ def test_vision_cache_changes_no_number(model, batch):
             plain = model(inputs=inputs, robot_state=state, compute_loss=False, noise=noise)["actions"]
             cached = model(inputs=inputs, robot_state=state, compute_loss=False, noise=noise, cache=cache)["actions"]
             assert torch.equal(plain, cached)
-    # the window slides by one frame: after the first call, one new frame per copy is encoded, three are reused
+    # the window slides by one frame: after the first call, one new frame per copy is
+    # encoded, three are reused
     assert cache.misses == 4 * batch + (len(steps) - 1) * batch
     assert cache.hits == (len(steps) - 1) * 3 * batch
     assert len(cache.entries) <= 4 * batch + 2
@@ -125,7 +130,7 @@ def test_predict_rejects_incomplete_or_bad_inputs(model):
             model.predict(**{**ok, **change})
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # inference.optimize: merged LoRA, inference dtype, bucket padding, torch.compile
 
 
@@ -135,7 +140,7 @@ def raw_actions(model, inputs, state, noise, cache=None):
 
 
 def mixed_batch(model, clip, s=4):
-    """Three samples of different text lengths (right-padded by collate_inputs), their states and noise."""
+    """Three samples of different text lengths (right-padded by collate), their states and noise."""
     frames = [Image.open(io.BytesIO(b)) for b in clip.frames_jpeg[s - 4:s]]
     items = [model.prepare(frames, clip.boxes[s - 4:s] + 3 * k, "waving", text)
              for k, text in enumerate(["Wave.", "Wave your left hand slowly.", "Wave twice."])]
@@ -170,7 +175,8 @@ def test_merged_lora_matches_and_the_optimized_model_never_trains(model, tmp_pat
 
 
 def test_bf16_inference_equals_the_training_precision_rule(model):
-    """Weights cast once == the training rule (bf16 backbone, fp32 head, bf16 autocast) casting on every call."""
+    """Weights cast once == the training rule (bf16 backbone, fp32 head, bf16 autocast) casting on
+    every call."""
     clip = textured_clip(T=10, seed=8)
     inputs, state, noise = mixed_batch(model, clip)
     rule = copy.deepcopy(model)
@@ -180,7 +186,8 @@ def test_bf16_inference_equals_the_training_precision_rule(model):
     fast = optimize(copy.deepcopy(model), dtype=torch.bfloat16, merge_lora=False)
     head = fast.action_head
     assert head.dit_blocks[0].ffn[0].weight.dtype == torch.bfloat16 == head.dit_blocks[0].self_attn.in_proj_weight.dtype
-    assert head.action_pos_embed.dtype == torch.float32 == head.qwen_projection[1].weight.dtype  # LayerNorm
+    assert head.action_pos_embed.dtype == torch.float32
+    assert head.qwen_projection[1].weight.dtype == torch.float32  # a LayerNorm
     assert torch.equal(raw_actions(fast, inputs, state, noise), want)
     assert (raw_actions(fast, inputs, state, noise) - raw_actions(model, inputs, state, noise)).abs().max() > 1e-4
 
@@ -230,7 +237,8 @@ def test_compiled_step_matches_eager_and_a_new_instruction_in_its_bucket_does_no
         torch.testing.assert_close(got, raw_actions(model, inputs, state, noise), rtol=0, atol=1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
     assert lengths[0] != lengths[1] and lengths[0] // 32 == lengths[1] // 32 and lengths[1] % 32  # one bucket
-    with torch.no_grad():  # no cache, and tensors made outside inference mode: still the same graphs
+    # no cache, and tensors made outside inference mode: still the same graphs
+    with torch.no_grad():
         compiled(inputs=inputs, robot_state=state, compute_loss=False, noise=noise)
     graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [2, 2, 2]  # the vision tower (one frame) and the step, each compiled once

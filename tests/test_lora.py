@@ -1,7 +1,4 @@
-"""Tests for lora.py; peft's LoraModel is the numerical reference (tests only).
-
-    python -m pytest -q tests/test_lora.py
-"""
+"""Tests for lora.py; peft's LoraModel is the numerical reference (tests only)."""
 
 import copy
 import json
@@ -86,7 +83,8 @@ def test_keys_and_frozen():
     replaced = apply_lora(m, TARGETS, rank=4, alpha=8)
     assert len(replaced) == 14 and "head" not in replaced and "layers.0.q_proj" in replaced
     keys = set(m.state_dict())
-    # base keys unchanged (q_proj.weight, not q_proj.base_layer.weight); the only additions are lora_A/lora_B
+    # base keys unchanged (q_proj.weight, not q_proj.base_layer.weight); the only
+    # additions are lora_A/lora_B
     assert base_keys <= keys
     assert keys - base_keys == {f"{f}.lora_{ab}" for f in replaced for ab in "AB"}
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -146,7 +144,8 @@ def test_forward_and_grad_parity_with_peft():
 
 
 def test_dropout_parity_with_peft_same_seed():
-    # dropout sits on the LoRA input only; with the same RNG stream peft and ours draw the same masks in order
+    # dropout sits on the LoRA input only; with the same RNG stream peft and ours
+    # draw the same masks in order
     ours, ref = make_pair(dropout=0.3)
     ours.train(), ref.train()
     x = torch.randn(2, 5, 16)
@@ -160,7 +159,8 @@ def test_dropout_parity_with_peft_same_seed():
 
 
 def test_bf16_base_fp32_adapter_matches_peft():
-    # peft's autocast_adapter_dtype keeps adapters of a bf16 base in fp32; ours does the same, so outputs agree
+    # peft's autocast_adapter_dtype keeps adapters of a bf16 base in fp32; ours does
+    # the same, so outputs agree
     torch.manual_seed(0)
     base = Tiny().to(torch.bfloat16)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
@@ -287,7 +287,8 @@ def test_load_peft_errors(tmp_path):
     apply_lora(m, TARGETS, rank=2, alpha=8)
     with pytest.raises(ValueError, match="rank/alpha"):
         load_peft_adapter(m, tmp_path / "peft")
-    # our model has LoRA on fewer modules than the adapter: the extra adapter keys are listed as unplaced
+    # our model has LoRA on fewer modules than the adapter: the extra adapter
+    # keys are listed as unplaced
     m = Tiny()
     apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8)
     with pytest.raises(ValueError) as e:

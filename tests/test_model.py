@@ -1,5 +1,6 @@
-"""The VLA (model.py): config handling, end-to-end forward/backward, batch invariance, the released checkpoint
-layout (peft names) loading exactly, conversion round trip, and the model card's parameter counts."""
+"""The VLA (model.py): config handling, end-to-end forward/backward, batch invariance, the
+released checkpoint layout (peft names) loading exactly, conversion round trip, and the model
+card's parameter counts."""
 
 import warnings
 
@@ -50,12 +51,13 @@ def perturb_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_config_accepts_every_released_field_and_rejects_unknown():
     cfg = VLAConfig(**RELEASED_MODEL_CONFIG)
-    assert cfg.kept_layers(36) == 18  # int(36 * 0.5): layers 0..17, tap 17, as the original computes it
+    # int(36 * 0.5): layers 0..17, tap 17, as the original computes it
+    assert cfg.kept_layers(36) == 18
     with pytest.raises(TypeError, match="not_a_field"):
         VLAConfig(**{**RELEASED_MODEL_CONFIG, "not_a_field": 1})
     with pytest.raises(ValueError, match="init_from_current_pose"):
@@ -92,7 +94,8 @@ def test_tiny_forward_backward_and_predict_shapes():
     boxes = np.tile([10.0, 20.0, 150.0, 200.0], (4, 1))
     pred = m.predict(frames(2), boxes, "walk", "Walk.", np.zeros(22, np.float32))
     assert pred.shape == (16, 22) and np.all(np.abs(pred) <= np.pi + 1e-6)
-    # the old call without boxes and task is an error that says what is missing, never a silently different input
+    # the old call without boxes and task is an error that says what is missing, never
+    # a silently different input
     with pytest.raises((TypeError, ValueError), match="boxes|missing"):
         m.predict(frames(2), "Task: walk. Instruction: Walk.", np.zeros(22, np.float32))
     with pytest.raises(ValueError, match="boxes are required"):
@@ -115,7 +118,8 @@ def test_given_noise_and_timesteps_reproduce_exactly():
 
 def test_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    m = VLAModel(tiny_config(image_size=64))  # 64x64 frames (4 tokens each) keep 150 steps cheap on CPU
+    # 64x64 frames (4 tokens each) keep 150 steps cheap on CPU
+    m = VLAModel(tiny_config(image_size=64))
     imgs = [frames(i, size=64) for i in range(4)]
     texts = [f"Task: class {i}. Instruction: move {'fast' * i}." for i in range(4)]
     inputs = m.encode(imgs, texts)
@@ -177,7 +181,8 @@ def test_released_layout_loads_exactly(tmp_path):
     released = released_state_dict(src)
     assert any(".lora_B.default.weight" in k for k in released)
     assert any(".base_layer.weight" in k for k in released)
-    # the model card's snippet: strip module., load_state_dict(strict=False) -> nothing unplaced, no warning
+    # the model card's snippet: strip module., load_state_dict(strict=False) ->
+    # nothing unplaced, no warning
     torch.manual_seed(1)
     dst = VLAModel(tiny_lora_config()).eval()
     state_dict = {k.removeprefix("module."): v for k, v in released.items()}

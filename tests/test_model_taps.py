@@ -12,6 +12,7 @@ import torch
 from test_model import frames, perturb_lora, released_state_dict, tiny_config, tiny_lora_config
 
 import qwen3vl
+import qwen3vl_processor
 from model import PRESETS, TINY_QWEN, VLAConfig, VLAModel, backbone_config
 
 
@@ -41,8 +42,9 @@ def test_deep_features_are_the_named_layers_of_the_full_backbone():
     assert all(".layers." in k or k.endswith(".norm.weight") for k in res.missing_keys)
     with torch.no_grad():
         vl, deep, mask = m.features(inputs)
-        # the full model through its own paths: pixel values, its own M-RoPE index and placeholder search
-        pv, grid = qwen3vl.pixel_values_from_frames(inputs["frames"].flatten(0, 1), m.processor.image_config)
+        # the full model through its own paths: pixel values, its own M-RoPE
+        # index and placeholder search
+        pv, grid = qwen3vl_processor.pixel_values_from_frames(inputs["frames"].flatten(0, 1), m.processor.image_config)
         hs = full(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pv,
                   image_grid_thw=grid, output_hidden_states=True).hidden_states
     assert len(hs) == 37

@@ -1,7 +1,8 @@
-# Non-finite values never get into a training run silently: data.write_clip refuses them and a clip file that
-# has them anyway is refused when read, naming the clip, array and frames (boxes may be NaN = unknown); training
-# never applies or saves a step with a non-finite loss or gradient: it stops naming the step and its samples
-# (clip@window), leaving the last good checkpoint as it was, or skips the step with --on-nonfinite skip.
+# Non-finite values never get into a training run silently: data.write_clip refuses them and
+# a clip file that has them anyway is refused when read, naming the clip, array and frames
+# (boxes may be NaN = unknown); training never applies or saves a step with a non-finite loss or
+# gradient: it stops naming the step and its samples (clip@window), leaving the last good checkpoint
+# as it was, or skips the step with --on-nonfinite skip.
 import json
 
 import numpy as np
@@ -31,7 +32,7 @@ def clip_of(dataset, cid):
     return data.read_clip(next(dataset.rglob(f"{cid}.safetensors")))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data
 
 
@@ -56,8 +57,9 @@ def test_unknown_boxes_stay_allowed(dataset, tmp_path):
 
 
 def test_reading_a_clip_with_non_finite_angles_names_it(dataset, tmp_path):
-    """A clip file written by other means with NaN angles in frames 30..33: the training window that reads them
-    fails naming the clip, the array and the frames; windows that do not touch them still load."""
+    """A clip file written by other means with NaN angles in frames 30..33: the training
+    window that reads them fails naming the clip, the array and the frames; windows that do
+    not touch them still load."""
     src = next(dataset.rglob("c1.safetensors"))
     with safe_open(str(src), framework="numpy") as f:
         arrays, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -76,13 +78,13 @@ def test_reading_a_clip_with_non_finite_angles_names_it(dataset, tmp_path):
     assert clean and np.isfinite(ds[clean[0]]["actions"].numpy()).all()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training
 
 
 def poison(monkeypatch, at_call):
-    """The at_call-th sample the training loader reads (num_workers=0: in this process) gets NaN flow noise, as a
-    corrupt sample would; returns what that sample was, as train.py names it."""
+    """The at_call-th sample the training loader reads (num_workers=0: in this process) gets NaN
+    flow noise, as a corrupt sample would; returns what that sample was, as train.py names it."""
     real = train.FlowSamples.__getitem__
     calls, hit = [0], {}
 
@@ -100,8 +102,9 @@ def poison(monkeypatch, at_call):
 
 
 def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
-    """Batch 4 x accumulation 2: samples 16..23 make step 3. Its loss is NaN: the run stops at the next read-back
-    naming step 3 and the poisoned sample; ckpt-2 stays exactly what a clean run saved; nothing is saved after."""
+    """Batch 4 x accumulation 2: samples 16..23 make step 3. Its loss is NaN: the run stops at
+    the next read-back naming step 3 and the poisoned sample; ckpt-2 stays exactly what a clean run
+    saved; nothing is saved after."""
     flags = dict(steps=4, save_every=2, num_workers=0)
     train.main(argv(dataset, tmp_path / "clean", **flags))
     hit = poison(monkeypatch, 16)
@@ -121,8 +124,8 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
 
 
 def test_non_finite_step_is_skipped_on_request(dataset, tmp_path, monkeypatch, capsys):
-    """--on-nonfinite skip: step 3 is logged as skipped, the optimizer never applied it (AdamW counted 3 updates
-    in 4 steps) and the run finishes with finite weights."""
+    """--on-nonfinite skip: step 3 is logged as skipped, the optimizer never applied it
+    (AdamW counted 3 updates in 4 steps) and the run finishes with finite weights."""
     hit = poison(monkeypatch, 16)
     out = tmp_path / "run"
     train.main(argv(dataset, out, steps=4, save_every=2, num_workers=0, on_nonfinite="skip"))

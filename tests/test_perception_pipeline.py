@@ -22,6 +22,7 @@ import data
 import fit3d
 import pipeline
 import qwen3vl
+import qwen3vl_processor
 import shards
 import synth
 import video
@@ -92,7 +93,7 @@ def qwen_dir(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    qwen3vl.byte_level_tokenizer().save(str(path / "tokenizer.json"))
+    qwen3vl_processor.byte_level_tokenizer().save(str(path / "tokenizer.json"))
     (path / "preprocessor_config.json").write_text(json.dumps(QWEN3VL_PREPROCESSOR))
     return path
 

@@ -1,7 +1,6 @@
-"""Parity tests: qwen3vl.py vs transformers' Qwen3VLForConditionalGeneration on tiny random configs (fp32, CPU).
-
-The reference is built with random (perturbed) weights, saved with save_pretrained, and loaded by our loader, so
-every test also exercises the real checkpoint path.  Run: python -m pytest -q tests/test_qwen3vl.py
+"""Parity tests: qwen3vl.py vs transformers' Qwen3VLForConditionalGeneration on tiny random configs
+(fp32, CPU). The reference is built with random (perturbed) weights, saved with save_pretrained
+and loaded by our loader, so every test also exercises the real checkpoint path.
 """
 
 import json
@@ -15,7 +14,7 @@ from qwen3vl import PRESETS, Qwen3VL, Qwen3VLConfig, mrope_slot_rows
 
 transformers = pytest.importorskip("transformers")
 
-VS, VE, IMG, VID, VOCAB = 290, 291, 292, 293, 300  # ids inside the tiny vocabulary (never the real ones)
+VS, VE, IMG, VID, VOCAB = 290, 291, 292, 293, 300  # ids inside the tiny vocabulary, never the real
 ATOL = 1e-4
 
 
@@ -51,7 +50,8 @@ def pair(tmp_path_factory):
 
 
 def build_prompt(gen, parts):
-    """parts: ("text", n) | ("image", (h, w)) | ("video", (t, h, w)) -> ids, image grids, video grids."""
+    """parts: ("text", n) | ("image", (h, w)) | ("video", (t, h, w)) -> ids,
+    image grids, video grids."""
     ids, img, vid = [], [], []
     for kind, arg in parts:
         if kind == "text":
@@ -62,13 +62,15 @@ def build_prompt(gen, parts):
         else:
             t, h, w = arg
             vid.append([t, h, w])
-            for _ in range(t):  # each temporal patch: timestamp text + its own vision_start/end block
+            # each temporal patch: timestamp text + its own vision_start/end block
+            for _ in range(t):
                 ids += torch.randint(0, 280, (3,), generator=gen).tolist() + [VS] + [VID] * (h * w // 4) + [VE]
     return ids, img, vid
 
 
 def make_inputs(prompts, seed=0, pad="left"):
-    """Batch of prompts (lists of parts) -> kwargs shared by both models (+ mm_token_type_ids for the reference)."""
+    """Batch of prompts (lists of parts) -> kwargs shared by both models
+    (+ mm_token_type_ids for the reference)."""
     gen = torch.Generator().manual_seed(seed)
     built = [build_prompt(gen, p) for p in prompts]
     S = max(len(b[0]) for b in built)
@@ -95,8 +97,9 @@ def ref_kwargs(kw):
 
 
 def check_forward(ref, ours, kw):
-    """Every output at every real position; padding positions hold no defined value (transformers: an attention
-    over nothing; ours: the token attends to itself, so never NaN), so there only finiteness is checked."""
+    """Every output at every real position; padding positions hold no defined value
+    (transformers: an attention over nothing; ours: the token attends to itself, so never NaN), so
+    there only finiteness is checked."""
     with torch.no_grad():
         r = ref(**ref_kwargs(kw), output_hidden_states=True)
         o = ours(**kw, output_hidden_states=True, hidden_layers=range(ours.num_layers))
@@ -105,13 +108,14 @@ def check_forward(ref, ours, kw):
     for i, (a, b) in enumerate(zip(o.hidden_states, r.hidden_states)):
         torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=1e-4, msg=f"hidden_states[{i}]")
         assert bool(a.isfinite().all())
-    for i in range(ours.num_layers - 1):  # layer i's own output is transformers' hidden_states[i + 1]
+    # layer i's own output is transformers' hidden_states[i + 1]
+    for i in range(ours.num_layers - 1):
         torch.testing.assert_close(o.layer_outputs[i][real], r.hidden_states[i + 1][real], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(o.logits[real], r.logits[real], atol=ATOL, rtol=1e-4)
     return o, r
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # forward parity
 
 
@@ -153,14 +157,16 @@ def test_video(pair):
 
 
 def test_image_and_video(pair):
-    ref, ours, _ = pair  # joint DeepStack rows: image rows at image positions, video rows at video positions
+    # joint DeepStack rows: image rows at image positions, video rows at video positions
+    ref, ours, _ = pair
     kw = make_inputs([[("text", 3), ("video", (2, 4, 4)), ("text", 2), ("image", (6, 4)), ("text", 6)]], seed=5)
     check_forward(ref, ours, kw)
 
 
 def test_mrope_section_past_half_slots(tmp_path):
-    """3 * mrope_section[2] = 9 > head_dim / 2 = 8: transformers' slice [2:9:3] stops at the last slot, so W drives
-    only 2 slots. Building such a model used to raise IndexError; its forward must match transformers."""
+    """3 * mrope_section[2] = 9 > head_dim / 2 = 8: transformers' slice [2:9:3] stops at the last
+    slot, so W drives only 2 slots. Building such a model used to raise IndexError; its forward
+    must match transformers."""
     assert mrope_slot_rows((2, 3, 3), 8) == [0, 1, 2, 0, 1, 2, 0, 1]
     ref = make_reference(tmp_path, mrope_section=(2, 3, 3))
     ours = Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32)
@@ -173,8 +179,8 @@ def test_mrope_section_past_half_slots(tmp_path):
 def test_text_only(pair):
     ref, ours, _ = pair
     check_forward(ref, ours, make_inputs([[("text", 17)], [("text", 17)]], seed=6))
-    # padded text-only batch: transformers numbers padded rows 0..S-1 here while we skip pads (as its generate
-    # does); RoPE is relative, so real tokens agree
+    # padded text-only batch: transformers numbers padded rows 0..S-1 here while we skip pads
+    # (as its generate does); RoPE is relative, so real tokens agree
     check_forward(ref, ours, make_inputs([[("text", 17)], [("text", 9)]], seed=6))
 
 
@@ -200,7 +206,7 @@ def test_placeholder_mismatch_raises(pair):
         ours(**kw)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loading
 
 
@@ -211,7 +217,8 @@ def test_sharded_checkpoint_and_early_exit(tmp_path, pair):
     check_forward(ref, Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32), kw)
     with torch.no_grad():
         r = ref(**ref_kwargs(kw), output_hidden_states=True)
-    for k in (1, 2, 3):  # k layers kept -> our last hidden state entry is transformers' hidden_states[k]
+    # k layers kept -> our last hidden state entry is transformers' hidden_states[k]
+    for k in (1, 2, 3):
         early = Qwen3VL.from_pretrained(tmp_path, num_layers=k, dtype=torch.float32)
         assert len(early.model.language_model.layers) == k and early.model.language_model.norm is None
         assert not hasattr(early, "lm_head")
@@ -275,7 +282,7 @@ def test_bad_checkpoints_name_the_keys(pair, tmp_path):
     Qwen3VL.from_pretrained(tmp_path / "shape", num_layers=2, dtype=torch.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generation
 
 
@@ -299,8 +306,8 @@ def test_greedy_generate_matches_reference(pair, batched):
 
 
 def sdpa_with_nan_rows(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SDPA's maths as torch < 2.5 (and some kernels) compute it: a fully masked row is a softmax over nothing, NaN.
-    Today's CPU SDPA returns 0 there, which would hide any reliance on such rows."""
+    """SDPA's maths as torch < 2.5 (and some kernels) compute it: a fully masked row is a softmax
+    over nothing, NaN. Today's CPU SDPA returns 0 there, which would hide any reliance on such rows."""
     if enable_gqa:
         k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
     s = q @ k.transpose(-2, -1) * (scale or q.shape[-1] ** -0.5)
@@ -322,7 +329,8 @@ def test_left_padding_passes_no_fully_masked_row(pair, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_with_nan_rows)
     with torch.no_grad():
         got = ours(**kw).logits
-    assert bool(got.isfinite().all())  # pad rows too: a NaN there would reach the real rows at the next layer
+    # pad rows too: a NaN there would reach the real rows at the next layer
+    assert bool(got.isfinite().all())
     torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=1e-4)
     assert torch.equal(ours.generate(**kw, max_new_tokens=5, pad_token_id=0), new)  # cached decoding as well
 
@@ -358,7 +366,7 @@ def test_cached_decoding_equals_full_recompute(pair):
     assert torch.equal(full[:, S - 1:-1].argmax(-1), new)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # unit checks
 
 
@@ -370,7 +378,8 @@ def test_interleave_mapping():
 
 def test_interleave_matches_reference_rope():
     torch.manual_seed(0)
-    cfg = transformers.Qwen3VLConfig().text_config  # 4096/32 heads, head_dim 128, mrope [24, 20, 20]
+    # 4096/32 heads, head_dim 128, mrope [24, 20, 20]
+    cfg = transformers.Qwen3VLConfig().text_config
     ref = transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLTextRotaryEmbedding(cfg)
     ours = qwen3vl.TextModel(qwen3vl.TextConfig(rope_theta=cfg.rope_parameters["rope_theta"]), 0, False)
     pos = torch.randint(0, 5000, (3, 2, 11))
@@ -455,10 +464,11 @@ def test_presets_match_tensor_counts():
 
 
 def test_bf16_matches_reference_loaded_in_bf16(pair):
-    # transformers keeps inv_freq in fp32, resamples the pos table in fp32, runs the vision RoPE in fp32 and the
-    # text RoPE in bf16; mirroring those dtype choices makes bf16 outputs bit-identical. Our patch embed is a
-    # Linear (fp32 accumulation, much faster on CPU than bf16 Conv3d) which flips a few bf16 ulps, so for the
-    # bit-level check it is swapped for the reference's Conv3d.
+    # transformers keeps inv_freq in fp32, resamples the pos table in fp32, runs
+    # the vision RoPE in fp32 and the text RoPE in bf16; mirroring those dtype
+    # choices makes bf16 outputs bit-identical. Our patch embed is a Linear
+    # (fp32 accumulation, much faster on CPU than bf16 Conv3d) which flips a few bf16 ulps, so for
+    # the bit-level check it is swapped for the reference's Conv3d.
     _, _, path = pair
     ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
     ours = Qwen3VL.from_pretrained(path, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""qwen3vl.py's command line on a tiny checkpoint folder written in the test (no network): describe and chat."""
+"""qwen3vl.py's command line on a tiny checkpoint folder written in the test: describe and chat."""
 
 import json
 
@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import qwen3vl
+import qwen3vl_processor
 from model import QWEN3VL_PREPROCESSOR, TINY_QWEN
 
 
@@ -24,7 +25,7 @@ def test_chat_on_a_tiny_folder(tmp_path, capsys):
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    qwen3vl.byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    qwen3vl_processor.byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN3VL_PREPROCESSOR))
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(img)
@@ -32,11 +33,12 @@ def test_chat_on_a_tiny_folder(tmp_path, capsys):
                   "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu"])
     reply = capsys.readouterr().out
     # a random model says random bytes; the same greedy call through the API must give the same text
-    proc = qwen3vl.Qwen3VLProcessor.from_pretrained(tmp_path)
+    proc = qwen3vl_processor.Qwen3VLProcessor.from_pretrained(tmp_path)
     loaded = qwen3vl.Qwen3VL.from_pretrained(tmp_path, dtype=torch.float32)
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                  {"type": "text", "text": "What is this?"}]}])
+    content = [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
     batch = proc(text=[text], images=[Image.open(img)], padding_side="left")
     batch.pop("mm_token_type_ids", None)
-    new = loaded.generate(**batch, max_new_tokens=8, eos_token_id=[258, 256], pad_token_id=proc.pad_token_id)
+    new = loaded.generate(**batch, max_new_tokens=8, eos_token_id=[258, 256],
+                          pad_token_id=proc.pad_token_id)
     assert reply == proc.decode(new[0].tolist(), skip_special_tokens=True) + "\n"  # print adds one newline

@@ -1,7 +1,8 @@
-"""serve.py on 127.0.0.1 with a tiny model: a round trip gives exactly the in-process actions; bad requests get a
-4xx JSON error naming the problem and the server keeps serving; concurrent clients are batched and each still gets
-its own answer; sample.py's rollout through the server equals the local one; the CLI serves a saved checkpoint; the
-robot-side ActionQueue executes, at every control tick, the step planned for that tick (fake latency and clock)."""
+"""serve.py on 127.0.0.1 with a tiny model: a round trip gives exactly the in-process actions; bad
+requests get a 4xx JSON error naming the problem and the server keeps serving; concurrent clients
+are batched and each still gets its own answer; sample.py's rollout through the server equals
+the local one; the CLI serves a saved checkpoint; the robot-side ActionQueue executes, at every
+control tick, the step planned for that tick (fake latency and clock)."""
 
 import base64
 import http.client
@@ -72,10 +73,11 @@ def in_process(model, obs, seed, steps=None):
 
 
 def batch_error(model, angles, obs, seed):
-    """How far served angles are from the sample computed alone, in the head's output space: the angle difference
-    times the length of the head's (sin, cos) pair. The model keeps a sample's output independent of its batch to
-    ~1e-6 there (padding and batch size change the order of float32 additions); atan2 divides that by the pair's
-    length, which an untrained tiny model can leave small, so angles alone would need a tolerance per joint."""
+    """How far served angles are from the sample computed alone, in the head's output space:
+    the angle difference times the length of the head's (sin, cos) pair. The model keeps a sample's
+    output independent of its batch to ~1e-6 there (padding and batch size change the order
+    of float32 additions); atan2 divides that by the pair's length, which an untrained tiny model
+    can leave small, so angles alone would need a tolerance per joint."""
     item = model.prepare([Image.open(io.BytesIO(f)) for f in obs["frames"]], obs["boxes"], obs["task"],
                          obs["instruction"])
     noise = torch.randn((1, 16, 44), generator=torch.Generator().manual_seed(seed))
@@ -87,7 +89,7 @@ def batch_error(model, angles, obs, seed):
     return (diff * np.hypot(out[:, 0::2], out[:, 1::2])).max()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_round_trip_equals_in_process_actions(model, server):
@@ -99,7 +101,8 @@ def test_round_trip_equals_in_process_actions(model, server):
     assert info["config"]["image_size"] == 64
     obs = observation(0)
     out = client.act(**obs, seed=7)
-    # batch 1, the same inputs (the server decodes the same JPEG bytes), the same noise: the same arithmetic
+    # batch 1, the same inputs (the server decodes the same JPEG bytes), the same
+    # noise: the same arithmetic
     assert out["angles"].dtype == np.float32 and out["angles"].shape == (16, 22)
     assert np.array_equal(out["angles"], in_process(model, obs, 7))
     assert out["joint_names"] == list(kinematics.JOINT_NAMES) and out["seed"] == 7 and out["steps"] == 1
@@ -109,7 +112,8 @@ def test_round_trip_equals_in_process_actions(model, server):
     # no seed: the server draws one and returns it, so the answer can be reproduced
     free = client.act(**obs)
     assert np.array_equal(free["angles"], in_process(model, obs, free["seed"]))
-    # sampler steps, and frames given as arrays (the client encodes JPEG: the server sees the decoded JPEG)
+    # sampler steps, and frames given as arrays
+    # (the client encodes JPEG: the server sees the decoded JPEG)
     two = client.act(**obs, seed=7, steps=2)
     assert two["steps"] == 2 and np.array_equal(two["angles"], in_process(model, obs, 7, steps=2))
     arrays = [np.asarray(Image.open(io.BytesIO(f))) for f in obs["frames"]]
@@ -171,16 +175,18 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_problem(model, server):
     for method, path, status in [("GET", "/nope", 404), ("POST", "/nope", 404), ("PUT", "/act", 405)]:
         got, reply = raw_request(server.url, method, path, b"{}")
         assert got == status and (path in reply["error"] or method in reply["error"]), reply
-    # an oversized body: the client learns why, not from a reset connection (the server reads the body, within its
-    # timeout, and drops it)
-    with pytest.raises(policy_client.PolicyError, match=r"413: the body has 80\d{5} bytes: more than the limit of 300000"):
+    # an oversized body: the client learns why, not from a reset connection
+    # (the server reads the body, within its timeout, and drops it)
+    with pytest.raises(policy_client.PolicyError,
+                       match=r"413: the body has 80\d{5} bytes: more than the limit of 300000"):
         policy_client.PolicyClient(server.url).act(**dict(obs, instruction="x" * 8_000_000))
     # the client's error carries the status and the message
     with pytest.raises(policy_client.PolicyError, match="422: state has non-finite") as e:
         policy_client.PolicyClient(server.url).act(**dict(obs, state=np.full(22, np.inf)))
     assert e.value.status == 422
     # the server keeps serving
-    assert np.array_equal(policy_client.PolicyClient(server.url).act(**obs, seed=1)["angles"], in_process(model, obs, 1))
+    again = policy_client.PolicyClient(server.url).act(**obs, seed=1)["angles"]
+    assert np.array_equal(again, in_process(model, obs, 1))
 
 
 def raw_socket(url):
@@ -205,7 +211,8 @@ def test_slow_clients_and_missing_lengths_get_an_error_and_others_are_served(mod
     slow = raw_socket(server.url)
     slow.sendall(b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"{" * 10)  # then stalls
     # meanwhile another client is answered (the slow one holds only its own thread)
-    assert np.array_equal(policy_client.PolicyClient(server.url).act(**obs, seed=2)["angles"], in_process(model, obs, 2))
+    other = policy_client.PolicyClient(server.url).act(**obs, seed=2)["angles"]
+    assert np.array_equal(other, in_process(model, obs, 2))
     status, reply = read_reply(slow)  # after the server's 1 s timeout
     assert status == 408 and "10 of 1000 bytes" in reply["error"]
     slow.close()
@@ -225,7 +232,8 @@ def test_slow_clients_and_missing_lengths_get_an_error_and_others_are_served(mod
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(model, server):
     n = 6
-    observations = [observation(10 + i) for i in range(n)]  # different instructions: prompts of different lengths
+    # different instructions: prompts of different lengths
+    observations = [observation(10 + i) for i in range(n)]
     replies = [None] * n
 
     def ask(i):
@@ -244,7 +252,8 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(model, serv
         t.join(timeout=120)
     assert all(r is not None for r in replies)
     assert [r["timing"]["batch_size"] for r in replies] == [n] * n
-    # each answer is its sample's own: batch-independent within 1e-5 (the model's own test's tolerance; ~1e-6 seen)
+    # each answer is its sample's own: batch-independent within 1e-5
+    # (the model's own test's tolerance; ~1e-6 seen)
     for i, r in enumerate(replies):
         assert batch_error(model, r["angles"], observations[i], 100 + i) < 1e-5
 
@@ -312,13 +321,14 @@ def test_inference_flags_go_through_inference_optimize(monkeypatch):
                     {"dtype": None, "merge_lora": False, "compile": False}]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ActionQueue: the robot side, with a fake policy whose latency is counted in control ticks
 
 
 class FakePolicy:
-    """act(tick) answers the chunk of the observation at `tick`: row i holds tick + i in every joint, so an
-    executed action says which planned step it is. It answers once the test opens that tick's gate."""
+    """act(tick) answers the chunk of the observation at `tick`: row i holds tick + i
+    in every joint, so an executed action says which planned step it is. It answers once
+    the test opens that tick's gate."""
 
     def __init__(self, horizon=16, fail_at=()):
         self.horizon, self.fail_at, self.gates, self.lock = horizon, set(fail_at), {}, threading.Lock()
@@ -335,7 +345,8 @@ class FakePolicy:
 
 
 def drive(latency, threshold, ticks=60, fail_at=()):
-    """Run the queue for `ticks` control ticks; a request made at tick k is answered just before tick k + latency."""
+    """Run the queue for `ticks` control ticks; a request made at tick k is answered just
+    before tick k + latency."""
     policy, now = FakePolicy(fail_at=fail_at), [0.0]
     q = policy_client.ActionQueue(policy, threshold=threshold, clock=lambda: now[0])
     actions = []
@@ -351,8 +362,8 @@ def drive(latency, threshold, ticks=60, fail_at=()):
 
 def test_action_queue_executes_the_step_planned_for_each_tick():
     q, actions = drive(latency=3, threshold=4)
-    # nothing before the first chunk arrives; from then on tick k executes the step planned for tick k: no step
-    # repeated, none skipped, although each chunk arrives 3 ticks after its observation
+    # nothing before the first chunk arrives; from then on tick k executes the step planned for tick
+    # k: no step repeated, none skipped, although each chunk arrives 3 ticks after its observation
     assert actions[:3] == [None] * 3 and actions[3:] == list(range(3, 60))
     assert q.starved == 0 and q.stale == 0 and not q.errors
     assert q.dropped == [3] * len(q.dropped) and len(q.dropped) == 5  # requests at ticks 0, 12, 24, 36, 48
@@ -360,13 +371,14 @@ def test_action_queue_executes_the_step_planned_for_each_tick():
 
 
 def test_action_queue_holds_only_what_latency_forces():
-    # latency 6 > threshold 4: the chunk runs out 2 ticks before the next arrives; those ticks hold the last step,
-    # and the arriving chunk starts at the step planned for its arrival tick
+    # latency 6 > threshold 4: the chunk runs out 2 ticks before the next arrives; those ticks hold
+    # the last step, and the arriving chunk starts at the step planned for its arrival tick
     q, actions = drive(latency=6, threshold=4, ticks=40)
     expected = [None] * 6 + list(range(6, 16)) + [15, 15] + list(range(18, 28)) + [27, 27] + list(range(30, 40))
     assert actions == expected
     assert q.starved == 4 and q.dropped == [6, 6, 6]
-    # a chunk that arrives after its own horizon is of no use: counted and dropped, a new request goes out
+    # a chunk that arrives after its own horizon is of no use: counted and
+    # dropped, a new request goes out
     q, actions = drive(latency=17, threshold=4, ticks=20)
     assert q.stale == 1 and actions == [None] * 20 and q.pending == 17
 
@@ -374,7 +386,8 @@ def test_action_queue_holds_only_what_latency_forces():
 def test_action_queue_survives_a_failed_request():
     with pytest.warns(UserWarning, match="tick 12 failed: connection refused"):
         q, actions = drive(latency=2, threshold=4, ticks=30, fail_at={12})
-    # the request of tick 12 fails at tick 14 and is re-sent at once; its answer comes at 16: still in time
+    # the request of tick 12 fails at tick 14 and is re-sent at once; its answer
+    # comes at 16: still in time
     assert len(q.errors) == 1 and actions[2:] == list(range(2, 30)) and q.starved == 0
 
 
@@ -397,7 +410,8 @@ def test_action_queue_run_paces_the_loop():
 
 
 def test_the_client_needs_no_torch_nor_the_model():
-    """A robot process imports policy_client with only numpy and Pillow: torch and the model stay out."""
+    """A robot process imports policy_client with only numpy and Pillow:
+    torch and the model stay out."""
     code = ("import importlib.abc, sys\n"
             "class Block(importlib.abc.MetaPathFinder):\n"
             "    def find_spec(self, name, path=None, target=None):\n"

@@ -1,6 +1,7 @@
-"""The shape of the code base: the copyable core {qwen3vl, lora, dit, model_io, model} stands alone (copied into an
-empty folder it builds, runs and round-trips a checkpoint with no other module of ours importable), imports point
-one way (no cycles), and no module reaches into another's private names or re-dispatches to another script's main."""
+"""The shape of the code base: the copyable core {qwen3vl, qwen3vl_processor, lora, dit, model_io,
+model} stands alone (copied into an empty folder it builds, runs and round-trips a checkpoint with
+no other module of ours importable), imports point one way (no cycles), and no module reaches into
+another's private names or re-dispatches to another script's main."""
 
 import ast
 import subprocess
@@ -9,12 +10,13 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("qwen3vl", "lora", "dit", "model_io", "model")
+CORE = ("qwen3vl", "qwen3vl_processor", "lora", "dit", "model_io", "model")
 OURS = {p.stem for p in ROOT.glob("*.py")}
 
 
 def imports_of(path: Path):
-    """(our modules imported, [(line, text)] of private-name uses and foreign main() calls) of one file."""
+    """(our modules imported, [(line, text)] of private-name uses and foreign
+    main() calls) of one file."""
     tree = ast.parse(path.read_text())
     deps, bad = set(), []
     aliases = {}  # local name -> our module
@@ -61,6 +63,46 @@ def test_imports_point_one_way_and_privates_stay_private():
     for mod in sorted(m for m in graph if not m.startswith("bench/")):
         cycle = cycle_from(mod, [mod])
         assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def top_level_names(path: Path) -> set:
+    """Names a module defines at its top level (also inside top-level if / try / with / for blocks)."""
+    names = set()
+
+    def visit(body):
+        for n in body:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                names.update(x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name))
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for block in (n.body, getattr(n, "orelse", []), getattr(n, "finalbody", []),
+                              *(h.body for h in getattr(n, "handlers", []))):
+                    visit(block)
+
+    visit(ast.parse(path.read_text()).body)
+    return names
+
+
+def test_every_module_attribute_used_exists():
+    """`module.name` for our modules, in the code, the benchmarks and the tests, names something the module
+    defines: moving a function to another file cannot leave a caller behind (bench/vla.py once called
+    serve.jpeg_bytes after it had moved to policy_client.py)."""
+    defined = {m: top_level_names(ROOT / f"{m}.py") for m in OURS}
+    missing = []
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
+    for path in files:
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name in OURS}
+        missing += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr not in defined[aliases[node.value.id]] and not node.attr.startswith("__")]
+    assert not missing, "\n".join(missing)
 
 
 SCRIPT = textwrap.dedent("""

@@ -1,7 +1,8 @@
-# Tests of train.py on CPU with a toy dataset written here (4 short clips) and a shrunk tiny preset:
-# DDP (2 gloo processes) == 1 process with the same global batch, exact resume (full and trainable-only
-# checkpoints), atomic checkpoints and --keep-last pruning, and the main job end to end (val loss, rolling eval,
-# final_eval.json). Runs of the single-process job call train.main in-process (saves the import time).
+# Tests of train.py on CPU with a toy dataset written here (4 short clips) and a shrunk tiny
+# preset: DDP (2 gloo processes) == 1 process with the same global batch, exact resume
+# (full and trainable-only checkpoints), atomic checkpoints and --keep-last pruning, and the main
+# job end to end (val loss, rolling eval, final_eval.json). Runs of the single-process job call
+# train.main in-process (saves the import time).
 import io
 import json
 import os
@@ -22,15 +23,17 @@ from model import PRESETS, VLAConfig, VLAModel, load_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The tiny preset at 64x64 frames (4 visual tokens per frame) with one DiT block. Its second DeepStack level is
-# injected after the tap layer, so VLAModel freezes that merger (else DDP refuses parameters without gradients):
-# the DDP test below runs through exactly that case.
+# The tiny preset at 64x64 frames (4 visual tokens per frame) with one DiT block. Its second
+# DeepStack level is injected after the tap layer, so VLAModel freezes that merger (else DDP refuses
+# parameters without gradients): the DDP test below runs through exactly that case.
 SMALL = {"image_size": 64, "num_diffusion_layers": 1}
-FROZEN_VISION = {**SMALL, "freeze_vision_encoder": True}  # so that a trainable-only checkpoint leaves keys out
+# so that a trainable-only checkpoint leaves keys out
+FROZEN_VISION = {**SMALL, "freeze_vision_encoder": True}
 
 
 def make_dataset(root, n_train=3, n_val=1, T=36, size=64, seed=0):
-    """Clips of smooth random joint motion (pose from FK, angles from IK so flips are consistent) and noise frames."""
+    """Clips of smooth random joint motion (pose from FK, angles from IK so flips are
+    consistent) and noise frames."""
     rng = np.random.default_rng(seed)
     for k in range(n_train + n_val):
         t = np.arange(T)[:, None]
@@ -93,14 +96,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
-    """2 gloo ranks x micro-batch 4 == 1 process x micro-batch 8 (same global batch of 8): same losses, gradient
-    norms and parameters after 3 steps. A small lr keeps AdamW's sign-like first steps from amplifying float
-    rounding in gradients that are mathematically zero (attention key biases) past the 1e-6 tolerance; a sharding
-    or synchronisation bug still moves parameters by ~lr = 1e-5 per step."""
+    """2 gloo ranks x micro-batch 4 == 1 process x micro-batch 8 (same global batch of 8): same
+    losses, gradient norms and parameters after 3 steps. A small lr keeps AdamW's sign-like
+    first steps from amplifying float rounding in gradients that are mathematically zero
+    (attention key biases) past the 1e-6 tolerance; a sharding or synchronisation bug still moves
+    parameters by ~lr = 1e-5 per step."""
     flags = dict(steps=3, save_every=3, lr=1e-5, num_workers=0)
     port = free_port()
     procs = []
@@ -129,8 +133,9 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
 
 
 def test_resume_is_exact_full_and_trainable_only(dataset, tmp_path):
-    """Stop after step 2, resume, finish at 4: the logged losses and the final parameters are identical to an
-    uninterrupted run, for a full checkpoint and for a trainable-only one (frozen weights rebuilt from the seed)."""
+    """Stop after step 2, resume, finish at 4: the logged losses and the final parameters
+    are identical to an uninterrupted run, for a full checkpoint and for a trainable-only one
+    (frozen weights rebuilt from the seed)."""
     ref = tmp_path / "ref"
     train.main(argv(dataset, ref, FROZEN_VISION))
     for name, extra in (("full", {}), ("trainable", {"save_trainable_only": True})):
@@ -198,8 +203,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
 
 
 def test_main_job_end_to_end(dataset, tmp_path):
-    """The main job's command line, shrunk: trains, logs (bar + metrics.jsonl), reports the validation loss, saves,
-    runs the closing rolling evaluation, writes final_eval.json and says where the checkpoint is."""
+    """The main job's command line, shrunk: trains, logs (bar + metrics.jsonl), reports
+    the validation loss, saves, runs the closing rolling evaluation, writes final_eval.json and says
+    where the checkpoint is."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(REPO / "train.py"), *argv(dataset, out, steps=3, save_every=2,
                                                                        num_workers=2, final_eval_windows=4)],
@@ -228,9 +234,10 @@ def test_too_few_windows_is_an_error_not_a_hang(dataset, tmp_path):
 
 
 def test_no_val_windows_trains_and_skips_validation(tmp_path, capsys):
-    """A dataset whose clips all fall in train (a small one often does: ~2% of clip ids hash to val) trains to the
-    end: a one-line note up front, no NaN validation points in metrics.jsonl, the train curve in loss.png, and the
-    final rolling evaluation skipped instead of failing with 'no val windows'."""
+    """A dataset whose clips all fall in train (a small one often does: ~2% of clip ids hash to val)
+    trains to the end: a one-line note up front, no NaN validation points in metrics.jsonl,
+    the train curve in loss.png, and the final rolling evaluation skipped instead
+    of failing with 'no val windows'."""
     root = make_dataset(tmp_path / "clips", n_train=2, n_val=0)
     assert not data.list_clips(root, "val")
     out = tmp_path / "run"

@@ -1,7 +1,8 @@
-# The rules a GPU run depends on, checked on the CPU: tensors reach the head's device (a model on `meta` with
-# inputs on `cpu` shows any mix-up), trainable parameters stay fp32 when the frozen ones are bf16, randomness is a
-# function of (seed, rank, step) so a 2-rank resume with dropout is exact, trainable-only checkpoints record their
-# base and load for eval / sample, the batch split, device choice and DDP options of train.py, and TF32.
+# The rules a GPU run depends on, checked on the CPU: tensors reach the head's device
+# (a model on `meta` with inputs on `cpu` shows any mix-up), trainable parameters stay fp32 when
+# the frozen ones are bf16, randomness is a function of (seed, rank, step) so a 2-rank resume
+# with dropout is exact, trainable-only checkpoints record their base and load for eval / sample,
+# the batch split, device choice and DDP options of train.py, and TF32.
 import functools
 import json
 import os
@@ -21,7 +22,8 @@ from model_io import collate_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"image_size": 64, "num_diffusion_layers": 1}
-# the released structure at toy size: LoRA on the LLM (with dropout), frozen vision and base weights, DiT dropout
+# the released structure at toy size: LoRA on the LLM (with dropout), frozen vision and
+# base weights, DiT dropout
 LORA = {**SMALL, "use_lora": True, "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.05,
         "freeze_vision_encoder": True, "freeze_qwen_layers": True, "diffusion_dropout": 0.1}
 
@@ -47,13 +49,14 @@ def sample_input(model):
     return collate_inputs([model.prepare(frames, np.tile([4.0, 4, 60, 60], (4, 1)), "wave", "Wave.")])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # devices and dtypes
 
 
 def test_every_tensor_reaches_the_head_on_its_device():
-    """predict(noise=...) and the training loss with everything given on the CPU and the model on `meta`: each
-    tensor the head receives is on the head's device (on a GPU, a CPU noise tensor crashed predict)."""
+    """predict(noise=...) and the training loss with everything given on the CPU
+    and the model on `meta`: each tensor the head receives is on the head's device
+    (on a GPU, a CPU noise tensor crashed predict)."""
     torch.manual_seed(0)
     model = VLAModel(tiny()).eval()
     inputs = sample_input(model)
@@ -71,7 +74,8 @@ def test_every_tensor_reaches_the_head_on_its_device():
 
     model.action_head.sample = spy("sample")
     model.action_head.loss = spy("loss")
-    model.action_head.context = lambda *a, **k: None  # (its padding check reads a value, which meta cannot)
+    # (its padding check reads a value, which meta cannot)
+    model.action_head.context = lambda *a, **k: None
     noise = np.random.default_rng(0).standard_normal((16, 44)).astype(np.float32)
     frames = [np.full((64, 64, 3), 60 + 30 * i, np.uint8) for i in range(4)]
     out = model.predict(frames, np.tile([4.0, 4, 60, 60], (4, 1)), "wave", "Wave.", np.zeros(22), noise=noise)
@@ -83,9 +87,10 @@ def test_every_tensor_reaches_the_head_on_its_device():
 
 @pytest.mark.parametrize("kind", ["unfrozen", "lora"])
 def test_gpu_run_keeps_trainable_fp32_and_frozen_bf16(kind):
-    """train.build_model for a GPU (built here on the CPU, not moved): every frozen parameter is bf16 and every
-    parameter the optimizer sees is fp32, for a fully unfrozen backbone as for LoRA; one AdamW step of 1e-6 then
-    moves every trainable weight that has a gradient (in bf16, such updates round away)."""
+    """train.build_model for a GPU (built here on the CPU, not moved): every frozen parameter
+    is bf16 and every parameter the optimizer sees is fp32, for a fully unfrozen backbone as
+    for LoRA; one AdamW step of 1e-6 then moves every trainable weight that has a gradient
+    (in bf16, such updates round away)."""
     config = tiny() if kind == "unfrozen" else tiny(**{**LORA, "lora_dropout": 0.0, "diffusion_dropout": 0.0})
     model, base = train.build_model(config, torch.device("cuda"), seed=0)
     assert base == {"init_seed": 0}
@@ -111,8 +116,8 @@ def test_gpu_run_keeps_trainable_fp32_and_frozen_bf16(kind):
 
 
 def test_bf16_loading_keeps_adapters_fp32(tmp_path):
-    """from_pretrained(..., backbone_dtype=bf16), full folder or trainable-only with its recorded base: adapters
-    and head fp32, frozen base weights bf16."""
+    """from_pretrained(..., backbone_dtype=bf16), full folder or trainable-only with its recorded
+    base: adapters and head fp32, frozen base weights bf16."""
     torch.manual_seed(3)
     model = VLAModel(tiny(**{**LORA, "lora_dropout": 0.0}))
     model.save_pretrained(tmp_path / "full")
@@ -142,12 +147,13 @@ def test_tf32_switch():
         matmul.fp32_precision = old
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # train.py: batch split, devices, DDP options
 
 
 def test_batch_split_is_derived_or_an_argparse_error(monkeypatch, capsys):
-    assert train.batch_split(16, 2) == (8, 1)  # `torchrun --nproc_per_node=2 train.py` with the tiny defaults
+    # `torchrun --nproc_per_node=2 train.py` with the tiny defaults
+    assert train.batch_split(16, 2) == (8, 1)
     assert train.batch_split(16, 1) == (16, 1)
     assert train.batch_split(512, 4) == (16, 8)
     assert train.batch_split(512, 4, 8) == (8, 16)
@@ -169,7 +175,8 @@ def test_batch_split_is_derived_or_an_argparse_error(monkeypatch, capsys):
 
 
 def test_device_of_a_rank_and_backend(monkeypatch):
-    """LOCAL_RANK modulo the visible GPUs (a task shown only its own GPU uses cuda:0); ranks sharing a GPU use gloo."""
+    """LOCAL_RANK modulo the visible GPUs (a task shown only its own GPU uses cuda:0);
+    ranks sharing a GPU use gloo."""
     calls = []
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train.torch.cuda, "set_device", lambda d: calls.append(("device", str(d))))
@@ -190,8 +197,8 @@ def test_device_of_a_rank_and_backend(monkeypatch):
 
 
 def test_ddp_options_and_barrier(dataset, tmp_path, monkeypatch):
-    """Under torchrun (here one gloo rank in this process): DDP without buffer broadcasts, gradients as bucket
-    views, and every rank meets at a barrier after rank 0 saved."""
+    """Under torchrun (here one gloo rank in this process): DDP without buffer broadcasts, gradients
+    as bucket views, and every rank meets at a barrier after rank 0 saved."""
     seen = {}
     real_ddp, real_barrier = train.DDP, train.dist.barrier
 
@@ -216,7 +223,7 @@ def test_ddp_options_and_barrier(dataset, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001", "ckpt-0000002"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # exact resume with dropout over 2 ranks; trainable-only checkpoints
 
 
@@ -235,10 +242,11 @@ def run_two_ranks(dataset, out, **flags):
 
 
 def test_two_rank_resume_with_dropout_is_exact(dataset, tmp_path):
-    """2 gloo ranks, LoRA dropout 0.05 and DiT dropout 0.1 (the released recipe): stop after step 1, resume, finish
-    at 2: the same losses, bit for bit, and the same weights as the uninterrupted run. (Restoring rank 0's RNG
-    state on every rank made both ranks draw the same dropout masks after a resume.) The LoRA run saves only
-    what trains, so this also resumes from a trainable-only checkpoint."""
+    """2 gloo ranks, LoRA dropout 0.05 and DiT dropout 0.1 (the released recipe): stop after step
+    1, resume, finish at 2: the same losses, bit for bit, and the same weights as the uninterrupted
+    run. (Restoring rank 0's RNG state on every rank made both ranks draw the same dropout
+    masks after a resume.) The LoRA run saves only what trains, so this also resumes from
+    a trainable-only checkpoint."""
     flags = dict(steps=2, save_every=1, lr=1e-3)
     run_two_ranks(dataset, tmp_path / "ref", **flags)
     run_two_ranks(dataset, tmp_path / "cut", stop_after=1, **flags)
@@ -253,9 +261,9 @@ def test_two_rank_resume_with_dropout_is_exact(dataset, tmp_path):
 
 
 def test_trainable_only_checkpoint_loads_for_eval_and_sample(dataset, tmp_path):
-    """A LoRA run's default checkpoint holds only what trains and names its base (here: the seed of the random
-    backbone); from_pretrained rebuilds it, equal to a full checkpoint of the same run; eval.py and sample.py load
-    it by itself; a different base is refused by the recorded checksum."""
+    """A LoRA run's default checkpoint holds only what trains and names its base (here: the seed of
+    the random backbone); from_pretrained rebuilds it, equal to a full checkpoint of the same run;
+    eval.py and sample.py load it by itself; a different base is refused by the recorded checksum."""
     cfg = {**LORA, "lora_dropout": 0.0, "diffusion_dropout": 0.0}
     train.main(argv(dataset, tmp_path / "small", cfg, steps=2, save_every=2, num_workers=0))
     train.main(argv(dataset, tmp_path / "full", cfg, steps=2, save_every=2, num_workers=0, save_full=True))

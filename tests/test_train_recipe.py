@@ -1,9 +1,9 @@
-# Tests of the train.py mechanics that the released recipe (512 = micro-batch x accumulation x world)
-# and exact resume rely on: gradient accumulation == one big micro-batch, in one process and under
-# DDP (2 gloo ranks); exact resume with dropout on; the validation loss; the logged lr against the
-# warmup + cosine schedule, and the update the optimizer really made; gradient clipping; the dataset
-# flags; a data order and flow noise that change every epoch. CPU only, on the toy dataset and the
-# shrunk tiny preset of tests/test_train.py.
+# Tests of the train.py mechanics that the released recipe (512 = micro-batch x accumulation x
+# world) and exact resume rely on: gradient accumulation == one big micro-batch, in one process
+# and under DDP (2 gloo ranks); exact resume with dropout on; the validation loss; the logged lr
+# against the warmup + cosine schedule, and the update the optimizer really made; gradient
+# clipping; the dataset flags; a data order and flow noise that change every epoch. CPU only, on
+# the toy dataset and the shrunk tiny preset of tests/test_train.py.
 import json
 import os
 import subprocess
