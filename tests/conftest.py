@@ -17,6 +17,15 @@ sys.path.insert(0, str(ROOT))
 # (measured: tiny ops 30x slower with 2 contended threads).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """train.main (and the benches it shares code with) set the thread count of the process they run in: every
+    test gets back the count it started with."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
 # Parity tests compare against transformers and peft at the exact versions pinned
 # in pyproject.toml's `test` extra (the one place they are written). Against any other version
 # they fail up front, naming both versions: parity verified against one release says nothing about

@@ -21,13 +21,6 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("clips"))
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def clip_of(dataset, cid):
     return data.read_clip(next(dataset.rglob(f"{cid}.safetensors")))
 

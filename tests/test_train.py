@@ -60,13 +60,6 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("clips"))
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()  # train.main sets the thread count of the process it runs in
-    yield
-    torch.set_num_threads(n)
-
-
 def argv(dataset, out, model_config=SMALL, **flags):
     base = {"data": dataset, "out": out, "model-config": json.dumps(model_config), "steps": 4, "batch-size": 4,
             "total-batch": 8, "stride": 4, "warmup": 1, "eval-every": 100, "save-every": 100, "num-workers": 1,

@@ -33,13 +33,6 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("clips"))
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()  # train.main sets the thread count of the process it runs in
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     return VLAConfig(**{**PRESETS["tiny"], **SMALL, **kw})
 
