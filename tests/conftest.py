@@ -18,6 +18,20 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The tiny model with the released structure (LoRA on the LLM, adapters perturbed off zero), eval mode, 64 px
+    frames: what the inference and server tests run (each module gets its own, so optimizing one cannot leak)."""
+    from test_model import perturb_lora, tiny_lora_config
+
+    from model import VLAModel
+
+    torch.manual_seed(0)
+    m = VLAModel(tiny_lora_config(image_size=64)).eval()
+    perturb_lora(m)
+    return m
+
+
 @pytest.fixture(autouse=True)
 def keep_threads():
     """train.main (and the benches it shares code with) set the thread count of the process they run in: every

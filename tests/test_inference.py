@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_model import perturb_lora, tiny_lora_config
 
 import data
 import kinematics
 from inference import VisionCache, optimize, pad_inputs
 from lora import LoRALinear, lora_modules
-from model import VLAModel, cast_frozen_
+from model import cast_frozen_
 from model_io import collate_inputs, decode_angles, encode_angles
 
 
@@ -38,14 +37,6 @@ def textured_clip(T=40, size=(160, 120), cid="inf_a", seed=0):
                      angles=kinematics.pose3d_to_angles(pose), src_frame_index=np.arange(T),
                      src_time=np.arange(T) / 10.0, src_fps=10.0, width=size[0], height=size[1],
                      action_class="waving", description="Wave your left hand.", video_id="v")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = VLAModel(tiny_lora_config(image_size=64)).eval()
-    perturb_lora(m)
-    return m
 
 
 def test_training_window_and_inference_api_are_bit_identical(model, tmp_path):

@@ -23,24 +23,14 @@ import pytest
 import torch
 from PIL import Image
 from test_eval import random_walk, write_clip
-from test_model import perturb_lora, tiny_lora_config
 
 import kinematics
 import policy_client
 import sample
 import serve
-from model import VLAModel
 from model_io import collate_inputs, decode_angles, encode_angles
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = VLAModel(tiny_lora_config(image_size=64)).eval()
-    perturb_lora(m)
-    return m
 
 
 @pytest.fixture(scope="module")
